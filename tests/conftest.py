@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random models of every supported family, and the real embedded model.
+
+The real model is converted from its GGUF once per test run into a session-wide temporary cache, so
+every module that needs it shares one conversion and no run depends on an earlier one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+from analysis.architecture import Architecture
+from analysis.corpus import Windows
+
+FAMILY_TYPES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text"]
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+EXTRA = {
+    "mistral": {"sliding_window": 8},
+    "gemma2": {
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
+    "gemma3_text": {
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        "query_pre_attn_scalar": 16,
+    },
+}
+
+
+def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A random-weight causal LM of one family, small enough for exhaustive checks."""
+    config = CONFIG_MAPPING[model_type](**TINY, **EXTRA.get(model_type, {}))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init leaves norms at their identity; perturb them so norm placement matters in tests.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=FAMILY_TYPES)
+def tiny_arch(request) -> Architecture:
+    return Architecture(tiny_model(request.param))
+
+
+def random_windows(vocab: int = 96, n: int = 5, length: int = 24, seed: int = 0) -> Windows:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return Windows(ids, seqlen=length, has_bos=False, text_name="random", text_sha256="0" * 64)
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """A cache root for this run, exported so subprocesses (CLI, app) share it."""
+    root = tmp_path_factory.mktemp("headroom-cache")
+    os.environ["HEADROOM_CACHE"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def default_model(session_cache):
+    """The real embedded SmolLM2-135M-Instruct, converted once for the whole run."""
+    from analysis.loading import load_model
+
+    return load_model("default", cache_root=session_cache)
