@@ -24,4 +24,4 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) bench/live_eval.py
+	$(PY) -m bench.live_eval

@@ -38,12 +38,13 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _tensor_digest(tensors: dict[str, torch.Tensor], meta: Any) -> str:
+    """Checksum of the tensors and of the metadata stored with them."""
+    h = hashlib.sha256(f"{_canonical(meta)}|".encode())
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.hexdigest()
 
 
@@ -85,9 +86,9 @@ class DiskCache:
         entry = {"parts": parts, "sha256": hashlib.sha256(body.encode()).hexdigest(), "value": value}
         atomic_write_text(self._path(kind, parts, ".json"), _canonical(entry))
 
-    def json(self, kind: str, parts: dict[str, Any], compute: Callable[[], Any]) -> Any:
-        """The cached value, or ``compute()`` stored and returned."""
-        value = self.get_json(kind, parts)
+    def json(self, kind: str, parts: dict[str, Any], compute: Callable[[], Any], refresh: bool = False) -> Any:
+        """The cached value, or ``compute()`` stored and returned (always, with ``refresh``)."""
+        value = None if refresh else self.get_json(kind, parts)
         if value is None:
             value = compute()
             self.put_json(kind, parts, value)
@@ -107,7 +108,7 @@ class DiskCache:
             ok = (
                 isinstance(header, dict)
                 and header.get("parts") == json.loads(_canonical(parts))
-                and header.get("sha256") == _tensor_digest(tensors)
+                and header.get("sha256") == _tensor_digest(tensors, header.get("meta"))
             )
         except Exception as e:  # safetensors raises several types on truncated or corrupt files
             self._discard(path, str(e))
@@ -119,7 +120,7 @@ class DiskCache:
 
     def put_tensors(self, kind: str, parts: dict[str, Any], tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        header = {"parts": parts, "sha256": _tensor_digest(tensors), "meta": meta}
+        header = {"parts": parts, "sha256": _tensor_digest(tensors, meta), "meta": meta}
         metadata = {"headroom": _canonical(header)}
         atomic_write(
             self._path(kind, parts, ".safetensors"), lambda tmp: save_file(tensors, str(tmp), metadata=metadata)

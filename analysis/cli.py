@@ -10,14 +10,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from analysis.cache import DiskCache
-from analysis.corpus import load_text, make_windows
+from analysis.corpus import Windows, load_text, make_windows
 from analysis.errors import HeadroomError
-from analysis.evaluation import perplexity
+from analysis.evaluation import Progress, cached_perplexity
+from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 
@@ -45,14 +46,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of errors")
 
 
-def _text_args(p: argparse.ArgumentParser, flag: str = "--text", default: str = "default-eval") -> None:
+def _text_args(
+    p: argparse.ArgumentParser, flag: str = "--text", default: str = "default-eval", max_tokens: int | None = None
+) -> None:
     p.add_argument(
         flag, default=default, help="a UTF-8 text file, default-eval or default-calib (the fixed Lee corpus split)"
     )
     p.add_argument("--encoding", default="utf-8", help="encoding of a text file (default utf-8)")
     p.add_argument("--seqlen", type=int, default=256, help="window length in tokens (default 256)")
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="keep the first N // seqlen windows (default: the whole text)"
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help=f"keep the first N // seqlen windows (default: {max_tokens or 'the whole text'})",
     )
 
 
@@ -69,7 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask", default=None, help="a v1 mask JSON file (default: unpruned)")
     ev.add_argument("--no-cache", action="store_true", help="recompute even if the result is cached")
     ev.set_defaults(func=cmd_eval)
+
+    hp = sub.add_parser("harp", help="HARP: drop-QK on the top layers with a greedy alpha search; writes the mask")
+    _common(hp)
+    _text_args(hp, "--calib", "default-calib", max_tokens=2048)
+    which = hp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", type=int, help="prune the top N layers")
+    which.add_argument("--layer-set", type=_int_list, help="prune these layers, e.g. 26,27")
+    hp.add_argument("--grid", type=_float_list, default=DEFAULT_GRID, help="alpha candidates (default 0,0.1,...,1)")
+    hp.add_argument("--out", default=None, help="write the resulting v1 mask JSON here")
+    hp.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
+    hp.set_defaults(func=cmd_harp)
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer indices") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
@@ -78,48 +109,73 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     )
 
 
-def _progress(desc: str):
-    bar = tqdm(desc=desc, unit="batch", file=sys.stderr, leave=False)
+def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str) -> Windows:
+    text = load_text(spec, args.encoding)
+    return make_windows(lm.tokenizer, text, args.seqlen, args.max_tokens, lm.max_positions)
+
+
+def _check_output(path: str | None) -> Path | None:
+    """Refuse an output path we could not write, before any long computation."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise HeadroomError(f"--out {path} is a directory; give a file name such as {out / 'mask.json'}")
+    if not out.parent.is_dir():
+        raise HeadroomError(f"--out {path}: folder {out.parent} does not exist; create it first")
+    return out
+
+
+def _progress(desc: str) -> Progress:
+    """A tqdm bar on stderr, opened at the first update so that early errors print alone."""
+    bars: list[tqdm] = []
 
     def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(desc=desc, total=total, unit="step", file=sys.stderr, leave=False))
+        bars[0].total = total
+        bars[0].n = done
+        bars[0].refresh()
         if done == total:
-            bar.close()
+            bars[0].close()
 
     return update
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
-    text = load_text(args.text, args.encoding)
-    windows = make_windows(lm.tokenizer, text, args.seqlen, args.max_tokens, lm.max_positions)
-    mask = (
-        load_mask(args.mask, lm.shape, lm.name, lm.fingerprint)
-        if args.mask
-        else Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
-    )
+    windows = _windows(lm, args, args.text)
+    unpruned = Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
+    mask = load_mask(args.mask, lm.shape, lm.name, lm.fingerprint) if args.mask else unpruned
     start = time.perf_counter()
-    parts = {
-        "model": lm.fingerprint,
-        "text_sha256": text.sha256,
-        "seqlen": args.seqlen,
-        "windows": windows.num_windows,
-        "mask": mask.to_json() | {"note": "", "model": None},
-    }
-
-    def compute() -> dict[str, Any]:
-        return perplexity(lm.arch, windows, mask, _progress("eval")).to_json()
-
-    cache = DiskCache()
-    result = compute() if args.no_cache else cache.json("perplexity", parts, compute)
-    if args.no_cache:
-        cache.put_json("perplexity", parts, result)
+    result = cached_perplexity(
+        lm.arch, lm.fingerprint, windows, mask, progress=_progress("eval"), refresh=args.no_cache
+    )
     return {
-        **result,
+        **result.to_json(),
         "model": lm.card(),
         "budget": budget(mask, lm.shape, args.seqlen).to_json(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def cmd_harp(args: argparse.Namespace) -> dict[str, Any]:
+    out = _check_output(args.out)
+    lm = _load(args)
+    calib = _windows(lm, args, args.calib)
+    layers = top_layers(lm.shape.num_layers, args.layers) if args.layers else args.layer_set
+    start = time.perf_counter()
+    result = cached_harp(lm, calib, layers, args.grid, progress=_progress("alpha search"), refresh=args.no_cache)
+    if out is not None:
+        result.mask.save(out)
+    report = result.to_json()
+    del report["mask"]
+    return {
+        **report,
+        "calib": calib.metadata(),
+        "model": lm.card(),
+        "budget": budget(result.mask, lm.shape, args.seqlen).to_json(),
+        "mask_file": str(out) if out else None,
         "seconds": round(time.perf_counter() - start, 3),
     }
 
@@ -135,6 +191,9 @@ def _print_text(out: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is for our progress and the one error line
     args = build_parser().parse_args(argv)
     try:
         out = args.func(args)

@@ -7,6 +7,7 @@ are evaluation (``default-eval``); each part is its articles joined with newline
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,12 @@ def _check_size(name: str, size: int) -> None:
 def decode_text(name: str, data: bytes, encoding: str = "utf-8") -> Text:
     """Decode user bytes, refusing binary data, bad encodings and empty text with a clear message."""
     _check_size(name, len(data))
-    nul = data.find(b"\x00")
-    if nul >= 0 and encoding.lower().replace("-", "") not in ("utf16", "utf32"):
-        raise HeadroomError(f"{name} looks like binary data (a NUL byte at offset {nul}); give a plain text file")
     try:
-        text = data.decode(encoding)
+        codec = codecs.lookup(encoding).name  # canonical: "UTF_16LE" -> "utf-16-le"
+        nul = data.find(b"\x00")
+        if nul >= 0 and not codec.startswith(("utf-16", "utf-32")):
+            raise HeadroomError(f"{name} looks like binary data (a NUL byte at offset {nul}); give a plain text file")
+        text = data.decode("utf-8-sig" if codec == "utf-8" else encoding)  # a UTF-8 BOM is not text
     except LookupError:
         raise HeadroomError(
             f"unknown text encoding '{encoding}'; use a Python codec name such as utf-8 or latin-1"
@@ -112,6 +114,15 @@ class Windows:
     @property
     def predicted_tokens(self) -> int:
         return self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
+
+    def cache_key(self) -> dict[str, object]:
+        """What identifies these windows in a result-cache key (content, never a path)."""
+        return {
+            "text_sha256": self.text_sha256,
+            "seqlen": self.seqlen,
+            "windows": self.num_windows,
+            "bos": self.has_bos,
+        }
 
     def metadata(self) -> dict[str, object]:
         return {

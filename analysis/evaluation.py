@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.architecture import Architecture
+from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.intervention import apply_mask
 from analysis.masks import Mask
@@ -87,6 +88,24 @@ def _device(arch: Architecture) -> torch.device:
     return arch.model.get_input_embeddings().weight.device
 
 
+def cached_perplexity(
+    arch: Architecture,
+    fingerprint: str,
+    windows: Windows,
+    mask: Mask | None = None,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+    refresh: bool = False,
+) -> PerplexityResult:
+    """:func:`perplexity`, read from the disk cache when this model, text, windowing and mask were seen."""
+    mask = mask or Mask.unpruned(arch.shape, "")
+    parts = {"model": fingerprint, **windows.cache_key(), "mask": mask.cache_key()}
+    value = (cache or DiskCache()).json(
+        "perplexity", parts, lambda: perplexity(arch, windows, mask, progress).to_json(), refresh
+    )
+    return PerplexityResult(**{**value, "text": windows.text_name})  # the key is the content; keep this run's name
+
+
 @torch.no_grad()
 def perplexity(
     arch: Architecture, windows: Windows, mask: Mask | None = None, progress: Progress | None = None
@@ -153,27 +172,60 @@ class IncrementalEvaluator:
             if progress:
                 progress(b + 1, len(parts))
 
-    @torch.no_grad()
-    def perplexity(self, mask: Mask) -> PerplexityResult:
-        """Protocol perplexity under ``mask``; equal to :func:`perplexity` to float rounding."""
+    def layer_inputs(self, layer: int) -> list[torch.Tensor]:
+        """The residual stream entering ``layer``, per batch, under the last evaluated mask."""
+        return [inputs[layer] for inputs in self._inputs]
+
+    def run_layer(self, batch: int, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Call ``layer`` on ``hidden`` with the arguments the model passes it for ``batch``."""
+        args, kwargs = self._layer_args[batch][layer]
+        return _tensor(self.arch.layers[layer](hidden, *args, **kwargs))
+
+    def _first_stale(self, mask: Mask) -> int | None:
+        """Lowest layer whose stored input may not match ``mask``; None if everything does."""
         start = self.mask.first_difference(mask)
         if self._stale_from is not None:
             start = self._stale_from if start is None else min(start, self._stale_from)
+        return start
+
+    def _recompute(self, mask: Mask, start: int, stop: int) -> None:
+        """Rerun layers ``start..stop-1`` under ``mask``, and the head if ``stop`` is the last layer.
+
+        Until it finishes, everything from ``start`` up is marked stale, so an interruption (an
+        exception, a cancelled page run) is repaired by the next call rather than read as valid.
+        """
+        num_layers = len(self.arch.layers)
+        self._stale_from = start
+        with apply_mask(self.arch, mask):
+            for b, ids in enumerate(batches(self.windows)):
+                inputs = self._inputs[b]
+                hidden = inputs[start]
+                for i in range(start, stop):
+                    hidden = self.run_layer(b, i, hidden)
+                    if i + 1 < num_layers:
+                        inputs[i + 1] = hidden
+                if stop == num_layers:
+                    self._nll[b] = head_nll(self.arch, self.arch.final_norm()(hidden), ids).item()
+        self.mask = mask
+        self._stale_from = None if stop == num_layers else stop
+
+    @torch.no_grad()
+    def advance(self, mask: Mask, layer: int) -> None:
+        """Bring the residual stream entering ``layer`` up to date with ``mask``, skipping the rest.
+
+        Cheaper than :meth:`perplexity` when only :meth:`layer_inputs` is needed.
+        """
+        start = self._first_stale(mask)
+        if start is not None and start < layer:
+            self._recompute(mask, start, layer)
+        elif start is not None:  # nothing below `layer` changes; remember what above it is stale
+            self.mask, self._stale_from = mask, start
+
+    @torch.no_grad()
+    def perplexity(self, mask: Mask) -> PerplexityResult:
+        """Protocol perplexity under ``mask``; equal to :func:`perplexity` to float rounding."""
+        start = self._first_stale(mask)
         self.last_recomputed_from = start
         if start is not None:
-            self._stale_from = start
-            layers = self.arch.layers
-            with apply_mask(self.arch, mask):
-                for b, ids in enumerate(batches(self.windows)):
-                    inputs, args = self._inputs[b], self._layer_args[b]
-                    hidden = inputs[start]
-                    for i in range(start, len(layers)):
-                        if i > start:
-                            inputs[i] = hidden
-                        a, kw = args[i]
-                        hidden = _tensor(layers[i](hidden, *a, **kw))
-                    hidden = self.arch.final_norm()(hidden)
-                    self._nll[b] = head_nll(self.arch, hidden, ids).item()
-            self.mask = mask
-            self._stale_from = None
+            self._recompute(mask, start, len(self.arch.layers))
         return _result(sum(self._nll), self.windows, mask)

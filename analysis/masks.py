@@ -101,6 +101,11 @@ class Mask:
             "alpha": {str(i): a for i, a in enumerate(self.alpha) if a != 1.0},
         }
 
+    def cache_key(self) -> dict[str, Any]:
+        """What the mask does, without its name, note or fingerprint."""
+        obj = self.to_json()
+        return {k: obj[k] for k in ("heads", "drop_qk", "alpha")}
+
     def to_json(self) -> dict[str, Any]:
         model: dict[str, Any] = {
             "name": self.model_name,
@@ -125,7 +130,11 @@ class Mask:
 
 
 def _check_alpha(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise HeadroomError(f"{where} must be a finite number in [0, {ALPHA_MAX:g}], got {value!r}")
     if not 0.0 <= value <= ALPHA_MAX:
         raise HeadroomError(f"{where} must be in [0, {ALPHA_MAX:g}], got {value!r}")
@@ -168,7 +177,7 @@ def parse_mask(obj: Any, shape: ModelShape, model_name: str, fingerprint: str | 
             if not isinstance(row, list) or len(row) != shape.num_heads:
                 got = len(row) if isinstance(row, list) else type(row).__name__
                 problems.append(f"heads[{i}] must have {shape.num_heads} entries (one per query head), got {got}")
-            elif any(v not in (0, 1) or isinstance(v, float) for v in row):
+            elif any(isinstance(v, bool) or not isinstance(v, int) or v not in (0, 1) for v in row):
                 problems.append(f"heads[{i}] entries must be 0 (prune) or 1 (keep), got {row}")
             else:
                 rows.append(tuple(bool(v) for v in row))
@@ -192,7 +201,13 @@ def parse_mask(obj: Any, shape: ModelShape, model_name: str, fingerprint: str | 
         problems.append(f"'alpha' must be an object mapping layer index to a number, got {type(alpha).__name__}")
     else:
         for key, value in alpha.items():
-            if not (isinstance(key, str) and key.isdigit() and int(key) < shape.num_layers):
+            if not (
+                isinstance(key, str)
+                and key.isascii()
+                and key.isdigit()
+                and str(int(key)) == key
+                and int(key) < shape.num_layers
+            ):
                 problems.append(f"alpha key {key!r} is not a layer index in 0..{shape.num_layers - 1}")
                 continue
             try:
@@ -233,6 +248,8 @@ def load_mask(path: str | Path, shape: ModelShape, model_name: str, fingerprint:
         raise HeadroomError(
             f"mask file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
+        raise HeadroomError(f"mask file {path} is not valid JSON: {e}") from None
     return parse_mask(obj, shape, model_name, fingerprint)
 
 
@@ -295,6 +312,11 @@ def budget(mask: Mask, shape: ModelShape, seq_len: int) -> Budget:
     """Exact savings of ``mask``; grouped-query attention is counted per KV group, never averaged."""
     if seq_len < 1:
         raise HeadroomError(f"sequence length for the budget must be at least 1, got {seq_len}")
+    if (mask.num_layers, mask.num_heads) != (shape.num_layers, shape.num_heads):
+        raise HeadroomError(
+            f"the mask is {mask.num_layers} layers x {mask.num_heads} heads but the model is "
+            f"{shape.num_layers} x {shape.num_heads}; use a mask made for this model"
+        )
     full = Mask.unpruned(shape, mask.model_name)
     left = [_layer_cost(shape, mask.layer(i), seq_len) for i in range(shape.num_layers)]
     base = [_layer_cost(shape, full.layer(i), seq_len) for i in range(shape.num_layers)]

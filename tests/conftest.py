@@ -19,7 +19,7 @@ from analysis.corpus import Windows
 FAMILY_TYPES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text"]
 TINY = {
     "vocab_size": 96,
-    "hidden_size": 64,
+    "hidden_size": 48,  # != heads * head_dim, so shapes cannot be confused
     "intermediate_size": 96,
     "num_hidden_layers": 4,
     "num_attention_heads": 6,

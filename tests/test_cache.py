@@ -1,0 +1,407 @@
+"""The on-disk result cache (analysis/cache.py) and atomic writes (analysis/files.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.cache import PROJECT_ROOT, DiskCache, default_root
+from analysis.files import atomic_write, atomic_write_text
+
+KIND = "perplexity"
+PARTS = {
+    "model": "fp-0123456789abcdef",
+    "text_sha256": "ab" * 32,
+    "seqlen": 256,
+    "windows": 16,
+    "mask": {"format": "headroom.mask", "drop_qk": [26, 27], "alpha": {"26": 0.2}},
+}
+VALUE = {"perplexity": 36.5, "nll": [3.5, 3.25], "predicted_tokens": 4080, "note": "é"}
+META = {"layers": [26, 27], "dtype": "float32"}
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    return {
+        "scores": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,
+        "counts": torch.tensor([1, 2, 3], dtype=torch.int64),
+        "scalar": torch.tensor(0.25, dtype=torch.float64),
+        "half": torch.linspace(-1, 1, 5, dtype=torch.bfloat16),
+    }
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name], t), name
+
+
+def entries(root: Path, kind: str = KIND) -> list[Path]:
+    """Every file under the kind's folder, hidden temporary files included."""
+    folder = root / "results" / kind
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def only_entry(root: Path, suffix: str) -> Path:
+    found = [p for p in entries(root) if p.name.endswith(suffix) and not p.name.startswith(".")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+class Counter:
+    """A compute function that counts its calls."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.value
+
+
+# --- round trips and keys -------------------------------------------------------------------------
+
+
+def test_json_round_trip(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    assert cache.get_json(KIND, PARTS) is None
+    cache.put_json(KIND, PARTS, VALUE)
+    assert cache.get_json(KIND, PARTS) == VALUE
+    assert [p.suffix for p in entries(tmp_path)] == [".json"]
+
+
+def test_tensor_round_trip(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    assert cache.get_tensors(KIND, PARTS) is None
+    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
+    got, meta = cache.get_tensors(KIND, PARTS)
+    assert_same_tensors(got, tensors())
+    assert meta == META
+    cache.put_tensors("other", PARTS, {"x": torch.zeros(0, 3)})  # empty tensor, no meta
+    got, meta = cache.get_tensors("other", PARTS)
+    assert got["x"].shape == (0, 3) and meta is None
+
+
+def test_json_and_tensor_entries_of_one_key_are_separate(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    cache.put_tensors(KIND, PARTS, tensors())
+    assert cache.get_json(KIND, PARTS) == VALUE
+    assert_same_tensors(cache.get_tensors(KIND, PARTS)[0], tensors())
+
+
+def test_json_computes_once_and_returns_the_same_types_as_a_hit(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    compute = Counter({"pair": (1, 2), "x": 1.5})
+    first = cache.json(KIND, PARTS, compute)
+    second = cache.json(KIND, PARTS, compute)
+    assert compute.calls == 1
+    assert first == second == {"pair": [1, 2], "x": 1.5}  # the tuple comes back as a list both times
+
+
+def test_part_order_does_not_matter(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    reordered = dict(reversed(list(PARTS.items())))
+    reordered["mask"] = dict(reversed(list(PARTS["mask"].items())))
+    assert cache.get_json(KIND, reordered) == VALUE
+
+
+def _variants() -> dict[str, tuple[str, dict]]:
+    def changed(key, value):
+        return {**PARTS, key: value}
+
+    without_windows = {k: v for k, v in PARTS.items() if k != "windows"}
+    return {
+        "kind": ("eval", PARTS),
+        "model": (KIND, changed("model", "fp-other")),
+        "text": (KIND, changed("text_sha256", "cd" * 32)),
+        "seqlen": (KIND, changed("seqlen", 512)),
+        "seqlen-type": (KIND, changed("seqlen", "256")),
+        "windows": (KIND, changed("windows", 17)),
+        "mask": (KIND, changed("mask", {**PARTS["mask"], "alpha": {"26": 0.3}})),
+        "mask-nested": (KIND, changed("mask", {**PARTS["mask"], "drop_qk": [27, 26]})),
+        "extra-part": (KIND, changed("device", None)),
+        "missing-part": (KIND, without_windows),
+    }
+
+
+def test_keys_differ_when_any_part_differs(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    variants = _variants()
+    for name, (kind, parts) in variants.items():
+        assert cache.get_json(kind, parts) is None, name
+        cache.put_json(kind, parts, {"variant": name})
+    assert cache.get_json(KIND, PARTS) == VALUE  # no variant overwrote the original
+    for name, (kind, parts) in variants.items():
+        assert cache.get_json(kind, parts) == {"variant": name}
+    files = [p for kind in (KIND, "eval") for p in entries(tmp_path, kind)]
+    assert len({p.name for p in files}) == len(files) == 1 + len(variants)
+
+
+def test_entries_hold_no_path_and_can_be_moved(tmp_path):
+    here, there = tmp_path / "here" / "cache", tmp_path / "elsewhere" / "copy"
+    cache = DiskCache(root=here)
+    cache.put_json(KIND, PARTS, VALUE)
+    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
+    for path in here.rglob("*"):
+        if path.is_file():
+            assert str(tmp_path).encode() not in path.read_bytes()
+            assert str(tmp_path) not in path.name
+    shutil.copytree(here, there)
+    shutil.rmtree(here)
+    moved = DiskCache(root=there)
+    assert moved.get_json(KIND, PARTS) == VALUE
+    got, meta = moved.get_tensors(KIND, PARTS)
+    assert_same_tensors(got, tensors())
+    assert meta == META
+    assert not here.exists()  # nothing was read or written at the old place
+
+
+def test_default_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADROOM_CACHE", str(tmp_path / "env-cache"))
+    assert default_root() == tmp_path / "env-cache"
+    assert DiskCache().root == tmp_path / "env-cache"
+    monkeypatch.delenv("HEADROOM_CACHE")
+    assert default_root() == PROJECT_ROOT / "cache"
+
+
+# --- faults are misses ----------------------------------------------------------------------------
+
+
+def test_truncated_tensor_entry_is_a_miss(tmp_path, caplog):
+    cache = DiskCache(root=tmp_path)
+    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
+    path = only_entry(tmp_path, ".safetensors")
+    good = path.read_bytes()
+    for length in range(len(good)):  # every truncation, from nothing to one byte short
+        path.write_bytes(good[:length])
+        with caplog.at_level(logging.WARNING, logger="analysis.cache"):
+            assert cache.get_tensors(KIND, PARTS) is None, length
+        assert not path.exists(), length  # the bad file is removed
+    assert "will be recomputed" in caplog.text
+    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
+    assert_same_tensors(cache.get_tensors(KIND, PARTS)[0], tensors())
+
+
+def test_any_corrupted_byte_of_a_tensor_entry_is_a_miss(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
+    path = only_entry(tmp_path, ".safetensors")
+    good = path.read_bytes()
+    for offset in range(len(good)):  # header length, header (metadata included) and data
+        bad = bytearray(good)
+        bad[offset] ^= 0x01
+        path.write_bytes(bytes(bad))
+        assert cache.get_tensors(KIND, PARTS) is None, offset
+        assert not path.exists(), offset
+
+
+def test_tensor_entry_with_edited_meta_is_a_miss(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cache = DiskCache(root=tmp_path)
+    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
+    path = only_entry(tmp_path, ".safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["headroom"])
+    header["meta"] = {**META, "layers": [25]}  # checksum left as it was
+    save_file(load_file(str(path)), str(path), metadata={"headroom": json.dumps(header)})
+    assert cache.get_tensors(KIND, PARTS) is None
+    assert not path.exists()
+
+
+def test_any_corrupted_byte_of_a_json_entry_is_a_miss(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    path = only_entry(tmp_path, ".json")
+    good = path.read_bytes()
+    for offset in range(len(good)):
+        bad = bytearray(good)
+        bad[offset] ^= 0x01
+        path.write_bytes(bytes(bad))
+        assert cache.get_json(KIND, PARTS) is None, offset
+        assert not path.exists(), offset
+    compute = Counter(VALUE)
+    path.write_bytes(good[: len(good) // 2])
+    assert cache.json(KIND, PARTS, compute) == VALUE
+    assert compute.calls == 1
+    assert cache.json(KIND, PARTS, compute) == VALUE
+    assert compute.calls == 1  # the recomputed entry is good
+
+
+def test_json_entry_edited_without_its_checksum_is_recomputed(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    path = only_entry(tmp_path, ".json")
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    entry["value"]["perplexity"] = 12.0  # a tempting edit, checksum left as it was
+    path.write_text(json.dumps(entry), encoding="utf-8")
+    compute = Counter(VALUE)
+    assert cache.json(KIND, PARTS, compute) == VALUE
+    assert compute.calls == 1
+    assert json.loads(path.read_text(encoding="utf-8"))["value"]["perplexity"] == 36.5
+
+
+def test_json_entry_of_another_key_is_a_miss(tmp_path):
+    """A file copied over another entry's name has the right checksum but the wrong parts."""
+    cache = DiskCache(root=tmp_path)
+    other = {**PARTS, "seqlen": 512}
+    cache.put_json(KIND, other, {"perplexity": 1.0})
+    cache.put_json(KIND, PARTS, VALUE)
+    paths = entries(tmp_path)
+    mine = next(p for p in paths if json.loads(p.read_text())["parts"]["seqlen"] == 256)
+    theirs = next(p for p in paths if p != mine)
+    shutil.copyfile(theirs, mine)
+    assert cache.get_json(KIND, PARTS) is None
+    assert not mine.exists()
+    assert cache.get_json(KIND, other) == {"perplexity": 1.0}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
+def test_empty_entry_is_a_miss(tmp_path, suffix):
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    cache.put_tensors(KIND, PARTS, tensors())
+    path = only_entry(tmp_path, suffix)
+    path.write_bytes(b"")
+    if suffix == ".json":
+        compute = Counter(VALUE)
+        assert cache.json(KIND, PARTS, compute) == VALUE
+        assert compute.calls == 1
+        assert cache.get_json(KIND, PARTS) == VALUE
+    else:
+        assert cache.get_tensors(KIND, PARTS) is None
+        assert not path.exists()
+        assert cache.get_json(KIND, PARTS) == VALUE  # the other entry of the key is untouched
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
+def test_leftover_temporary_file_is_a_miss(tmp_path, suffix):
+    """A write killed before its rename leaves `.<name>.<random>.tmp` beside where the entry goes."""
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    cache.put_tensors(KIND, PARTS, tensors())
+    path = only_entry(tmp_path, suffix)
+    good = path.read_bytes()
+    path.unlink()
+    leftover = path.with_name(f".{path.name}.k1ll3d.tmp")
+    leftover.write_bytes(good[: len(good) // 2])
+    if suffix == ".json":
+        assert cache.get_json(KIND, PARTS) is None
+        compute = Counter(VALUE)
+        assert cache.json(KIND, PARTS, compute) == VALUE
+        assert compute.calls == 1
+        assert cache.get_json(KIND, PARTS) == VALUE
+    else:
+        assert cache.get_tensors(KIND, PARTS) is None
+        cache.put_tensors(KIND, PARTS, tensors())
+        assert_same_tensors(cache.get_tensors(KIND, PARTS)[0], tensors())
+    assert path.read_bytes() == good  # the new write did not pick up the leftover
+
+
+def test_leftover_temporary_file_beside_a_good_entry_is_ignored(tmp_path):
+    cache = DiskCache(root=tmp_path)
+    cache.put_json(KIND, PARTS, VALUE)
+    path = only_entry(tmp_path, ".json")
+    path.with_name(f".{path.name}.k1ll3d.tmp").write_text('{"parts": ', encoding="utf-8")
+    compute = Counter({"perplexity": 0.0})
+    assert cache.json(KIND, PARTS, compute) == VALUE
+    assert compute.calls == 0
+
+
+# --- two writers at once --------------------------------------------------------------------------
+
+ROUNDS = 30
+
+
+def _hammer(root: str, start, rounds: int) -> None:
+    """Child process: write the same entries over and over, starting together with the others."""
+    cache = DiskCache(root=Path(root))
+    start.wait(120)
+    for _ in range(rounds):
+        cache.put_json(KIND, PARTS, VALUE)
+        cache.put_tensors(KIND, PARTS, tensors(), meta=META)
+
+
+def test_two_processes_writing_one_entry_leave_a_valid_entry(tmp_path, caplog):
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(3)  # both writers, once imported, and this reader
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), start, ROUNDS)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.wait(120)
+    cache = DiskCache(root=tmp_path)
+    reads = 0
+    with caplog.at_level(logging.WARNING, logger="analysis.cache"):
+        while any(p.is_alive() for p in procs):  # read while they write: never a torn entry
+            value = cache.get_json(KIND, PARTS)
+            assert value in (None, VALUE)
+            got = cache.get_tensors(KIND, PARTS)
+            if got is not None:
+                assert_same_tensors(got[0], tensors())
+                assert got[1] == META
+            reads += 1
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert "invalid" not in caplog.text  # no reader ever saw a half-written file
+    assert reads > 0
+    assert cache.get_json(KIND, PARTS) == VALUE
+    got, meta = cache.get_tensors(KIND, PARTS)
+    assert_same_tensors(got, tensors())
+    assert meta == META
+    assert [p.suffix for p in entries(tmp_path)] == [".json", ".safetensors"]  # no temporary files left
+
+
+# --- atomic_write ---------------------------------------------------------------------------------
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text("old contents", encoding="utf-8")
+
+    def half_then_fail(tmp: Path) -> None:
+        assert tmp != path and tmp.parent == path.parent
+        tmp.write_text("new but incompl", encoding="utf-8")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text(encoding="utf-8") == "old contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_atomic_write_failure_creates_nothing(tmp_path):
+    path = tmp_path / "sub" / "result.json"
+
+    def fail(tmp: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, fail)
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []
+
+
+def test_atomic_write_replaces_and_uses_ordinary_permissions(tmp_path):
+    path = tmp_path / "result.txt"
+    path.write_text("old", encoding="utf-8")
+    atomic_write_text(path, "new ✓")
+    assert path.read_text(encoding="utf-8") == "new ✓"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.txt"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

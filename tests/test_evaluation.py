@@ -1,0 +1,125 @@
+"""Protocol perplexity, and the incremental evaluator against full recomputes."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from analysis.architecture import Architecture
+from analysis.corpus import Windows
+from analysis.evaluation import IncrementalEvaluator, perplexity
+from analysis.masks import Mask
+from tests.conftest import random_windows
+
+
+def test_perplexity_matches_plain_transformers_loss(tiny_arch):
+    windows = random_windows()
+    with torch.no_grad():
+        loss = tiny_arch.model(input_ids=windows.input_ids, labels=windows.input_ids).loss
+    result = perplexity(tiny_arch, windows)
+    assert result.predicted_tokens == 5 * 23
+    assert result.perplexity == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_bos_windows_predict_every_chunk_token(tiny_arch):
+    """With a BOS column each of the seqlen chunk tokens is predicted, BOS itself never is."""
+    plain = random_windows(length=12)
+    ids = torch.cat([torch.full((5, 1), 1), plain.input_ids], dim=1)
+    windows = Windows(ids, seqlen=12, has_bos=True, text_name="random", text_sha256="0" * 64)
+    with torch.no_grad():
+        out = tiny_arch.model(input_ids=ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(out.flatten(0, 1), ids[:, 1:].flatten())
+    result = perplexity(tiny_arch, windows)
+    assert result.predicted_tokens == 5 * 12
+    assert result.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+def random_mask(base: Mask, rng: random.Random) -> Mask:
+    """A random edit of ``base``: toggle heads, switch drop-QK, or set an alpha."""
+    mask = base
+    for _ in range(rng.randint(1, 3)):
+        layer = rng.randrange(base.num_layers)
+        kind = rng.choice(["head", "head", "drop", "alpha"])
+        if kind == "head":
+            head = rng.randrange(base.num_heads)
+            mask = mask.with_head(layer, head, not mask.heads[layer][head])
+        elif kind == "drop":
+            mask = mask.with_layer(layer, drop_qk=layer not in mask.drop_qk)
+        else:
+            mask = mask.with_layer(layer, alpha=rng.choice([0.0, 0.3, 1.0, 1.7]))
+    return mask
+
+
+def test_incremental_equals_full_recompute(tiny_arch):
+    windows = random_windows()
+    evaluator = IncrementalEvaluator(tiny_arch, windows)
+    rng = random.Random(0)
+    mask = Mask.unpruned(tiny_arch.shape, "tiny")
+    assert evaluator.perplexity(mask).perplexity == pytest.approx(perplexity(tiny_arch, windows).perplexity, rel=1e-6)
+    for _ in range(12):
+        mask = random_mask(mask, rng)
+        fast = evaluator.perplexity(mask).perplexity
+        full = perplexity(tiny_arch, windows, mask).perplexity
+        assert abs(fast - full) / full < 1e-5
+
+
+def count_layer_calls(arch: Architecture) -> tuple[list[int], list]:
+    calls = [0] * arch.shape.num_layers
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(arch.layers)
+    ]
+    return calls, handles
+
+
+def test_a_change_at_layer_l_recomputes_only_layers_l_to_last(tiny_arch):
+    windows = random_windows()
+    evaluator = IncrementalEvaluator(tiny_arch, windows)
+    calls, handles = count_layer_calls(tiny_arch)
+    try:
+        mask = Mask.unpruned(tiny_arch.shape, "tiny").with_head(2, 3, False)
+        evaluator.perplexity(mask)
+        assert calls == [0, 0, 1, 1]  # one batch: layers 2 and 3 run once each
+        evaluator.perplexity(mask)  # unchanged: nothing reruns
+        assert calls == [0, 0, 1, 1]
+        evaluator.perplexity(mask.with_layer(3, alpha=0.5))
+        assert calls == [0, 0, 1, 2]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_an_interrupted_recompute_is_repaired_on_the_next_call(tiny_arch):
+    windows = random_windows()
+    evaluator = IncrementalEvaluator(tiny_arch, windows)
+    mask = Mask.unpruned(tiny_arch.shape, "tiny").with_head(1, 0, False)
+
+    def boom(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = tiny_arch.layers[3].register_forward_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.perplexity(mask)
+    handle.remove()
+    # Layers 2.. were half updated; asking again (even for a mask that changes only layer 3) is exact.
+    later = mask.with_layer(3, alpha=0.4)
+    assert evaluator.perplexity(later).perplexity == pytest.approx(
+        perplexity(tiny_arch, windows, later).perplexity, rel=1e-6
+    )
+    assert evaluator.last_recomputed_from == 1
+
+
+def test_advance_updates_the_stream_below_a_layer_without_the_head(tiny_arch):
+    windows = random_windows()
+    evaluator = IncrementalEvaluator(tiny_arch, windows)
+    mask = Mask.unpruned(tiny_arch.shape, "tiny").with_head(0, 1, False).with_layer(2, drop_qk=True)
+    evaluator.advance(mask, 3)
+    fresh = IncrementalEvaluator(tiny_arch, windows)
+    fresh.perplexity(mask)
+    assert all(torch.equal(a, b) for a, b in zip(evaluator.layer_inputs(3), fresh.layer_inputs(3), strict=True))
+    full = perplexity(tiny_arch, windows, mask).perplexity
+    assert evaluator.perplexity(mask).perplexity == pytest.approx(full, rel=1e-6)
+    assert evaluator.last_recomputed_from == 3  # only what advance left stale

@@ -1,0 +1,119 @@
+"""HARP's greedy alpha search and the norm-matching alpha, on tiny models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.errors import HeadroomError
+from analysis.evaluation import IncrementalEvaluator, perplexity
+from analysis.harp import _branch_moments, check_grid, greedy_alpha_search, harp, norm_matching_alpha, top_layers
+from analysis.masks import Mask
+from tests.conftest import random_windows
+
+GRID = (0.0, 0.5, 1.0, 1.5)
+
+
+def independent_greedy(arch, windows, layers, grid) -> tuple[dict[int, float], list[tuple[int, float, float]]]:
+    """method.md's search written out plainly, with a full forward per candidate."""
+    mask = Mask.unpruned(arch.shape, "tiny")
+    for layer in layers:
+        mask = mask.with_layer(layer, drop_qk=True)
+    trace, chosen = [], {}
+    for layer in sorted(layers, reverse=True):
+        scores = []
+        for alpha in grid:
+            ppl = perplexity(arch, windows, mask.with_layer(layer, alpha=alpha)).perplexity
+            trace.append((layer, alpha, ppl))
+            scores.append((ppl, alpha))
+        chosen[layer] = min(scores)[1]  # lowest perplexity, then the smaller alpha
+        mask = mask.with_layer(layer, alpha=chosen[layer])
+    return chosen, trace
+
+
+def test_harp_agrees_with_an_independent_greedy_search(tiny_arch):
+    windows = random_windows()
+    result = harp(tiny_arch, "tiny", windows, top_layers(4, 2), GRID)
+    chosen, trace = independent_greedy(tiny_arch, windows, [2, 3], GRID)
+    assert result.alpha == chosen
+    assert [(s.layer, s.alpha) for s in result.trace] == [(layer, a) for layer, a, _ in trace]
+    for step, (_, _, ppl) in zip(result.trace, trace, strict=True):
+        assert step.perplexity == pytest.approx(ppl, rel=1e-5)
+    assert result.mask.drop_qk == {2, 3}
+    assert result.calib_perplexity == pytest.approx(perplexity(tiny_arch, windows, result.mask).perplexity, rel=1e-6)
+    assert result.calib_perplexity <= result.alpha1_perplexity  # alpha = 1 is on the grid
+
+
+def test_ties_keep_the_smaller_alpha_and_unsearched_layers_stay_at_alpha_1():
+    from analysis.architecture import ModelShape
+
+    shape = ModelShape(4, 2, 1, 4, 8, False, False, 0, 1000, 4)
+    start = Mask.unpruned(shape, "t").with_layer(1, drop_qk=True).with_layer(3, drop_qk=True)
+    seen: list[Mask] = []
+
+    def flat(mask: Mask) -> float:
+        seen.append(mask)
+        return 7.0
+
+    mask, trace = greedy_alpha_search(start, [1, 3], (1.0, 0.3, 0.6), flat)
+    assert mask.alpha == (1.0, 0.3, 1.0, 0.3)  # equal perplexities everywhere: the smallest alpha wins
+    assert [s.layer for s in trace] == [3, 3, 3, 1, 1, 1]  # highest layer first
+    assert all(m.alpha[1] == 1.0 for m in seen[:3])  # layer 1 not yet searched while layer 3 is
+    assert all(m.drop_qk == {1, 3} for m in seen)
+
+
+def test_candidates_never_recompute_layers_below_the_searched_one(tiny_arch):
+    windows = random_windows()
+    calls = [0] * tiny_arch.shape.num_layers
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(tiny_arch.layers)
+    ]
+    try:
+        harp(tiny_arch, "tiny", windows, [3], GRID)
+    finally:
+        for h in handles:
+            h.remove()
+    # one batch: layers 0-2 run once in the capturing pass and never again
+    assert calls[:3] == [1, 1, 1]
+    assert calls[3] > len(GRID)
+
+
+def test_norm_matching_alpha_restores_the_unpruned_residual_norm(tiny_arch):
+    windows = random_windows()
+    evaluator = IncrementalEvaluator(tiny_arch, windows)
+    unpruned = Mask.unpruned(tiny_arch.shape, "tiny")
+    hh, hb, bb = _branch_moments(evaluator, 3, unpruned)
+    target = hh + 2 * hb + bb
+    matched = norm_matching_alpha(evaluator, unpruned.with_layer(3, drop_qk=True), [3])
+    alpha = matched.alpha[3]
+    evaluator.advance(matched, 3)
+    hh, hb, bb = _branch_moments(evaluator, 3, matched.with_layer(3, alpha=1.0))
+    reachable = hh - hb * hb / bb  # the smallest E||h + a b||² over all a
+    if target >= reachable and 0 < alpha < 4:
+        assert hh + 2 * alpha * hb + alpha * alpha * bb == pytest.approx(target, rel=1e-5)
+    else:
+        assert alpha == pytest.approx(min(max(-hb / bb, 0.0), 4.0), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"), [((), "grid is empty"), ((0.5, -0.1), "not a number in"), ((float("nan"),), "not a number in")]
+)
+def test_bad_grids_are_refused(grid, message):
+    with pytest.raises(HeadroomError, match=message):
+        check_grid(grid)
+
+
+def test_bad_layer_choices_are_refused(tiny_arch):
+    with pytest.raises(HeadroomError, match="between 1 and 4"):
+        top_layers(4, 0)
+    with pytest.raises(HeadroomError, match=r"must name layers in 0\.\.3"):
+        harp(tiny_arch, "tiny", random_windows(), [4], GRID)
+    with pytest.raises(HeadroomError, match="twice"):
+        harp(tiny_arch, "tiny", random_windows(), [2, 2], GRID)
+
+
+def test_harp_leaves_the_model_untouched(tiny_arch):
+    state = {k: v.clone() for k, v in tiny_arch.model.state_dict().items()}
+    harp(tiny_arch, "tiny", random_windows(), [2, 3], GRID)
+    assert all(torch.equal(state[k], v) for k, v in tiny_arch.model.state_dict().items())
