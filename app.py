@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.cache import DiskCache
 from analysis.corpus import load_text, make_windows
 from analysis.errors import HeadroomError
-from analysis.evaluation import perplexity
+from analysis.evaluation import PerplexityResult, cached_perplexity
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 
 
@@ -20,16 +19,12 @@ def shared_model(spec: str) -> LoadedModel:
     return load_model(spec)
 
 
-def unpruned_perplexity(lm: LoadedModel, text_spec: str, seqlen: int, max_tokens: int) -> dict:
-    text = load_text(text_spec)
-    windows = make_windows(lm.tokenizer, text, seqlen, max_tokens, lm.max_positions)
-    parts = {"model": lm.fingerprint, "text_sha256": text.sha256, "seqlen": seqlen, "windows": windows.num_windows}
+def unpruned_perplexity(lm: LoadedModel, text_spec: str, seqlen: int, max_tokens: int) -> PerplexityResult:
+    windows = make_windows(lm.tokenizer, load_text(text_spec), seqlen, max_tokens, lm.max_positions)
     bar = st.progress(0.0, text="Evaluating the unpruned model…")
-
-    def compute() -> dict:
-        return perplexity(lm.arch, windows, progress=lambda done, total: bar.progress(done / total)).to_json()
-
-    result = DiskCache().json("perplexity-unpruned", parts, compute)
+    result = cached_perplexity(
+        lm.arch, lm.fingerprint, windows, progress=lambda done, total: bar.progress(done / total)
+    )
     bar.empty()
     return result
 
@@ -50,10 +45,10 @@ try:
     st.subheader("Model")
     st.table({k: [str(v)] for k, v in lm.card().items()})
     result = unpruned_perplexity(lm, text_spec, int(seqlen), int(max_tokens))
-    st.metric("Unpruned perplexity", f"{result['perplexity']:.3f}")
+    st.metric("Unpruned perplexity", f"{result.perplexity:.3f}")
     st.caption(
-        f"{result['text']} (sha256 {result['text_sha256'][:12]}…), seqlen {result['seqlen']}, "
-        f"{result['predicted_tokens']} predicted tokens, unpruned"
+        f"{result.text} (sha256 {result.text_sha256[:12]}…), seqlen {result.seqlen}, "
+        f"{result.predicted_tokens} predicted tokens, unpruned"
     )
 except HeadroomError as e:
     st.error(str(e))

@@ -15,6 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from analysis.baselines import AXES
+from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
@@ -79,14 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     hp = sub.add_parser("harp", help="HARP: drop-QK on the top layers with a greedy alpha search; writes the mask")
     _common(hp)
     _text_args(hp, "--calib", "default-calib", max_tokens=2048)
-    which = hp.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", type=int, help="prune the top N layers")
-    which.add_argument("--layer-set", type=_int_list, help="prune these layers, e.g. 26,27")
-    hp.add_argument("--grid", type=_float_list, default=DEFAULT_GRID, help="alpha candidates (default 0,0.1,...,1)")
+    _layer_choice(hp)
     hp.add_argument("--out", default=None, help="write the resulting v1 mask JSON here")
     hp.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
     hp.set_defaults(func=cmd_harp)
+
+    cp = sub.add_parser("compare", help="HARP against the baselines at a matched budget, on held-out text")
+    _common(cp)
+    _text_args(cp, "--calib", "default-calib", max_tokens=2048)
+    cp.add_argument("--eval", default="default-eval", help="evaluation text: a file, default-eval or default-calib")
+    cp.add_argument("--eval-max-tokens", type=int, default=2048, help="evaluation tokens (default 2048)")
+    _layer_choice(cp)
+    cp.add_argument("--match", choices=AXES, default="params", help="the budget axis baselines are matched on")
+    cp.set_defaults(func=cmd_compare)
     return parser
+
+
+def _layer_choice(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", type=int, help="prune the top N layers")
+    which.add_argument("--layer-set", type=_int_list, help="prune these layers, e.g. 26,27")
+    p.add_argument("--grid", type=_float_list, default=DEFAULT_GRID, help="alpha candidates (default 0,0.1,...,1)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -142,6 +157,10 @@ def _progress(desc: str) -> Progress:
     return update
 
 
+def _layers(lm: LoadedModel, args: argparse.Namespace) -> list[int]:
+    return list(top_layers(lm.shape.num_layers, args.layers)) if args.layers else args.layer_set
+
+
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     windows = _windows(lm, args, args.text)
@@ -163,7 +182,7 @@ def cmd_harp(args: argparse.Namespace) -> dict[str, Any]:
     out = _check_output(args.out)
     lm = _load(args)
     calib = _windows(lm, args, args.calib)
-    layers = top_layers(lm.shape.num_layers, args.layers) if args.layers else args.layer_set
+    layers = _layers(lm, args)
     start = time.perf_counter()
     result = cached_harp(lm, calib, layers, args.grid, progress=_progress("alpha search"), refresh=args.no_cache)
     if out is not None:
@@ -180,9 +199,43 @@ def cmd_harp(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    lm = _load(args)
+    calib = _windows(lm, args, args.calib)
+    evaluation = make_windows(
+        lm.tokenizer, load_text(args.eval, args.encoding), args.seqlen, args.eval_max_tokens, lm.max_positions
+    )
+    start = time.perf_counter()
+    result = compare(lm, calib, evaluation, _layers(lm, args), args.match, args.grid, _progress("evaluations"))
+    return {
+        **result.to_json(),
+        "calib": calib.metadata(),
+        "eval": evaluation.metadata(),
+        "model": lm.card(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _comparison_table(rows: list[dict[str, Any]]) -> None:
+    header = ("method", "eval ppl", "params removed", "KV B/token saved", "attn FLOPs/token saved")
+    print("  {:<28} {:>9} {:>16} {:>17} {:>23}".format(*header))
+    for row in rows:
+        b = row["budget"]
+        params = f"{b['params_removed']:,} ({b['params_removed_pct']:.2f}%)"
+        print(
+            f"  {row['method']:<28} {row['eval_perplexity']:>9.2f} {params:>16} "
+            f"{b['kv_bytes_per_token_saved']:>17,} {b['attention_flops_per_token_saved']:>23,}"
+        )
+
+
 def _print_text(out: dict[str, Any]) -> None:
     for key, value in out.items():
-        if isinstance(value, dict):
+        if key == "rows":
+            print("comparison:")
+            _comparison_table(value)
+        elif key == "trace":
+            print("trace: " + ", ".join(f"L{s['layer']} a={s['alpha']}: {s['perplexity']:.3f}" for s in value))
+        elif isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
                 print(f"  {k}: {v}")

@@ -10,23 +10,25 @@ first full pass), so the numbers are the ones plain transformers gives.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
+from analysis.hooks import hidden_of, observe
 from analysis.intervention import apply_mask
-from analysis.masks import Mask
+from analysis.masks import LayerSpec, Mask
 
 Progress = Callable[[int, int], None]  # (done, total)
 
 TOKENS_PER_BATCH = 2048  # bounds activation memory; the default model stays far below 3 GB
 LOGITS_PER_CHUNK = 1 << 26  # float32 logits computed at once (256 MiB)
+REMEMBERED_MASKS = 256  # perplexities an incremental evaluator keeps by mask
 
 
 @dataclass(frozen=True)
@@ -66,22 +68,23 @@ def batches(windows: Windows, tokens_per_batch: int = TOKENS_PER_BATCH) -> list[
 def head_nll(arch: Architecture, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Sum of next-token NLL (float64) from final-normed hidden states ``[b, t, d]``.
 
-    Logits are made a few windows at a time and upcast to float32 before the softmax, as
-    transformers' own causal-LM loss does.
+    Logits are made a few windows at a time and upcast to float32, as transformers' own causal-LM
+    loss does. The log-sum-exp runs in place on the logits (``NLL = logsumexp(z) - z[target]``):
+    the same numbers as ``cross_entropy`` to float rounding, without a second vocabulary-sized
+    tensor. On the hot path the head is most of the cost of a toggle in a high layer. Not
+    differentiable (in-place), which is why it runs under ``no_grad`` callers only.
     """
     hidden = hidden[:, :-1]
     targets = input_ids[:, 1:].to(hidden.device)
     per_window = max(1, LOGITS_PER_CHUNK // (hidden.shape[1] * arch.model.config.vocab_size))
     total = torch.zeros((), dtype=torch.float64)
     for h, t in zip(hidden.split(per_window), targets.split(per_window), strict=True):
-        logits = arch.logits(h).float()
-        total += F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum").double().cpu()
+        z = arch.logits(h).float().flatten(0, 1)
+        target = z.gather(-1, t.reshape(-1, 1)).squeeze(-1)
+        top = z.amax(-1, keepdim=True)
+        lse = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
+        total += (lse - target).double().sum().cpu()
     return total
-
-
-def _tensor(output: Any) -> torch.Tensor:
-    """A decoder layer's hidden-state output (some versions return a one-element tuple)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _device(arch: Architecture) -> torch.device:
@@ -133,12 +136,8 @@ def _run_capturing(
         inputs.append(a[0] if a else kw["hidden_states"])
         args.append((a[1:], {k: v for k, v in kw.items() if k != "hidden_states"}))
 
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in arch.layers]
-    try:
+    with observe(pre=[(layer, grab) for layer in arch.layers]):
         hidden = arch.decoder(input_ids=ids.to(_device(arch)), use_cache=False).last_hidden_state
-    finally:
-        for h in handles:
-            h.remove()
     return inputs, args, hidden
 
 
@@ -159,6 +158,7 @@ class IncrementalEvaluator:
         self._nll: list[float] = []
         self._capture(progress)
         self.last_recomputed_from: int | None = 0  # lowest layer recomputed by the last call
+        self._seen: OrderedDict[tuple[LayerSpec, ...], float] = OrderedDict()  # mask -> NLL sum, recent last
         self._stale_from: int | None = None  # set while a recompute is under way or was interrupted
 
     @torch.no_grad()
@@ -179,7 +179,7 @@ class IncrementalEvaluator:
     def run_layer(self, batch: int, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Call ``layer`` on ``hidden`` with the arguments the model passes it for ``batch``."""
         args, kwargs = self._layer_args[batch][layer]
-        return _tensor(self.arch.layers[layer](hidden, *args, **kwargs))
+        return hidden_of(self.arch.layers[layer](hidden, *args, **kwargs))
 
     def _first_stale(self, mask: Mask) -> int | None:
         """Lowest layer whose stored input may not match ``mask``; None if everything does."""
@@ -223,9 +223,20 @@ class IncrementalEvaluator:
 
     @torch.no_grad()
     def perplexity(self, mask: Mask) -> PerplexityResult:
-        """Protocol perplexity under ``mask``; equal to :func:`perplexity` to float rounding."""
+        """Protocol perplexity under ``mask``; equal to :func:`perplexity` to float rounding.
+
+        A mask evaluated recently (undo, or a search revisiting a candidate) is answered from memory.
+        """
+        key = tuple(mask.layer(i) for i in range(mask.num_layers))
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            self.last_recomputed_from = None
+            return _result(self._seen[key], self.windows, mask)
         start = self._first_stale(mask)
         self.last_recomputed_from = start
         if start is not None:
             self._recompute(mask, start, len(self.arch.layers))
-        return _result(sum(self._nll), self.windows, mask)
+        self._seen[key] = sum(self._nll)
+        if len(self._seen) > REMEMBERED_MASKS:
+            self._seen.popitem(last=False)
+        return _result(self._seen[key], self.windows, mask)

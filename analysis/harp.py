@@ -30,6 +30,7 @@ from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
+from analysis.hooks import hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import ALPHA_MAX, Mask, parse_mask
@@ -156,19 +157,14 @@ def _branch_moments(evaluator: IncrementalEvaluator, layer: int, mask: Mask) -> 
     seen: list[torch.Tensor] = []
     sums = torch.zeros(3, dtype=torch.float64)
     count = 0
-    with torch.no_grad(), apply_mask(arch, mask):
-        handle = arch.branch_output(layer).register_forward_hook(
-            lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
-        )
-        try:
-            for b, h in enumerate(evaluator.layer_inputs(layer)):
-                seen.clear()
-                evaluator.run_layer(b, layer, h)
-                h64, br = h.double(), seen[0].double()
-                sums += torch.stack([(h64 * h64).sum(), (h64 * br).sum(), (br * br).sum()]).cpu()
-                count += h.shape[0] * h.shape[1]
-        finally:
-            handle.remove()
+    record = (arch.branch_output(layer), lambda m, a, out: seen.append(hidden_of(out)))
+    with torch.no_grad(), apply_mask(arch, mask), observe(post=[record]):  # observe after the mask's hooks
+        for b, h in enumerate(evaluator.layer_inputs(layer)):
+            seen.clear()
+            evaluator.run_layer(b, layer, h)
+            h64, br = h.double(), seen[0].double()
+            sums += torch.stack([(h64 * h64).sum(), (h64 * br).sum(), (br * br).sum()]).cpu()
+            count += h.shape[0] * h.shape[1]
     hh, hb, bb = (sums / count).tolist()
     return hh, hb, bb
 

@@ -131,14 +131,22 @@ def _uninstall(undo: list[Any]) -> None:
 def apply_mask(arch: Architecture, mask: Mask | None) -> Iterator[None]:
     """Run the block with ``mask`` applied to ``arch.model`` in this thread only.
 
-    ``None`` or an unpruned mask changes nothing. Nesting on the same model replaces the outer mask
-    for the inner block.
+    Nesting on the same model replaces the outer mask for the inner block; ``None`` or an unpruned
+    mask inside an outer one runs the block unpruned.
     """
+    key = id(arch.model)
     if mask is None or mask.is_unpruned:
-        yield
+        plans = _ACTIVE.get() or {}
+        if key not in plans:  # nothing to undo: leave the hooks alone
+            yield
+            return
+        token = _ACTIVE.set({k: v for k, v in plans.items() if k != key})  # unpruned inside an outer mask
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
         return
     plan = _make_plan(arch, mask)
-    key = id(arch.model)
     with _LOCK:
         count, undo = _INSTALLED.get(key, (0, None))
         _INSTALLED[key] = (count + 1, undo if undo is not None else _install(arch))

@@ -466,8 +466,7 @@ def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(capsys, tmp_
     saved = json.loads(out_file.read_text())
     assert saved["drop_qk"] == [2, 3] and saved["alpha"] == {k: v for k, v in out["alpha"].items() if v != 1.0}
     code = cli.main(
-        ["eval", "--model", str(checkpoint), "--text", str(text_file), "--seqlen", str(SEQLEN)]
-        + ["--max-tokens", "160", "--mask", str(out_file), "--json"]
+        ["eval", *eval_args(checkpoint, text_file, "--max-tokens", "160", "--mask", str(out_file)), "--json"]
     )
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["perplexity"] == pytest.approx(out["calib_perplexity"], rel=1e-6)
@@ -491,3 +490,37 @@ def test_harp_bad_arguments_are_one_line_errors(capsys, checkpoint, text_file, e
     code, _, err = run_harp(capsys, "--model", str(checkpoint), "--calib", str(text_file), "--seqlen", "16", *extra)
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("error: ") and message in err
+
+
+# --- compare -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", ["params", "kv", "flops"])
+def test_compare_matches_every_baseline_to_harp_on_the_chosen_axis(capsys, tmp_path, checkpoint, text_file, axis):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(word_text(200, seed=11), encoding="utf-8")
+    common = ["--model", str(checkpoint), "--seqlen", str(SEQLEN), "--calib", str(text_file), "--max-tokens", "160"]
+    common += ["--layers", "2", "--grid", "0,0.5,1"]
+    held_out_args = ["--eval", str(held_out), "--eval-max-tokens", "160"]
+    code = cli.main(["compare", *common, *held_out_args, "--match", axis, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    rows = {row["method"]: row for row in result["rows"]}
+    assert {"unpruned", "harp", "harp-norm-matching-alpha", "drop_qk-alpha1", "drop_qk-alpha0"} <= set(rows)
+    key = {"params": "params_removed", "kv": "kv_bytes_per_token_saved", "flops": "attention_flops_per_token_saved"}[
+        axis
+    ]
+    target = rows["harp"]["budget"][key]
+    matched = [
+        r for name, r in rows.items() if name.split("-")[0] in ("wanda_sp", "magnitude", "flap_wifv", "block_influence")
+    ]
+    assert matched, "no baseline could be matched"
+    assert all(r["budget"][key] >= target for r in matched)
+    assert rows["unpruned"]["budget"][key] == 0
+    # The HARP row's perplexity is the protocol perplexity of the HARP mask on the held-out windows.
+    harp_mask = tmp_path / "harp.json"
+    assert cli.main(["harp", *common, "--out", str(harp_mask)]) == 0
+    capsys.readouterr()
+    evaluated = run_eval(capsys, *eval_args(checkpoint, held_out, "--max-tokens", "160", "--mask", str(harp_mask)))
+    assert evaluated["perplexity"] == pytest.approx(rows["harp"]["eval_perplexity"], rel=1e-6)

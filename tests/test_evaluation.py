@@ -123,3 +123,23 @@ def test_advance_updates_the_stream_below_a_layer_without_the_head(tiny_arch):
     full = perplexity(tiny_arch, windows, mask).perplexity
     assert evaluator.perplexity(mask).perplexity == pytest.approx(full, rel=1e-6)
     assert evaluator.last_recomputed_from == 3  # only what advance left stale
+
+
+def test_a_mask_seen_recently_is_answered_without_recomputing(tiny_arch):
+    windows = random_windows()
+    evaluator = IncrementalEvaluator(tiny_arch, windows)
+    base = Mask.unpruned(tiny_arch.shape, "tiny")
+    first = evaluator.perplexity(base.with_head(1, 1, False)).perplexity
+    evaluator.perplexity(base.with_head(2, 2, False))
+    calls, handles = count_layer_calls(tiny_arch)
+    try:
+        again = evaluator.perplexity(base.with_head(1, 1, False)).perplexity  # e.g. undo
+    finally:
+        for h in handles:
+            h.remove()
+    assert again == first and calls == [0, 0, 0, 0] and evaluator.last_recomputed_from is None
+    # The stored stream still belongs to the last computed mask, so the next change is exact.
+    later = base.with_head(2, 2, False).with_layer(3, alpha=0.5)
+    assert evaluator.perplexity(later).perplexity == pytest.approx(
+        perplexity(tiny_arch, windows, later).perplexity, rel=1e-6
+    )

@@ -177,3 +177,17 @@ def test_nested_masks_restore_the_outer_one(tiny_arch):
         alone = logits(arch, ids)
     assert torch.equal(first, again)
     assert torch.equal(nested, alone)
+
+
+def test_an_unpruned_block_inside_a_masked_one_runs_unpruned(tiny_arch):
+    arch = tiny_arch
+    ids = random_windows().input_ids
+    plain = logits(arch, ids)
+    with apply_mask(arch, unpruned(arch).with_layer(1, alpha=0.0)):
+        with apply_mask(arch, None):
+            inner = logits(arch, ids)
+        with apply_mask(arch, unpruned(arch)):
+            inner_unpruned = logits(arch, ids)
+        outer = logits(arch, ids)
+    assert torch.equal(inner, plain) and torch.equal(inner_unpruned, plain)
+    assert not torch.equal(outer, plain)

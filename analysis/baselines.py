@@ -1,0 +1,209 @@
+"""Baselines at a matched budget: masks that save as much as a reference mask, chosen by classic scores.
+
+A comparison is only fair at the same cost, so every baseline is matched on one budget axis of
+:func:`analysis.masks.budget`: attention parameters removed, KV-cache bytes per token saved, or
+attention FLOPs per token saved. Pruning walks from the least important structure upwards and stops
+at the first mask that saves at least the target; that mask therefore saves the target or slightly
+more, never less.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+
+from analysis.architecture import Architecture, ModelShape
+from analysis.corpus import Windows
+from analysis.errors import HeadroomError
+from analysis.importance import (
+    OProjStats,
+    attention_block_influence,
+    flap_wifv,
+    magnitude,
+    o_proj_input_stats,
+    wanda_sp,
+)
+from analysis.masks import Budget, Mask, budget
+
+log = logging.getLogger(__name__)
+
+AXES = ("params", "kv", "flops")
+ALLOCATIONS = ("global", "uniform")
+_UNITS = {"params": "attention parameters", "kv": "KV-cache bytes per token", "flops": "attention FLOPs per token"}
+
+
+def saved(b: Budget, axis: str) -> int:
+    """What ``b`` saves on ``axis``: parameters removed, KV bytes per token or attention FLOPs per token."""
+    if axis == "params":
+        return b.params_removed
+    if axis == "kv":
+        return b.kv_bytes_per_token_saved
+    if axis == "flops":
+        return b.attention_flops_per_token_saved
+    raise HeadroomError(f"unknown budget axis '{axis}'; use one of {', '.join(AXES)}")
+
+
+def _first_reaching(
+    masks: Iterator[Mask], shape: ModelShape, target: int, axis: str, seq_len: int, how: str, limit: str
+) -> Mask:
+    """The first of ``masks`` (each pruning more than the one before) that saves ``target`` on ``axis``."""
+    most = 0
+    for mask in masks:
+        most = saved(budget(mask, shape, seq_len), axis)
+        if most >= target:
+            return mask
+    raise HeadroomError(
+        f"{how} cannot save {target:,} {_UNITS[axis]} (sequence length {seq_len}): the most it can save is "
+        f"{most:,}, {limit}. Choose a smaller budget or another axis"
+    )
+
+
+def _ranked(values: list[float], what: str) -> list[int]:
+    """Indices from the lowest value up, ties by index; refuses NaN or infinite values."""
+    if not all(math.isfinite(v) for v in values):
+        raise HeadroomError(f"{what} are not all finite numbers, so they cannot be ranked")
+    return sorted(range(len(values)), key=lambda i: (values[i], i))
+
+
+def prune_heads(
+    scores: torch.Tensor,
+    shape: ModelShape,
+    model_name: str,
+    target: int,
+    axis: str,
+    seq_len: int,
+    allocation: str = "global",
+) -> Mask:
+    """Prune the lowest-scored query heads until the mask saves at least ``target`` on ``axis``.
+
+    ``global`` walks all heads of the model in ascending score order (ties by layer, then head) and
+    stops at the first prefix that reaches the target. ``uniform`` prunes the k lowest-scored heads of
+    every layer, for the smallest k that reaches it. Neither ever prunes every head of the model.
+
+    On the ``kv`` axis a head saves KV cache only once every query head of its KV group is pruned
+    (grouped-query attention is counted exactly by ``masks.budget``), so the walk goes on past heads
+    that save nothing by themselves until whole groups are gone; the result is the cheapest prefix
+    that reaches the target, which is what a matched budget means.
+    """
+    if tuple(scores.shape) != (shape.num_layers, shape.num_heads):
+        raise ValueError(f"scores are {tuple(scores.shape)}, the model is {shape.num_layers} x {shape.num_heads}")
+    rows = scores.tolist()
+    if allocation == "global":
+        flat = [s for row in rows for s in row]
+        order = [divmod(i, shape.num_heads) for i in _ranked(flat, "head scores")]
+
+        def walk() -> Iterator[Mask]:
+            mask = Mask.unpruned(shape, model_name)
+            yield mask
+            for layer, head in order[:-1]:
+                mask = mask.with_head(layer, head, False)
+                yield mask
+
+        limit = "with every head pruned but the highest-scored one"
+    elif allocation == "uniform":
+        ranked = [_ranked(row, "head scores") for row in rows]
+
+        def walk() -> Iterator[Mask]:
+            mask = Mask.unpruned(shape, model_name)
+            yield mask
+            for k in range(shape.num_heads - 1):
+                for layer, heads in enumerate(ranked):
+                    mask = mask.with_head(layer, heads[k], False)
+                yield mask
+
+        limit = f"with {shape.num_heads - 1} of {shape.num_heads} heads pruned in every layer"
+    else:
+        raise HeadroomError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
+    return _first_reaching(walk(), shape, target, axis, seq_len, f"{allocation} head pruning", limit)
+
+
+def remove_attention_layers(
+    influence: torch.Tensor, shape: ModelShape, model_name: str, target: int, axis: str, seq_len: int
+) -> Mask:
+    """Remove attention branches (alpha = 0) in ascending ``influence`` order until ``target`` is saved.
+
+    Ties go to the lower layer. At least one layer keeps its attention.
+    """
+    if tuple(influence.shape) != (shape.num_layers,):
+        raise ValueError(f"influence is {tuple(influence.shape)}, the model has {shape.num_layers} layers")
+    order = _ranked(influence.tolist(), "layer influences")
+
+    def walk() -> Iterator[Mask]:
+        mask = Mask.unpruned(shape, model_name)
+        yield mask
+        for layer in order[:-1]:
+            mask = mask.with_layer(layer, alpha=0.0)
+            yield mask
+
+    limit = f"with the attention of {shape.num_layers - 1} of {shape.num_layers} layers removed"
+    return _first_reaching(walk(), shape, target, axis, seq_len, "attention layer removal", limit)
+
+
+def drop_qk_top(shape: ModelShape, model_name: str, n: int, alpha: float) -> Mask:
+    """The top ``n`` layers in drop-QK mode, all with branch scale ``alpha``.
+
+    With alpha = 1 this is HARP before its search; with alpha = 0 the top attention branches are gone.
+    """
+    if not 0 <= n <= shape.num_layers:
+        raise HeadroomError(f"cannot put {n} layers in drop-QK mode: the model has {shape.num_layers} layers")
+    mask = Mask.unpruned(shape, model_name)
+    for layer in range(shape.num_layers - n, shape.num_layers):
+        mask = mask.with_layer(layer, drop_qk=True, alpha=alpha)
+    return mask
+
+
+def matched_baselines(
+    arch: Architecture,
+    model_name: str,
+    calib: Windows,
+    reference: Mask,
+    axis: str,
+    seq_len: int,
+    stats: OProjStats | None = None,
+) -> dict[str, Mask]:
+    """Every baseline, matched to what ``reference`` saves on ``axis`` at ``seq_len``.
+
+    Head pruning by Wanda-sp, magnitude and FLAP scores, each with global and uniform allocation
+    (``"wanda_sp-global"``, ..., ``"flap_wifv-uniform"``), and attention-layer removal by attention
+    Block Influence (``"block_influence-attention"``); all scores come from ``calib`` on the unpruned
+    model (``stats`` reuses o_proj input statistics already measured on it). A baseline that cannot
+    reach the target without pruning every head (or every layer's attention) is left out with a
+    warning, since large KV savings are often out of reach of head pruning.
+
+    ``"drop_qk-alpha1"`` and ``"drop_qk-alpha0"`` are reference points rather than matched
+    baselines: the top ``len(reference.drop_qk)`` layers in drop-QK mode without rescaling and with
+    their attention removed. They are left out when the reference has no drop-QK layer.
+    """
+    shape = arch.shape
+    target = saved(budget(reference, shape, seq_len), axis)
+    if stats is None:
+        stats = o_proj_input_stats(arch, calib)
+    matched_note = f"matched on {axis}: saves at least {target:,} {_UNITS[axis]} at sequence length {seq_len}"
+    found: dict[str, Mask] = {}
+    candidates = {"wanda_sp": wanda_sp(arch, stats), "magnitude": magnitude(arch), "flap_wifv": flap_wifv(arch, stats)}
+    for metric, scores in candidates.items():
+        for allocation in ALLOCATIONS:
+            name = f"{metric}-{allocation}"
+            try:
+                mask = prune_heads(scores, shape, model_name, target, axis, seq_len, allocation)
+            except HeadroomError as e:
+                log.warning("baseline %s left out: %s", name, e)
+                continue
+            found[name] = replace(mask, note=f"{name} head pruning, {matched_note}")
+    name = "block_influence-attention"
+    try:
+        influence = attention_block_influence(arch, calib)
+        mask = remove_attention_layers(influence, shape, model_name, target, axis, seq_len)
+        found[name] = replace(mask, note=f"attention removed in the lowest-Block-Influence layers, {matched_note}")
+    except HeadroomError as e:
+        log.warning("baseline %s left out: %s", name, e)
+    n = len(reference.drop_qk)
+    if n:
+        for alpha in (1, 0):
+            note = f"top {n} layers drop-QK with alpha {alpha} (a reference point, not matched)"
+            found[f"drop_qk-alpha{alpha}"] = replace(drop_qk_top(shape, model_name, n, alpha), note=note)
+    return {name: replace(mask, fingerprint=reference.fingerprint) for name, mask in found.items()}

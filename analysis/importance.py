@@ -1,0 +1,210 @@
+"""Importance scores of attention heads and layers, the inputs of the baselines at a matched budget.
+
+Every score is measured on calibration windows with the model as loaded (no mask): call these
+functions outside ``apply_mask``. One forward pass over the windows runs with hooks installed for
+its duration only; the hooks read activations and never change them, and no weight is written.
+Head scores are float64 tensors ``[num_layers, num_heads]``, layer scores ``[num_layers]``; for all
+of them a *low* score means "cheap to remove".
+
+X below is the input of ``o_proj``: the concatenated outputs of the query heads, ``num_heads *
+head_dim`` channels, head h owning channels ``h * head_dim ... (h + 1) * head_dim - 1``. Its
+statistics are over every token of every window (each window position counts as one token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.architecture import Architecture
+from analysis.corpus import Windows
+from analysis.evaluation import batches
+from analysis.hooks import PostHook, PreHook, hidden_of, observe
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no field-wise ==
+class OProjStats:
+    """Per layer and o_proj input channel, over all calibration tokens; float64 ``[num_layers, channels]``."""
+
+    sum_sq: torch.Tensor  # sum over tokens of X_j^2, i.e. ||X_j||_2^2
+    mean: torch.Tensor
+    var: torch.Tensor  # population variance over tokens
+    tokens: int
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """||X_j||_2 over all tokens."""
+        return self.sum_sq.sqrt()
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's hidden-state input, whether passed by position or by name."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _run_hooked(
+    arch: Architecture,
+    windows: Windows,
+    pre: Sequence[tuple[nn.Module, PreHook]] = (),
+    post: Sequence[tuple[nn.Module, PostHook]] = (),
+) -> None:
+    """One unpruned forward pass over ``windows`` with the given observing hooks installed."""
+    device = arch.model.get_input_embeddings().weight.device
+    with torch.no_grad(), observe(pre, post):
+        for ids in batches(windows):
+            arch.decoder(input_ids=ids.to(device), use_cache=False)
+
+
+def o_proj_input_stats(arch: Architecture, windows: Windows) -> OProjStats:
+    """Squared norm, mean and variance of every o_proj input channel over all calibration tokens.
+
+    Sums of X_j and X_j^2 are accumulated in float64; the variance is ``E[X^2] - E[X]^2``, whose
+    cancellation error in float64 is far below anything the scores can resolve.
+    """
+    shape = arch.shape
+    channels = shape.num_heads * shape.head_dim
+    sums = torch.zeros(shape.num_layers, channels, dtype=torch.float64)
+    sum_sq = torch.zeros(shape.num_layers, channels, dtype=torch.float64)
+
+    def record(layer: int) -> PreHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0].detach().flatten(0, -2).double()  # o_proj is called positionally
+            sums[layer] += x.sum(dim=0).cpu()
+            sum_sq[layer] += x.square().sum(dim=0).cpu()
+
+        return hook
+
+    pre = [(arch.attention(layer).o_proj, record(layer)) for layer in range(shape.num_layers)]
+    _run_hooked(arch, windows, pre=pre)
+    tokens = windows.input_ids.numel()
+    mean = sums / tokens
+    var = (sum_sq / tokens - mean.square()).clamp(min=0.0)
+    return OProjStats(sum_sq=sum_sq, mean=mean, var=var, tokens=tokens)
+
+
+def _per_head(arch: Architecture, channel_scores: torch.Tensor) -> torch.Tensor:
+    """Sum ``[num_layers, num_heads * head_dim]`` channel scores over each head's channels."""
+    shape = arch.shape
+    return channel_scores.view(shape.num_layers, shape.num_heads, shape.head_dim).sum(dim=-1)
+
+
+def wanda_sp(arch: Architecture, stats: OProjStats) -> torch.Tensor:
+    """Wanda-sp head scores: ``sum_{j in head} mean_i |W_o[i, j]| * ||X_j||_2``.
+
+    W_o is o_proj's weight ``[hidden, num_heads * head_dim]`` (i runs over its output rows), X_j the
+    o_proj input channel j over all calibration tokens. This is the structured Wanda variant of An et
+    al., "Fluctuation-based Adaptive Structured Pruning for Large Language Models" (FLAP, AAAI 2024),
+    where it is the main baseline: Wanda's ``|W| * ||X||`` scored per input column of o_proj and
+    summed per head. (FLAP's code normalises ``||X_j||^2`` by the number of calibration samples,
+    a constant that changes no ranking.)
+    """
+    rows = []
+    for layer in range(arch.shape.num_layers):
+        weight = arch.attention(layer).o_proj.weight.detach()
+        rows.append(weight.abs().mean(dim=0, dtype=torch.float64).cpu())
+    return _per_head(arch, torch.stack(rows) * stats.norm)
+
+
+def magnitude(arch: Architecture) -> torch.Tensor:
+    """Weight-magnitude head scores: ``||W_q[rows of head]||_F + ||W_o[:, columns of head]||_F``.
+
+    The magnitude-sp baseline of the FLAP paper scores weights by their norm alone, no data. We score
+    exactly the weights that pruning a query head removes, its q_proj rows and o_proj columns; k/v
+    are shared by a KV group in grouped-query attention, so they belong to no single head and are left
+    out (biases and Gemma3's q/k norms too). No calibration data is needed.
+    """
+    shape = arch.shape
+    rows = []
+    for layer in range(shape.num_layers):
+        q, _, _, o = arch.projections(layer)
+        q_heads = q.weight.detach().view(shape.num_heads, shape.head_dim, -1)
+        o_heads = o.weight.detach().view(-1, shape.num_heads, shape.head_dim)
+        q_norm = torch.linalg.vector_norm(q_heads, dim=(1, 2), dtype=torch.float64)
+        o_norm = torch.linalg.vector_norm(o_heads, dim=(0, 2), dtype=torch.float64)
+        rows.append((q_norm + o_norm).cpu())
+    return torch.stack(rows)
+
+
+def flap_wifv(arch: Architecture, stats: OProjStats) -> torch.Tensor:
+    """FLAP's weighted input feature variance, standardised per layer.
+
+    Channel score ``var(X_j) * ||W_o[:, j]||_2^2`` (how much the output of o_proj fluctuates because
+    of input channel j), head score the sum over the head's channels, then per layer
+    ``(s - mean_layer(s)) / std_layer(s)`` so that one global threshold compares heads of different
+    layers, as FLAP's adaptive structure search does (An et al., FLAP, AAAI 2024; ``std`` is the
+    sample standard deviation, as ``torch.std`` in FLAP's code; a layer whose heads all score the same
+    gets 0 everywhere). FLAP averages rather than sums a head's channels; the constant factor cancels
+    in the standardisation.
+
+    FLAP also folds the removed channels' mean contribution ``W_o[:, j] * mean(X_j)`` into an o_proj
+    bias. That changes weights and cannot be expressed in a v1 mask, so FLAP is used here as a head
+    selector only; its numbers are those of FLAP without bias compensation.
+    """
+    rows = []
+    for layer in range(arch.shape.num_layers):
+        weight = arch.attention(layer).o_proj.weight.detach()
+        rows.append(torch.linalg.vector_norm(weight, dim=0, dtype=torch.float64).square().cpu())
+    heads = _per_head(arch, stats.var * torch.stack(rows))
+    std = heads.std(dim=1, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (heads - heads.mean(dim=1, keepdim=True)) / std
+
+
+def _mean_cosine(arch: Architecture, windows: Windows, outputs: Sequence[nn.Module], branch: bool) -> torch.Tensor:
+    """Per layer, mean over tokens of cos(layer input h, y) where y is the output of ``outputs[layer]``.
+
+    With ``branch`` the output is what is added to the residual stream and y = h + output. A token
+    whose h or y is the zero vector (Gemma embeds its padding token to zero) counts as cos = 0.
+    """
+    cos_sum = torch.zeros(len(outputs), dtype=torch.float64)
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep_input(layer: int) -> PreHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[layer] = _hidden(args, kwargs).detach()
+
+        return hook
+
+    def compare(layer: int) -> PostHook:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            h = inputs.pop(layer).double()
+            y = hidden_of(output).detach().double()
+            cos_sum[layer] += F.cosine_similarity(h, h + y if branch else y, dim=-1).sum().cpu()
+
+        return hook
+
+    layers = range(len(outputs))
+    _run_hooked(
+        arch,
+        windows,
+        pre=[(arch.layers[i], keep_input(i)) for i in layers],
+        post=[(outputs[i], compare(i)) for i in layers],
+    )
+    return cos_sum / windows.input_ids.numel()
+
+
+def attention_block_influence(arch: Architecture, windows: Windows) -> torch.Tensor:
+    """ShortGPT's Block Influence of each layer's attention branch: ``1 - mean_t cos(h_t, h_t + a_t)``.
+
+    h is the residual stream entering the layer and a what the attention branch adds to it (after
+    Gemma's post-attention norm, ``Architecture.branch_output``), so h + a is the residual right
+    after attention. Block Influence is from Men et al., "ShortGPT: Layers in Large Language Models
+    are More Redundant Than You Expect" (2024), there for whole blocks; applied to the attention
+    branch it ranks layers for attention removal. In [0, 2]; low means the branch barely turns the
+    residual stream.
+    """
+    outputs = [arch.branch_output(layer) for layer in range(arch.shape.num_layers)]
+    return 1.0 - _mean_cosine(arch, windows, outputs, branch=True)
+
+
+def block_influence(arch: Architecture, windows: Windows) -> torch.Tensor:
+    """ShortGPT's Block Influence of whole decoder layers: ``1 - mean_t cos(layer input, layer output)``.
+
+    Men et al., "ShortGPT" (2024). In [0, 2]; low means the layer barely changes the residual stream.
+    """
+    return 1.0 - _mean_cosine(arch, windows, list(arch.layers), branch=False)

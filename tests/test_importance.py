@@ -1,0 +1,227 @@
+"""Importance scores against their formulas, recomputed by hand from activations the tests capture themselves."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.architecture import Architecture
+from analysis.importance import (
+    attention_block_influence,
+    block_influence,
+    flap_wifv,
+    magnitude,
+    o_proj_input_stats,
+    wanda_sp,
+)
+from tests.conftest import random_windows, tiny_model
+
+HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
+
+
+def run_with_pre_hooks(arch: Architecture, ids: torch.Tensor, modules: list[nn.Module]) -> list[list[torch.Tensor]]:
+    """Each module's first positional-or-hidden_states input, per call, from a plain forward pass."""
+    seen: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def grab(i: int):
+        def hook(module, args, kwargs):
+            seen[i].append((args[0] if args else kwargs["hidden_states"]).double())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(grab(i), with_kwargs=True) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            arch.decoder(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def o_proj_inputs(arch: Architecture, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the o_proj input of every token, ``[tokens, num_heads * head_dim]`` float64."""
+    modules = [arch.attention(i).o_proj for i in range(arch.shape.num_layers)]
+    return [torch.cat(calls).flatten(0, 1) for calls in run_with_pre_hooks(arch, ids, modules)]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two vectors; 0 when either is zero (Gemma's padding token 0 embeds to a zero vector)."""
+    norms = a.norm().item() * b.norm().item()
+    return (a @ b).item() / norms if norms > 0 else 0.0
+
+
+def hooks_left(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_o_proj_stats_match_captured_activations(tiny_arch):
+    windows = random_windows()
+    stats = o_proj_input_stats(tiny_arch, windows)
+    xs = o_proj_inputs(tiny_arch, windows.input_ids)
+    assert stats.tokens == windows.input_ids.numel() == xs[0].shape[0]
+    for name in ("sum_sq", "mean", "var"):
+        assert getattr(stats, name).dtype == torch.float64
+        assert getattr(stats, name).shape == (4, 6 * 16)
+    for layer, x in enumerate(xs):
+        torch.testing.assert_close(stats.sum_sq[layer], (x**2).sum(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(stats.mean[layer], x.mean(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(stats.var[layer], x.var(0, correction=0), rtol=1e-7, atol=1e-12)
+
+
+def test_wanda_sp_matches_the_formula_by_brute_force(tiny_arch):
+    windows = random_windows()
+    scores = wanda_sp(tiny_arch, o_proj_input_stats(tiny_arch, windows))
+    assert scores.dtype == torch.float64 and scores.shape == (4, 6)
+    xs = o_proj_inputs(tiny_arch, windows.input_ids)
+    hd = tiny_arch.shape.head_dim
+    for layer, head in HEADS:
+        w = tiny_arch.attention(layer).o_proj.weight.double()
+        x = xs[layer]
+        expected = 0.0
+        for j in range(head * hd, (head + 1) * hd):
+            mean_abs_w = sum(abs(w[i, j].item()) for i in range(w.shape[0])) / w.shape[0]
+            norm_x = math.sqrt(sum(x[t, j].item() ** 2 for t in range(x.shape[0])))
+            expected += mean_abs_w * norm_x
+        assert scores[layer, head].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_flap_wifv_matches_the_formula_by_brute_force(tiny_arch):
+    windows = random_windows()
+    scores = flap_wifv(tiny_arch, o_proj_input_stats(tiny_arch, windows))
+    assert scores.dtype == torch.float64 and scores.shape == (4, 6)
+    xs = o_proj_inputs(tiny_arch, windows.input_ids)
+    hd = tiny_arch.shape.head_dim
+    for layer in (0, 3):
+        w = tiny_arch.attention(layer).o_proj.weight.double()
+        x = xs[layer]
+        raw = []
+        for head in range(6):
+            s = 0.0
+            for j in range(head * hd, (head + 1) * hd):
+                column = [x[t, j].item() for t in range(x.shape[0])]
+                s += statistics.pvariance(column) * sum(w[i, j].item() ** 2 for i in range(w.shape[0]))
+            raw.append(s)
+        mean, std = statistics.mean(raw), statistics.stdev(raw)
+        for head in range(6):
+            assert scores[layer, head].item() == pytest.approx((raw[head] - mean) / std, rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(scores.mean(1), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_magnitude_equals_direct_norms(tiny_arch):
+    scores = magnitude(tiny_arch)
+    assert scores.dtype == torch.float64 and scores.shape == (4, 6)
+    hd = tiny_arch.shape.head_dim
+    for layer, head in HEADS:
+        q, _, _, o = tiny_arch.projections(layer)
+        rows = q.weight.double()[head * hd : (head + 1) * hd, :]
+        columns = o.weight.double()[:, head * hd : (head + 1) * hd]
+        expected = math.sqrt((rows**2).sum().item()) + math.sqrt((columns**2).sum().item())
+        assert scores[layer, head].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_zeroed_o_proj_columns_score_zero_in_wanda_sp_and_lower_in_magnitude(tiny_arch):
+    windows = random_windows()
+    layer, head, hd = 2, 3, tiny_arch.shape.head_dim
+    before = magnitude(tiny_arch)
+    with torch.no_grad():
+        tiny_arch.attention(layer).o_proj.weight[:, head * hd : (head + 1) * hd] = 0.0
+    stats = o_proj_input_stats(tiny_arch, windows)
+    assert wanda_sp(tiny_arch, stats)[layer, head].item() == 0.0
+    assert wanda_sp(tiny_arch, stats)[layer].count_nonzero() == 5
+    after = magnitude(tiny_arch)
+    assert after[layer, head] < before[layer, head]
+    q_rows = tiny_arch.attention(layer).q_proj.weight.double()[head * hd : (head + 1) * hd]
+    assert after[layer, head].item() == pytest.approx(q_rows.norm().item(), rel=1e-9)
+    assert flap_wifv(tiny_arch, stats)[layer].argmin().item() == head
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
+
+
+def test_attention_block_influence_matches_a_hand_loop(tiny_arch):
+    """Checked against the residual right after attention, read where the MLP half of the block starts.
+
+    That point (the input of the pre-MLP norm: ``pre_feedforward_layernorm`` in Gemma,
+    ``post_attention_layernorm`` elsewhere) is found without the adapter's ``branch_output``.
+    """
+    windows = random_windows(n=3, length=10)
+    bi = attention_block_influence(tiny_arch, windows)
+    assert bi.dtype == torch.float64 and bi.shape == (4,)
+    assert ((bi >= 0) & (bi <= 2)).all()
+    blocks = list(tiny_arch.layers)
+    mids = [getattr(b, "pre_feedforward_layernorm", None) or b.post_attention_layernorm for b in blocks]
+    seen = run_with_pre_hooks(tiny_arch, windows.input_ids, blocks + mids)
+    for layer in range(4):
+        h = torch.cat(seen[layer]).flatten(0, 1)
+        after = torch.cat(seen[4 + layer]).flatten(0, 1)
+        cosines = [cosine(h[t], after[t]) for t in range(h.shape[0])]
+        # The model adds the branch in float32, the score in float64: they agree to float32 rounding.
+        assert bi[layer].item() == pytest.approx(1 - sum(cosines) / len(cosines), rel=1e-6)
+
+
+def test_block_influence_matches_a_hand_loop(tiny_arch):
+    windows = random_windows(n=3, length=10)
+    bi = block_influence(tiny_arch, windows)
+    assert bi.dtype == torch.float64 and bi.shape == (4,)
+    assert ((bi >= 0) & (bi <= 2)).all()
+    # Layer l's output is layer l+1's input; the last layer's output goes into the final norm.
+    modules = [*tiny_arch.layers, tiny_arch.final_norm()]
+    seen = [torch.cat(calls).flatten(0, 1) for calls in run_with_pre_hooks(tiny_arch, windows.input_ids, modules)]
+    for layer in range(4):
+        h, out = seen[layer], seen[layer + 1]
+        cosines = [cosine(h[t], out[t]) for t in range(h.shape[0])]
+        assert bi[layer].item() == pytest.approx(1 - sum(cosines) / len(cosines), rel=1e-9)
+
+
+def test_attention_branch_that_adds_nothing_has_zero_influence(tiny_arch):
+    with torch.no_grad():
+        tiny_arch.attention(1).o_proj.weight.zero_()
+    bi = attention_block_influence(tiny_arch, random_windows(n=2, length=10))
+    assert bi[1].item() == pytest.approx(0.0, abs=1e-12)
+    assert (bi[[0, 2, 3]] > 1e-6).all()
+
+
+def test_scores_leave_weights_and_hooks_as_they_were(tiny_arch):
+    before = {k: v.clone() for k, v in tiny_arch.model.state_dict().items()}
+    hooks = hooks_left(tiny_arch.model)
+    windows = random_windows(n=2, length=10)
+    stats = o_proj_input_stats(tiny_arch, windows)
+    wanda_sp(tiny_arch, stats), flap_wifv(tiny_arch, stats), magnitude(tiny_arch)
+    attention_block_influence(tiny_arch, windows), block_influence(tiny_arch, windows)
+    after = tiny_arch.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert hooks_left(tiny_arch.model) == hooks
+
+
+def test_hooks_are_removed_when_the_pass_fails():
+    arch = Architecture(tiny_model("llama"))
+    bad = random_windows(vocab=96)
+    bad.input_ids[0, 3] = 10_000  # beyond the vocabulary: the embedding raises
+    for score in (o_proj_input_stats, attention_block_influence, block_influence):
+        with pytest.raises(IndexError):
+            score(arch, bad)
+        assert hooks_left(arch.model) == 0
+
+
+def test_passes_from_other_threads_are_not_counted():
+    """A session scoring the shared model is not disturbed by another session's forward pass."""
+    arch = Architecture(tiny_model("llama"))
+    windows, other = random_windows(seed=0), random_windows(n=7, seed=1)
+    alone = o_proj_input_stats(arch, windows)
+
+    def other_session(module, args):
+        handle.remove()  # once is enough
+        thread = threading.Thread(target=lambda: arch.decoder(input_ids=other.input_ids, use_cache=False))
+        thread.start()
+        thread.join()
+
+    handle = arch.layers[0].register_forward_pre_hook(other_session)
+    disturbed = o_proj_input_stats(arch, windows)
+    assert disturbed.tokens == alone.tokens
+    assert torch.equal(disturbed.sum_sq, alone.sum_sq)
+    assert torch.equal(disturbed.var, alone.var)
