@@ -314,3 +314,19 @@ def test_load_on_cuda_without_a_gpu_is_a_headroom_error(tmp_path, llama_dir, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(HeadroomError, match="no CUDA GPU"):
         load_model(str(llama_dir), device="cuda", cache_root=tmp_path / "cache")
+
+
+def test_device_map_auto_places_the_model_and_changes_no_number(tmp_path, llama_dir):
+    """accelerate's big-model placement (here: everything fits the CPU) gives the same perplexity."""
+    from analysis.evaluation import IncrementalEvaluator, perplexity
+    from analysis.masks import Mask
+    from tests.conftest import random_windows
+
+    plain = load_model(str(llama_dir), cache_root=tmp_path / "cache")
+    placed = load_model(str(llama_dir), device_map="auto", cache_root=tmp_path / "cache")
+    assert placed.fingerprint == plain.fingerprint  # cache keys do not depend on placement
+    windows = random_windows(vocab=plain.model.config.vocab_size)
+    mask = Mask.unpruned(plain.shape, plain.name).with_head(1, 2, False).with_layer(3, drop_qk=True, alpha=0.5)
+    expected = perplexity(plain.arch, windows, mask).perplexity
+    assert perplexity(placed.arch, windows, mask).perplexity == pytest.approx(expected, rel=1e-6)
+    assert IncrementalEvaluator(placed.arch, windows).perplexity(mask).perplexity == pytest.approx(expected, rel=1e-6)
