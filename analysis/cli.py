@@ -21,6 +21,7 @@ from analysis.corpus import Windows, load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
 from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
+from analysis.importance import HEAD_METRICS, cached_head_scores
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     _layer_choice(cp)
     cp.add_argument("--match", choices=AXES, default="params", help="the budget axis baselines are matched on")
     cp.set_defaults(func=cmd_compare)
+
+    im = sub.add_parser("importance", help="per-head importance scores of one metric, one row per layer")
+    _common(im)
+    _text_args(im, "--text", "default-calib", max_tokens=2048)
+    im.add_argument("--metric", required=True, choices=sorted(HEAD_METRICS), help="the importance metric")
+    im.add_argument("--layers", type=_int_list, default=None, help="only these layers, e.g. 28,29 (others: null)")
+    im.set_defaults(func=cmd_importance)
     return parser
 
 
@@ -228,11 +236,29 @@ def _comparison_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def cmd_importance(args: argparse.Namespace) -> dict[str, Any]:
+    lm = _load(args)
+    windows = _windows(lm, args, args.text)
+    start = time.perf_counter()
+    scores = cached_head_scores(lm, windows, args.metric, args.layers, progress=_progress(args.metric))
+    return {
+        "metric": args.metric,
+        "scores": scores,
+        "windows": windows.metadata(),
+        "model": lm.card(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 def _print_text(out: dict[str, Any]) -> None:
     for key, value in out.items():
         if key == "rows":
             print("comparison:")
             _comparison_table(value)
+        elif key == "scores":
+            print("scores (one row per layer):")
+            for i, row in enumerate(value):
+                print(f"  {i:>3}: " + ("-" if row is None else " ".join(f"{v:9.4g}" for v in row)))
         elif key == "trace":
             print("trace: " + ", ".join(f"L{s['layer']} a={s['alpha']}: {s['perplexity']:.3f}" for s in value))
         elif isinstance(value, dict):

@@ -1,8 +1,10 @@
-"""Observing forward passes of the shared model without changing them.
+"""Hooks on the shared model for the duration of a block, for the installing thread only.
 
-``observe`` registers read-only hooks for the duration of a block. The model is shared between
-sessions, so each hook fires only for passes run by the thread that installed it; the hooks return
-None, so they never change what the model computes, and they are removed even if the block fails.
+``observe`` registers hooks for the duration of a block. The model is shared between sessions, so
+each hook fires only for passes run by the thread that installed it, and the hooks are removed even
+if the block fails. Observers return None and so change nothing; a hook that returns a value
+replaces the module's input or output as torch hooks do (the gradient metric's per-head gates) -
+in this thread only. Masks never go this way: they use ``analysis.intervention.apply_mask``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-PreHook = Callable[[nn.Module, tuple, dict], None]  # (module, args, kwargs)
-PostHook = Callable[[nn.Module, tuple, Any], None]  # (module, args, output)
+PreHook = Callable[[nn.Module, tuple, dict], Any]  # (module, args, kwargs)
+PostHook = Callable[[nn.Module, tuple, Any], Any]  # (module, args, output)
 
 
 def hidden_of(output: Any) -> torch.Tensor:
@@ -31,10 +33,9 @@ def observe(
     """Run the block with ``pre`` (forward-pre, with kwargs) and ``post`` (forward) hooks installed."""
     owner = threading.get_ident()
 
-    def only_mine(hook: Callable[..., None]) -> Callable[..., None]:
-        def watch(*args: Any) -> None:
-            if threading.get_ident() == owner:
-                hook(*args)
+    def only_mine(hook: Callable[..., Any]) -> Callable[..., Any]:
+        def watch(*args: Any) -> Any:
+            return hook(*args) if threading.get_ident() == owner else None
 
         return watch
 

@@ -1,8 +1,10 @@
 """Importance scores of attention heads and layers, the inputs of the baselines at a matched budget.
 
 Every score is measured on calibration windows with the model as loaded (no mask): call these
-functions outside ``apply_mask``. One forward pass over the windows runs with hooks installed for
-its duration only; the hooks read activations and never change them, and no weight is written.
+functions outside ``apply_mask``. Hooks are installed for the duration of one pass only and no
+weight is written; the activation scores only read activations, the gradient metric multiplies
+each head by a gate equal to 1, and the ablation metric prunes one head at a time through the
+incremental evaluator.
 Head scores are float64 tensors ``[num_layers, num_heads]``, layer scores ``[num_layers]``; for all
 of them a *low* score means "cheap to remove".
 
@@ -13,7 +15,7 @@ statistics are over every token of every window (each window position counts as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.architecture import Architecture
+from analysis.cache import DiskCache
 from analysis.corpus import Windows
-from analysis.evaluation import batches
+from analysis.errors import HeadroomError
+from analysis.evaluation import IncrementalEvaluator, Progress, batches
 from analysis.hooks import PostHook, PreHook, hidden_of, observe
+from analysis.loading import LoadedModel
+from analysis.masks import Mask
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no field-wise ==
@@ -208,3 +214,103 @@ def block_influence(arch: Architecture, windows: Windows) -> torch.Tensor:
     Men et al., "ShortGPT" (2024). In [0, 2]; low means the layer barely changes the residual stream.
     """
     return 1.0 - _mean_cosine(arch, windows, list(arch.layers), branch=False)
+
+
+def ablation(
+    arch: Architecture, windows: Windows, layers: Sequence[int] | None = None, progress: Progress | None = None
+) -> torch.Tensor:
+    """Leave-one-out: increase in mean NLL when only query head (l, h) is pruned.
+
+    ``score[l, h] = NLL(mask with head (l, h) pruned) - NLL(unpruned)``, mean next-token NLL over the
+    windows' predicted tokens (Michel et al., "Are Sixteen Heads Really Better than One?", 2019,
+    ablation study). Uses the incremental evaluator, so a head in layer l costs only layers l..L-1
+    and the head. ``layers`` restricts the work to those layers; other rows are NaN.
+    """
+    shape = arch.shape
+    chosen = sorted(set(layers)) if layers is not None else list(range(shape.num_layers))
+    evaluator = IncrementalEvaluator(arch, windows)
+    base = Mask.unpruned(shape, "")
+    reference = evaluator.perplexity(base).mean_nll
+    scores = torch.full((shape.num_layers, shape.num_heads), float("nan"), dtype=torch.float64)
+    total = len(chosen) * shape.num_heads
+    for i, (layer, head) in enumerate((layer, head) for layer in reversed(chosen) for head in range(shape.num_heads)):
+        scores[layer, head] = evaluator.perplexity(base.with_head(layer, head, False)).mean_nll - reference
+        if progress:
+            progress(i + 1, total)
+    return scores
+
+
+def gradient(arch: Architecture, windows: Windows, progress: Progress | None = None) -> torch.Tensor:
+    """Head-gate gradient: ``score[l, h] = mean over windows of |dL_w / dg_(l,h)|`` at g = 1.
+
+    A gate g multiplies each query head's output in front of o_proj; L_w is the mean next-token NLL
+    of window w (Michel et al., 2019, eq. 2: the expected absolute sensitivity of the loss to
+    masking the head, a first-order estimate of the ablation score). One forward and backward pass
+    per window; the weights get no gradient.
+    """
+    shape = arch.shape
+    gates = torch.ones(shape.num_layers, shape.num_heads, dtype=torch.float32, requires_grad=True)
+
+    def gate(layer: int) -> PreHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            x = args[0]
+            g = gates[layer].to(dtype=x.dtype, device=x.device).repeat_interleave(shape.head_dim)
+            return (x * g, *args[1:]), kwargs
+
+        return hook
+
+    device = arch.model.get_input_embeddings().weight.device
+    scores = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
+    ids_all = windows.input_ids
+    with torch.enable_grad(), observe(pre=[(arch.attention(i).o_proj, gate(i)) for i in range(shape.num_layers)]):
+        for w in range(ids_all.shape[0]):
+            ids = ids_all[w : w + 1].to(device)
+            hidden = arch.decoder(input_ids=ids, use_cache=False).last_hidden_state
+            logits = arch.logits(hidden[:, :-1])
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            (grad,) = torch.autograd.grad(loss, gates)
+            scores += grad.abs().double()
+            if progress:
+                progress(w + 1, ids_all.shape[0])
+    return scores / ids_all.shape[0]
+
+
+HeadMetric = Callable[[Architecture, Windows, Sequence[int] | None, Progress | None], torch.Tensor]
+
+
+def _activation_metric(score: Callable[[Architecture, OProjStats], torch.Tensor]) -> HeadMetric:
+    return lambda arch, windows, layers, progress: score(arch, o_proj_input_stats(arch, windows))
+
+
+HEAD_METRICS: dict[str, HeadMetric] = {
+    "ablation": ablation,
+    "gradient": lambda arch, windows, layers, progress: gradient(arch, windows, progress),
+    "wanda_sp": _activation_metric(wanda_sp),
+    "magnitude": lambda arch, windows, layers, progress: magnitude(arch),
+    "flap_wifv": _activation_metric(flap_wifv),
+}
+
+
+def cached_head_scores(
+    lm: LoadedModel,
+    windows: Windows,
+    metric: str,
+    layers: Sequence[int] | None = None,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+) -> list[list[float | None]]:
+    """A head metric as rows per layer (None outside ``layers``), read from the disk cache when seen."""
+    if metric not in HEAD_METRICS:
+        raise HeadroomError(f"unknown metric '{metric}'; choose one of {', '.join(HEAD_METRICS)}")
+    num_layers = lm.shape.num_layers
+    if layers is not None and (not layers or any(not 0 <= i < num_layers for i in layers)):
+        raise HeadroomError(f"--layers {list(layers)} must name layers in 0..{num_layers - 1}")
+    chosen = sorted(set(layers)) if layers is not None else None
+    parts = {"model": lm.fingerprint, **windows.cache_key(), "metric": metric, "layers": chosen}
+
+    def compute() -> list[list[float | None]]:
+        scores = HEAD_METRICS[metric](lm.arch, windows, chosen, progress)
+        return [row.tolist() if chosen is None or i in chosen else None for i, row in enumerate(scores)]
+
+    return (cache or DiskCache()).json("importance", parts, compute)

@@ -524,3 +524,25 @@ def test_compare_matches_every_baseline_to_harp_on_the_chosen_axis(capsys, tmp_p
     capsys.readouterr()
     evaluated = run_eval(capsys, *eval_args(checkpoint, held_out, "--max-tokens", "160", "--mask", str(harp_mask)))
     assert evaluated["perplexity"] == pytest.approx(rows["harp"]["eval_perplexity"], rel=1e-6)
+
+
+# --- importance ----------------------------------------------------------------------------------------
+
+
+def test_importance_prints_one_row_per_layer_and_null_outside_the_chosen_layers(capsys, checkpoint, text_file):
+    from analysis.importance import ablation
+
+    args = ["--model", str(checkpoint), "--text", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
+    code = cli.main(["importance", *args, "--metric", "ablation", "--layers", "3,2", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["metric"] == "ablation" and len(result["scores"]) == TINY["num_hidden_layers"]
+    assert result["scores"][0] is None and result["scores"][1] is None
+    lm = load_model(str(checkpoint))
+    windows = make_windows(lm.tokenizer, load_text(str(text_file)), SEQLEN, 160, lm.max_positions)
+    direct = ablation(lm.arch, windows, layers=[2, 3])
+    for layer in (2, 3):
+        assert result["scores"][layer] == pytest.approx(direct[layer].tolist(), abs=1e-9)
+    code = cli.main(["importance", *args, "--metric", "ablation", "--layers", "9", "--json"])
+    assert code == 2 and "must name layers in 0..3" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from analysis.architecture import Architecture
@@ -225,3 +226,59 @@ def test_passes_from_other_threads_are_not_counted():
     assert disturbed.tokens == alone.tokens
     assert torch.equal(disturbed.sum_sq, alone.sum_sq)
     assert torch.equal(disturbed.var, alone.var)
+
+
+# --- ablation and gradient ----------------------------------------------------------------------------
+
+
+def test_ablation_equals_an_independent_leave_one_out(tiny_arch):
+    from analysis.evaluation import perplexity
+    from analysis.importance import ablation
+    from analysis.masks import Mask
+
+    windows = random_windows()
+    scores = ablation(tiny_arch, windows, layers=[1, 3])
+    base = Mask.unpruned(tiny_arch.shape, "tiny")
+    reference = perplexity(tiny_arch, windows).mean_nll
+    for layer in (1, 3):
+        for head in range(tiny_arch.shape.num_heads):
+            alone = perplexity(tiny_arch, windows, base.with_head(layer, head, False)).mean_nll - reference
+            assert scores[layer, head].item() == pytest.approx(alone, abs=1e-6)
+    assert torch.isnan(scores[[0, 2]]).all()  # rows not asked for are left out
+
+
+def test_gradient_equals_the_slope_of_the_loss_in_each_head_scale(tiny_arch):
+    """Independent check: scale one head's o_proj input slice by s and differentiate each window's loss in s.
+
+    (A finite difference would not do: the models keep some float32 even in float64, e.g. in norms.)
+    """
+    from analysis.importance import gradient
+
+    windows = random_windows(n=3)
+    scores = gradient(tiny_arch, windows)
+    hd = tiny_arch.shape.head_dim
+    for layer, head in [(0, 1), (2, 4), (3, 0)]:
+        scale = torch.ones((), requires_grad=True)
+
+        def scale_slice(module, args, head=head, scale=scale):
+            x = args[0]
+            return (
+                torch.cat(
+                    [x[..., : head * hd], x[..., head * hd : (head + 1) * hd] * scale, x[..., (head + 1) * hd :]], -1
+                ),
+            )
+
+        handle = tiny_arch.attention(layer).o_proj.register_forward_pre_hook(scale_slice)
+        slopes = []
+        try:
+            with torch.enable_grad():
+                for w in range(3):
+                    ids = windows.input_ids[w : w + 1]
+                    logits = tiny_arch.model(input_ids=ids).logits[:, :-1]
+                    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+                    slopes.append(torch.autograd.grad(loss, scale)[0].abs().item())
+        finally:
+            handle.remove()
+        assert scores[layer, head].item() == pytest.approx(sum(slopes) / 3, rel=1e-4, abs=1e-8)
+    for p in tiny_arch.model.parameters():
+        assert p.grad is None  # the weights got no gradient
