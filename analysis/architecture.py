@@ -89,6 +89,11 @@ class Architecture:
         block = self.layers[layer]
         return block.post_attention_layernorm if self.has_post_attention_norm else block.self_attn
 
+    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's final-normed hidden states for ``input_ids`` (moved to the input device), no cache."""
+        device = self.model.get_input_embeddings().weight.device
+        return self.decoder(input_ids=input_ids.to(device), use_cache=False).last_hidden_state
+
     def final_norm(self) -> nn.Module:
         return self.decoder.norm
 

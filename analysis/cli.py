@@ -18,9 +18,10 @@ from tqdm import tqdm
 from analysis.baselines import AXES
 from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
+from analysis.drift import cached_layer_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
-from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
+from analysis.harp import DEFAULT_GRID, cached_harp, drop_qk_mask, top_layers
 from analysis.importance import HEAD_METRICS, cached_head_scores
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--metric", required=True, choices=sorted(HEAD_METRICS), help="the importance metric")
     im.add_argument("--layers", type=_int_list, default=None, help="only these layers, e.g. 28,29 (others: null)")
     im.set_defaults(func=cmd_importance)
+
+    dr = sub.add_parser("drift", help="per-layer residual-norm drift of a mask against the unpruned model")
+    _common(dr)
+    _text_args(dr, "--text", "default-eval", max_tokens=2048)
+    dr.add_argument("--mask", required=True, help="a v1 mask JSON file")
+    dr.set_defaults(func=cmd_drift)
     return parser
 
 
@@ -250,11 +257,41 @@ def cmd_importance(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_drift(args: argparse.Namespace) -> dict[str, Any]:
+    """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
+    lm = _load(args)
+    windows = _windows(lm, args, args.text)
+    mask = load_mask(args.mask, lm.shape, lm.name, lm.fingerprint)
+    start = time.perf_counter()
+    reports = {"mask": cached_layer_drift(lm, windows, mask)}
+    if mask.drop_qk:
+        reports["without_rescaling"] = cached_layer_drift(lm, windows, drop_qk_mask(mask, sorted(mask.drop_qk)))
+    return {
+        **{name: report.to_json() for name, report in reports.items()},
+        "model": lm.card(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _drift_table(report: dict[str, Any]) -> None:
+    print(f"  KL(unpruned || masked) of the next-token distribution: {report['kl_nats_per_token']:.4f} nats/token")
+    print("  layer  |h| unpruned (q10 q50 q90)     |h| masked (q10 q50 q90)      cos")
+    for row in report["layers"]:
+        u, m = row["unpruned"], row["masked"]
+        print(
+            f"  {row['layer']:>5}  {u['l2_mean']:7.2f} ({u['l2_q10']:.1f} {u['l2_q50']:.1f} {u['l2_q90']:.1f})"
+            f"   {m['l2_mean']:7.2f} ({m['l2_q10']:.1f} {m['l2_q50']:.1f} {m['l2_q90']:.1f})   {row['cosine_mean']:.4f}"
+        )
+
+
 def _print_text(out: dict[str, Any]) -> None:
     for key, value in out.items():
         if key == "rows":
             print("comparison:")
             _comparison_table(value)
+        elif isinstance(value, dict) and "layers" in value and "kl_nats_per_token" in value:
+            print(f"drift ({key}):")
+            _drift_table(value)
         elif key == "scores":
             print("scores (one row per layer):")
             for i, row in enumerate(value):

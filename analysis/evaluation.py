@@ -87,10 +87,6 @@ def head_nll(arch: Architecture, hidden: torch.Tensor, input_ids: torch.Tensor) 
     return total
 
 
-def _device(arch: Architecture) -> torch.device:
-    return arch.model.get_input_embeddings().weight.device
-
-
 def cached_perplexity(
     arch: Architecture,
     fingerprint: str,
@@ -118,7 +114,7 @@ def perplexity(
     total = 0.0
     with apply_mask(arch, mask):
         for i, ids in enumerate(parts):
-            hidden = arch.decoder(input_ids=ids.to(_device(arch)), use_cache=False).last_hidden_state
+            hidden = arch.final_hidden(ids)
             total += head_nll(arch, hidden, ids).item()
             if progress:
                 progress(i + 1, len(parts))
@@ -137,7 +133,7 @@ def _run_capturing(
         args.append((a[1:], {k: v for k, v in kw.items() if k != "hidden_states"}))
 
     with observe(pre=[(layer, grab) for layer in arch.layers]):
-        hidden = arch.decoder(input_ids=ids.to(_device(arch)), use_cache=False).last_hidden_state
+        hidden = arch.final_hidden(ids)
     return inputs, args, hidden
 
 

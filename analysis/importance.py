@@ -60,10 +60,9 @@ def _run_hooked(
     post: Sequence[tuple[nn.Module, PostHook]] = (),
 ) -> None:
     """One unpruned forward pass over ``windows`` with the given observing hooks installed."""
-    device = arch.model.get_input_embeddings().weight.device
     with torch.no_grad(), observe(pre, post):
         for ids in batches(windows):
-            arch.decoder(input_ids=ids.to(device), use_cache=False)
+            arch.final_hidden(ids)
 
 
 def o_proj_input_stats(arch: Architecture, windows: Windows) -> OProjStats:
@@ -259,16 +258,15 @@ def gradient(arch: Architecture, windows: Windows, progress: Progress | None = N
 
         return hook
 
-    device = arch.model.get_input_embeddings().weight.device
     scores = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
     ids_all = windows.input_ids
     with torch.enable_grad(), observe(pre=[(arch.attention(i).o_proj, gate(i)) for i in range(shape.num_layers)]):
         for w in range(ids_all.shape[0]):
-            ids = ids_all[w : w + 1].to(device)
-            hidden = arch.decoder(input_ids=ids, use_cache=False).last_hidden_state
+            ids = ids_all[w : w + 1]
+            hidden = arch.final_hidden(ids)
             logits = arch.logits(hidden[:, :-1])
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
-            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].to(logits.device).flatten())
             (grad,) = torch.autograd.grad(loss, gates)
             scores += grad.abs().double()
             if progress:

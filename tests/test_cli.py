@@ -546,3 +546,26 @@ def test_importance_prints_one_row_per_layer_and_null_outside_the_chosen_layers(
         assert result["scores"][layer] == pytest.approx(direct[layer].tolist(), abs=1e-9)
     code = cli.main(["importance", *args, "--metric", "ablation", "--layers", "9", "--json"])
     assert code == 2 and "must name layers in 0..3" in capsys.readouterr().err
+
+
+# --- drift ---------------------------------------------------------------------------------------------
+
+
+def test_drift_reports_the_mask_and_for_drop_qk_the_unrescaled_variant(capsys, tmp_path, checkpoint, text_file):
+    from analysis.drift import layer_drift
+
+    lm = load_model(str(checkpoint))
+    mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.3)
+    mask.save(tmp_path / "m.json")
+    args = ["--model", str(checkpoint), "--text", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
+    code = cli.main(["drift", *args, "--mask", str(tmp_path / "m.json"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    windows = make_windows(lm.tokenizer, load_text(str(text_file)), SEQLEN, 160, lm.max_positions)
+    assert result["mask"]["kl_nats_per_token"] == pytest.approx(layer_drift(lm.arch, windows, mask).kl_nats_per_token)
+    unscaled = layer_drift(lm.arch, windows, mask.with_layer(3, alpha=1.0))
+    assert result["without_rescaling"]["kl_nats_per_token"] == pytest.approx(unscaled.kl_nats_per_token)
+    assert len(result["mask"]["layers"]) == TINY["num_hidden_layers"]
+    code = cli.main(["drift", *args, "--mask", str(tmp_path / "m.json")])  # the text table
+    assert code == 0 and "KL(unpruned || masked)" in capsys.readouterr().out
