@@ -312,3 +312,46 @@ def cached_head_scores(
         return [row.tolist() if chosen is None or i in chosen else None for i, row in enumerate(scores)]
 
     return (cache or DiskCache()).json("importance", parts, compute)
+
+
+@dataclass(frozen=True)
+class MetricAgreement:
+    """Where head metrics agree: pairwise Spearman rank correlation and overlap of their k cheapest heads."""
+
+    metrics: tuple[str, ...]
+    spearman: tuple[tuple[float, ...], ...]  # [i][j] over the heads both metrics scored
+    top_k_overlap: tuple[tuple[float, ...], ...]  # share of metric i's k lowest-scored heads among metric j's
+    k: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metrics": list(self.metrics),
+            "spearman": self.spearman,
+            "top_k_overlap": self.top_k_overlap,
+            "k": self.k,
+        }
+
+
+def metric_agreement(scores: dict[str, torch.Tensor], k: int) -> MetricAgreement:
+    """Compare head metrics (``[num_layers, num_heads]``, NaN where a metric was not computed).
+
+    Spearman's rho (scipy) is taken over the heads both metrics scored. The overlap counts, for the
+    k lowest-scored heads of each metric (those a pruner would remove first), how many are among the
+    k lowest of the other, divided by k.
+    """
+    from scipy.stats import spearmanr
+
+    names = tuple(scores)
+    flat = {name: s.detach().double().flatten().cpu() for name, s in scores.items()}
+    lowest = {name: set(torch.argsort(v.nan_to_num(nan=float("inf")))[:k].tolist()) for name, v in flat.items()}
+    rho, overlap = [], []
+    for a in names:
+        rho_row, overlap_row = [], []
+        for b in names:
+            both = ~(flat[a].isnan() | flat[b].isnan())
+            r = spearmanr(flat[a][both].numpy(), flat[b][both].numpy()).statistic if both.sum() > 1 else float("nan")
+            rho_row.append(float(r))
+            overlap_row.append(len(lowest[a] & lowest[b]) / k)
+        rho.append(tuple(rho_row))
+        overlap.append(tuple(overlap_row))
+    return MetricAgreement(metrics=names, spearman=tuple(rho), top_k_overlap=tuple(overlap), k=k)

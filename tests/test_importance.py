@@ -282,3 +282,27 @@ def test_gradient_equals_the_slope_of_the_loss_in_each_head_scale(tiny_arch):
         assert scores[layer, head].item() == pytest.approx(sum(slopes) / 3, rel=1e-4, abs=1e-8)
     for p in tiny_arch.model.parameters():
         assert p.grad is None  # the weights got no gradient
+
+
+# --- agreement between metrics ------------------------------------------------------------------------
+
+
+def test_metric_agreement_spearman_and_top_k_overlap():
+    from analysis.importance import metric_agreement
+
+    a = torch.tensor([[0.1, 0.5, 0.3], [0.9, 0.2, 0.7]], dtype=torch.float64)
+    reverse = -a
+    shifted = a.clone()
+    shifted[0, 0], shifted[1, 1] = 0.25, 0.05  # swaps the two lowest heads' order, keeps the set
+    partial = torch.full_like(a, float("nan"))
+    partial[1] = a[1]  # one layer computed (a --layers run)
+    agreement = metric_agreement({"a": a, "reverse": reverse, "shifted": shifted, "partial": partial}, k=2)
+    rho = dict(zip(agreement.metrics, agreement.spearman, strict=True))
+    overlap = dict(zip(agreement.metrics, agreement.top_k_overlap, strict=True))
+    assert rho["a"][0] == pytest.approx(1.0) and rho["a"][1] == pytest.approx(-1.0)
+    # ranks of a: [1, 4, 3, 6, 2, 5]; of shifted: [2, 4, 3, 6, 1, 5]; sum d^2 = 1 + 1 = 2;
+    # rho = 1 - 6 * 2 / (n (n^2 - 1)) with n = 6: 1 - 12 / 210
+    assert rho["a"][2] == pytest.approx(1 - 12 / 210)
+    assert rho["a"][3] == pytest.approx(1.0)  # over layer 1 only, where both scored
+    assert overlap["a"][0] == 1.0 and overlap["a"][1] == 0.0 and overlap["a"][2] == 1.0
+    assert agreement.to_json()["k"] == 2
