@@ -45,6 +45,8 @@ MATCHED = [
     "magnitude-uniform",
     "flap_wifv-global",
     "flap_wifv-uniform",
+    "gradient-global",
+    "gradient-uniform",
     "block_influence-attention",
 ]
 

@@ -513,7 +513,9 @@ def test_compare_matches_every_baseline_to_harp_on_the_chosen_axis(capsys, tmp_p
     ]
     target = rows["harp"]["budget"][key]
     matched = [
-        r for name, r in rows.items() if name.split("-")[0] in ("wanda_sp", "magnitude", "flap_wifv", "block_influence")
+        r
+        for name, r in rows.items()
+        if name.split("-")[0] in ("wanda_sp", "magnitude", "flap_wifv", "gradient", "block_influence")
     ]
     assert matched, "no baseline could be matched"
     assert all(r["budget"][key] >= target for r in matched)
