@@ -18,10 +18,10 @@ from tqdm import tqdm
 from analysis.baselines import AXES
 from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
-from analysis.drift import cached_layer_drift
+from analysis.drift import cached_harp_drift, cached_layer_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
-from analysis.harp import DEFAULT_GRID, cached_harp, drop_qk_mask, top_layers
+from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
 from analysis.importance import HEAD_METRICS, cached_head_scores
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
@@ -139,9 +139,10 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     )
 
 
-def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str) -> Windows:
+def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str, max_tokens: int | None = None) -> Windows:
+    """Windows of text ``spec``; ``max_tokens`` defaults to ``--max-tokens``."""
     text = load_text(spec, args.encoding)
-    return make_windows(lm.tokenizer, text, args.seqlen, args.max_tokens, lm.max_positions)
+    return make_windows(lm.tokenizer, text, args.seqlen, max_tokens or args.max_tokens, lm.max_positions)
 
 
 def _check_output(path: str | None) -> Path | None:
@@ -217,9 +218,7 @@ def cmd_harp(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     calib = _windows(lm, args, args.calib)
-    evaluation = make_windows(
-        lm.tokenizer, load_text(args.eval, args.encoding), args.seqlen, args.eval_max_tokens, lm.max_positions
-    )
+    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
     start = time.perf_counter()
     result = compare(lm, calib, evaluation, _layers(lm, args), args.match, args.grid, _progress("evaluations"))
     return {
@@ -263,9 +262,11 @@ def cmd_drift(args: argparse.Namespace) -> dict[str, Any]:
     windows = _windows(lm, args, args.text)
     mask = load_mask(args.mask, lm.shape, lm.name, lm.fingerprint)
     start = time.perf_counter()
-    reports = {"mask": cached_layer_drift(lm, windows, mask)}
     if mask.drop_qk:
-        reports["without_rescaling"] = cached_layer_drift(lm, windows, drop_qk_mask(mask, sorted(mask.drop_qk)))
+        pair = cached_harp_drift(lm, windows, mask)
+        reports = {"mask": pair["pruned_with_rescaling"], "without_rescaling": pair["pruned_without_rescaling"]}
+    else:
+        reports = {"mask": cached_layer_drift(lm, windows, mask)}
     return {
         **{name: report.to_json() for name, report in reports.items()},
         "model": lm.card(),

@@ -244,20 +244,50 @@ def position_drift(arch: Architecture, windows: Windows, mask: Mask, window: int
     )
 
 
+def without_rescaling(mask: Mask) -> Mask:
+    """The same mask with alpha = 1 on every drop-QK layer."""
+    return drop_qk_mask(mask, sorted(mask.drop_qk))
+
+
 def harp_drift(arch: Architecture, windows: Windows, harp_mask: Mask) -> dict[str, DriftReport]:
     """Drift of a HARP mask with its searched alphas, and of the same mask with alpha = 1 on every drop-QK layer.
 
     The two differ only by the rescaling, so comparing them shows what the alphas do to the norm.
     """
-    unscaled = drop_qk_mask(harp_mask, sorted(harp_mask.drop_qk))
-    with_rescaling, without_rescaling = _reports(arch, windows, [harp_mask, unscaled])
-    return {"pruned_with_rescaling": with_rescaling, "pruned_without_rescaling": without_rescaling}
+    rescaled, unscaled = _reports(arch, windows, [harp_mask, without_rescaling(harp_mask)])
+    return {"pruned_with_rescaling": rescaled, "pruned_without_rescaling": unscaled}
+
+
+def _drift_parts(lm: LoadedModel, windows: Windows, mask: Mask) -> dict[str, Any]:
+    return {"model": lm.fingerprint, **windows.cache_key(), "mask": mask.cache_key()}
+
+
+def _named(value: dict[str, Any], windows: Windows) -> DriftReport:
+    return DriftReport.from_json({**value, "text": windows.text_name})  # the key is the content; keep this run's name
 
 
 def cached_layer_drift(
     lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None, refresh: bool = False
 ) -> DriftReport:
     """:func:`layer_drift`, read from the disk cache when this model, text, windowing and mask were seen."""
-    parts = {"model": lm.fingerprint, **windows.cache_key(), "mask": mask.cache_key()}
+    parts = _drift_parts(lm, windows, mask)
     value = (cache or DiskCache()).json("drift", parts, lambda: layer_drift(lm.arch, windows, mask).to_json(), refresh)
-    return DriftReport.from_json({**value, "text": windows.text_name})  # the key is the content; keep this run's name
+    return _named(value, windows)
+
+
+def cached_harp_drift(
+    lm: LoadedModel, windows: Windows, harp_mask: Mask, cache: DiskCache | None = None
+) -> dict[str, DriftReport]:
+    """:func:`harp_drift` through the same cache entries as :func:`cached_layer_drift`.
+
+    When either report is missing both are computed together, on one unpruned pass.
+    """
+    cache = cache or DiskCache()
+    masks = {"pruned_with_rescaling": harp_mask, "pruned_without_rescaling": without_rescaling(harp_mask)}
+    parts = {name: _drift_parts(lm, windows, mask) for name, mask in masks.items()}
+    values = {name: cache.get_json("drift", p) for name, p in parts.items()}
+    if any(v is None for v in values.values()):
+        for name, report in harp_drift(lm.arch, windows, harp_mask).items():
+            cache.put_json("drift", parts[name], report.to_json())
+            values[name] = cache.get_json("drift", parts[name])
+    return {name: _named(value, windows) for name, value in values.items()}

@@ -20,7 +20,7 @@ import torch
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
-from analysis.hooks import hidden_of, observe
+from analysis.hooks import hidden_arg, hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.masks import LayerSpec, Mask
 
@@ -129,7 +129,7 @@ def _run_capturing(
     args: list[tuple[tuple, dict]] = []
 
     def grab(module: torch.nn.Module, a: tuple, kw: dict) -> None:
-        inputs.append(a[0] if a else kw["hidden_states"])
+        inputs.append(hidden_arg(a, kw))
         args.append((a[1:], {k: v for k, v in kw.items() if k != "hidden_states"}))
 
     with observe(pre=[(layer, grab) for layer in arch.layers]):

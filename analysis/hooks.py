@@ -21,6 +21,11 @@ PreHook = Callable[[nn.Module, tuple, dict], Any]  # (module, args, kwargs)
 PostHook = Callable[[nn.Module, tuple, Any], Any]  # (module, args, output)
 
 
+def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-state input of a module call, whether passed by position or as ``hidden_states``."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def hidden_of(output: Any) -> torch.Tensor:
     """The hidden-state part of a module output (attention modules return ``(output, weights)``)."""
     return output[0] if isinstance(output, tuple) else output

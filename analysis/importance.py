@@ -28,7 +28,7 @@ from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress, batches
-from analysis.hooks import PostHook, PreHook, hidden_of, observe
+from analysis.hooks import PostHook, PreHook, hidden_arg, hidden_of, observe
 from analysis.loading import LoadedModel
 from analysis.masks import Mask
 
@@ -46,11 +46,6 @@ class OProjStats:
     def norm(self) -> torch.Tensor:
         """||X_j||_2 over all tokens."""
         return self.sum_sq.sqrt()
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """A decoder layer's hidden-state input, whether passed by position or by name."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _run_hooked(
@@ -171,7 +166,7 @@ def _mean_cosine(arch: Architecture, windows: Windows, outputs: Sequence[nn.Modu
 
     def keep_input(layer: int) -> PreHook:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs[layer] = _hidden(args, kwargs).detach()
+            inputs[layer] = hidden_arg(args, kwargs).detach()
 
         return hook
 

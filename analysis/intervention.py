@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from analysis.architecture import Architecture, ModelShape
+from analysis.hooks import hidden_arg
 from analysis.masks import Mask
 
 
@@ -107,7 +108,7 @@ def _install(arch: Architecture) -> list[Any]:
             plan = _plan(arch)
             if plan is None or (layer not in plan.drop_qk and plan.alpha.get(layer) != 0.0):
                 return original(*args, **kwargs)
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            hidden = hidden_arg(args, kwargs)
             if plan.alpha.get(layer) == 0.0:  # the branch is removed: compute nothing
                 return torch.zeros_like(hidden), None
             return drop_qk_attention(attn, hidden, arch.shape), None

@@ -193,3 +193,22 @@ def test_cached_layer_drift_second_call_reads_the_cache(tmp_path, monkeypatch):
     assert cached_layer_drift(lm, WINDOWS, mask, cache) == first
     with pytest.raises(AssertionError, match="although"):  # another mask is another key
         cached_layer_drift(lm, WINDOWS, mask.with_layer(3, alpha=0.5), cache)
+
+
+def test_cached_harp_drift_shares_entries_with_cached_layer_drift(tmp_path, monkeypatch):
+    arch = Architecture(tiny_model("llama"))
+    lm = LoadedModel(model=arch.model, tokenizer=None, arch=arch, name="tiny", fingerprint="tiny-fp", source="test")
+    cache = DiskCache(root=tmp_path)
+    mask = (
+        Mask.unpruned(arch.shape, "tiny").with_layer(2, drop_qk=True, alpha=0.3).with_layer(3, drop_qk=True, alpha=0.6)
+    )
+    pair = drift.cached_harp_drift(lm, WINDOWS, mask, cache)
+    assert pair == harp_drift(arch, WINDOWS, mask)
+
+    def fail(*args: object) -> DriftReport:
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(drift, "harp_drift", fail)
+    monkeypatch.setattr(drift, "layer_drift", fail)
+    assert drift.cached_harp_drift(lm, WINDOWS, mask, cache) == pair
+    assert cached_layer_drift(lm, WINDOWS, drift.without_rescaling(mask), cache) == pair["pruned_without_rescaling"]
