@@ -6,6 +6,7 @@ is added to the residual stream; nothing else looks at ``model_type``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ FAMILIES: dict[str, str] = {
 }
 # Families whose attention output passes through a norm before the residual add.
 _POST_ATTENTION_NORM = {"gemma2", "gemma3_text"}
+# Families whose attention soft-caps its logits (Gemma3 has the config field but does not apply it).
+_ATTENTION_SOFTCAP = {"gemma2"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,45 @@ class Architecture:
         """
         block = self.layers[layer]
         return block.post_attention_layernorm if self.has_post_attention_norm else block.self_attn
+
+    def attention_probabilities(
+        self, layer: int, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Softmax attention weights ``[batch, heads, query, key]`` (float32) of ``layer``.
+
+        Recomputed from the layer's own q/k projections, q/k norms, rotary embedding, scaling, logit
+        soft-capping and sliding window, exactly as the family's eager attention computes them, for an
+        unpadded batch; ``hidden`` and ``position_embeddings`` are what the attention module received.
+        The model keeps its own attention implementation (sdpa does not return weights).
+        """
+        attn = self.attention(layer)
+        b, t, _ = hidden.shape
+        hd = self.shape.head_dim
+        q = attn.q_proj(hidden).view(b, t, -1, hd).transpose(1, 2)
+        k = attn.k_proj(hidden).view(b, t, -1, hd).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Gemma3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, k = rotary(q, k, *position_embeddings)
+        k = k.repeat_interleave(self.shape.group_size, dim=1)  # repeat_kv order
+        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+        cap = attn.attn_logit_softcapping if self.config.model_type in _ATTENTION_SOFTCAP else None
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
+        query = torch.arange(t, device=hidden.device)[:, None]
+        key = torch.arange(t, device=hidden.device)[None, :]
+        allowed = key <= query
+        window = self._sliding_window(layer)
+        if window is not None:
+            allowed &= query - key < window
+        return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+    def _sliding_window(self, layer: int) -> int | None:
+        """Mistral windows every layer (config); Qwen2 and Gemma set it per layer on the module."""
+        attn = self.attention(layer)
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window
+        return getattr(self.config, "sliding_window", None)
 
     def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The decoder's final-normed hidden states for ``input_ids`` (moved to the input device), no cache."""
