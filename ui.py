@@ -363,12 +363,12 @@ def guard() -> Iterator[None]:
         )
 
 
-def safe(callback: Callable[..., None]) -> Callable[..., None]:
-    """A widget callback whose HeadroomError is shown as ``st.error`` on the next run instead of a traceback."""
+def safe(callback: Callable[..., None], *bound: Any) -> Callable[..., None]:
+    """A widget callback (given ``bound`` first) whose HeadroomError is shown as ``st.error`` on the next run."""
 
     def run(*args: Any, **kwargs: Any) -> None:
         try:
-            callback(*args, **kwargs)
+            callback(*bound, *args, **kwargs)
         except HeadroomError as e:
             st.session_state[MESSAGE] = str(e)
 
@@ -408,9 +408,10 @@ SCALES = ("value", "log", "rank")
 
 def ranks(rows: list[list[float | None]]) -> list[list[int | None]]:
     """Rank of every scored head among all scored heads, 1 = lowest (the first a pruner removes)."""
+    width = max(len(row) for row in rows if row)
     order = lowest_heads(rows, sum(s is not None for row in rows if row for s in row))
     rank = {cell: i + 1 for i, cell in enumerate(order)}
-    return [[rank.get((layer, head)) for head in range(len(row or []))] for layer, row in enumerate(rows)]
+    return [[rank.get((layer, head)) for head in range(width)] for layer in range(len(rows))]
 
 
 def head_heatmap(

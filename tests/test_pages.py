@@ -1,0 +1,207 @@
+"""Every page's logic through Streamlit's AppTest, on a tiny random Llama saved to disk.
+
+Each test drives the page as a user would (widgets, buttons, uploads, the URL) and checks the
+numbers it shows against the backend computing the same thing directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import ui
+from analysis.corpus import load_text, make_windows
+from analysis.drift import harp_drift
+from analysis.evaluation import perplexity
+from analysis.harp import harp
+from analysis.importance import HEAD_METRICS
+from analysis.loading import load_model
+from analysis.masks import Mask, parse_mask
+from tests.test_loading import save_checkpoint, word_text
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQLEN, TOKENS = 16, 64
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, session_cache) -> dict[str, str]:
+    """Session settings that point every page at a tiny Llama checkpoint and two word texts."""
+    root = tmp_path_factory.mktemp("app")
+    save_checkpoint(root / "tiny-llama")
+    for name, seed in (("eval.txt", 1), ("calib.txt", 2)):
+        (root / name).write_text(word_text(200, seed), encoding="utf-8")
+    return {
+        ui.MODEL: str(root / "tiny-llama"),
+        ui.EVAL_TEXT: str(root / "eval.txt"),
+        ui.CALIB_TEXT: str(root / "calib.txt"),
+        ui.SEQLEN: SEQLEN,
+        ui.MAX_TOKENS: TOKENS,
+        ui.LIVE_TOKENS: TOKENS,
+    }
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    return load_model(tiny[ui.MODEL])
+
+
+def windows(lm, spec: str):
+    return make_windows(lm.tokenizer, load_text(spec), SEQLEN, TOKENS, lm.max_positions)
+
+
+def page(name: str, settings: dict[str, object], query: dict[str, str] | None = None) -> AppTest:
+    """A page with the session already pointed at ``settings``; not run yet."""
+    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
+    for key, value in settings.items():
+        at.session_state[key] = value
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
+    return at
+
+
+def shown(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+EDITOR = "pages/4_Mask_editor.py"
+
+
+def toggle(at: AppTest, layer: int, head: int) -> AppTest:
+    at.number_input(key="toggle_layer").set_value(layer)
+    at.number_input(key="toggle_head").set_value(head)
+    return at.button[[b.label for b in at.button].index("Toggle head")].click().run()
+
+
+def test_editor_toggle_shows_backend_perplexity_and_undo_restores_it(tiny, lm):
+    evaluation = windows(lm, tiny[ui.EVAL_TEXT])
+    unpruned = perplexity(lm.arch, evaluation).perplexity
+    at = ok(page(EDITOR, tiny).run())
+    assert shown(at, "Live perplexity") == f"{unpruned:.3f}"
+    ok(toggle(at, 3, 2))
+    mask = Mask.unpruned(lm.shape, lm.name).with_head(3, 2, False)
+    pruned = perplexity(lm.arch, evaluation, mask).perplexity
+    assert pruned != pytest.approx(unpruned, rel=1e-4)
+    assert shown(at, "Live perplexity") == f"{pruned:.3f}"
+    assert ui.mask_from_query(dict(at.query_params), lm).heads == mask.heads  # the URL mirrors the mask
+    ok(at.button[[b.label for b in at.button].index("Undo")].click().run())
+    assert shown(at, "Live perplexity") == f"{unpruned:.3f}"
+    assert not at.query_params.get("pruned")
+
+
+def test_a_link_reproduces_the_mask_and_a_bad_link_starts_unpruned(tiny, lm):
+    mask = Mask.unpruned(lm.shape, lm.name).with_head(1, 0, False).with_head(1, 5, False)
+    mask = mask.with_layer(3, drop_qk=True, alpha=0.5).with_layer(2, alpha=0.0)
+    query = ui.mask_to_query(mask)
+    assert query == {"pruned": "1:0.5", "drop_qk": "3", "alpha": "2:0,3:0.5"}
+    at = ok(page(EDITOR, tiny, query).run())
+    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask).perplexity
+    assert shown(at, "Live perplexity") == f"{expected:.3f}"
+    assert parse_mask(at.session_state[ui.MASK], lm.shape, lm.name) == mask
+
+    bad = page(EDITOR, tiny, {"pruned": "1:9"}).run()  # head 9 of a 6-head model
+    assert not bad.exception
+    assert "link" in bad.error[0].value and "unpruned" in bad.error[0].value
+    unpruned = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT])).perplexity
+    assert shown(bad, "Live perplexity") == f"{unpruned:.3f}"
+
+
+def test_a_bad_mask_file_is_an_error_and_a_good_one_applies(tiny, lm):
+    at = ok(page(EDITOR, tiny).run())
+    wrong = Mask.unpruned(lm.shape, lm.name).to_json() | {"heads": [[1] * 6] * 3}  # 3 rows for 4 layers
+    at.file_uploader(key="mask_file").set_value(("mask.json", json.dumps(wrong).encode(), "application/json")).run()
+    assert not at.exception
+    assert "'heads' must have 4 rows" in at.error[0].value
+    mask = Mask.unpruned(lm.shape, lm.name).with_head(0, 1, False)
+    at.file_uploader(key="mask_file").set_value(("mask.json", json.dumps(mask.to_json()).encode(), "application/json"))
+    ok(at.run())
+    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask).perplexity
+    assert shown(at, "Live perplexity") == f"{expected:.3f}"
+
+
+def test_all_heads_pruned_is_a_warning_with_an_exact_number(tiny, lm):
+    everything = Mask.unpruned(lm.shape, lm.name)
+    for layer in range(lm.shape.num_layers):
+        for head in range(lm.shape.num_heads):
+            everything = everything.with_head(layer, head, False)
+    at = ok(page(EDITOR, tiny, ui.mask_to_query(everything)).run())
+    assert "Every query head is pruned" in at.warning[0].value
+    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), everything).perplexity
+    assert shown(at, "Live perplexity") == f"{expected:.3f}"
+
+
+def test_two_sessions_with_different_masks_see_their_own_numbers(tiny, lm):
+    evaluation = windows(lm, tiny[ui.EVAL_TEXT])
+    first, second = ok(page(EDITOR, tiny).run()), ok(page(EDITOR, tiny).run())
+    ok(toggle(first, 0, 0))
+    ok(toggle(second, 2, 4))
+    ok(first.run())  # after the other session changed the shared evaluator
+    base = Mask.unpruned(lm.shape, lm.name)
+    assert (
+        shown(first, "Live perplexity")
+        == f"{perplexity(lm.arch, evaluation, base.with_head(0, 0, False)).perplexity:.3f}"
+    )
+    assert (
+        shown(second, "Live perplexity")
+        == f"{perplexity(lm.arch, evaluation, base.with_head(2, 4, False)).perplexity:.3f}"
+    )
+    assert first.session_state[ui.MASK] != second.session_state[ui.MASK]
+
+
+def test_harp_page_runs_a_search_and_sends_it_to_the_editor(tiny, lm):
+    at = ok(page("app.py", tiny).run())
+    ok(at.switch_page("pages/2_HARP.py").run())
+    at.number_input[0].set_value(2)  # N
+    at.number_input[1].set_value(0.5)  # grid step: 0, 0.5, 1
+    ok(at.button[0].click().run())
+    calib = windows(lm, tiny[ui.CALIB_TEXT])
+    expected = harp(lm.arch, lm.name, calib, [2, 3], (0.0, 0.5, 1.0))
+    assert shown(at, "Calibration perplexity, HARP (searched alpha)") == f"{expected.calib_perplexity:.3f}"
+    ok(at.button[[b.label for b in at.button].index("Send to the mask editor")].click().run())
+    assert parse_mask(at.session_state[ui.MASK], lm.shape, lm.name) == expected.mask
+    evaluated = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), expected.mask).perplexity
+    assert shown(at, "Live perplexity") == f"{evaluated:.3f}"  # now on the editor page
+
+
+def test_home_page_shows_the_tiny_card_and_its_backend_perplexity(tiny, lm):
+    at = ok(page("app.py", tiny).run())
+    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT])).perplexity
+    assert shown(at, "Unpruned perplexity") == f"{expected:.3f}"
+    assert lm.fingerprint in at.table[0].value.to_string()
+    at.text_input(key=f"widget_{ui.EVAL_TEXT}").set_value(str(ROOT / "no-such-text.txt")).run()
+    assert not at.exception
+    assert "does not exist" in at.error[0].value
+
+
+def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
+    at = ok(page("pages/1_Importance.py", tiny).run())
+    calib = windows(lm, tiny[ui.CALIB_TEXT])
+    assert at.selectbox[0].options == list(HEAD_METRICS)  # every metric is offered; the cheap ones are checked here
+    for metric in ("wanda_sp", "flap_wifv", "magnitude"):
+        ok(at.selectbox[0].set_value(metric).run())
+        scores = HEAD_METRICS[metric](lm.arch, calib, None, None)
+        grid = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+        cells = {tuple(c): text for c, text in zip(grid[1]["customdata"], grid[1]["hovertext"], strict=True)}
+        low = divmod(int(scores.argmin()), lm.shape.num_heads)
+        assert f"{metric}: {scores[low].item():.4g}" in cells[low] and "rank 1 of 24" in cells[low]
+    details = at.table[0].value
+    assert list(details["metric"]) == ["magnitude", "wanda_sp", "flap_wifv"]
+
+
+def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, lm):
+    mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.5)
+    settings = tiny | {ui.MASK: mask.to_json()}
+    at = ok(page("pages/3_Norm_drift.py", settings).run())
+    reports = harp_drift(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask)
+    for key, label in (("pruned_with_rescaling", "with its alphas"), ("pruned_without_rescaling", "no rescaling")):
+        metric = next(m for m in at.metric if label in m.label)
+        assert metric.value == f"{reports[key].kl_nats_per_token:.4f} nats/token"
+    assert len(at.get("plotly_chart")) == 4
