@@ -1,0 +1,425 @@
+"""Exporting a masked model as a Hugging Face directory that plain transformers loads.
+
+Two kinds:
+
+* ``compact``: the pruned parts are physically gone. Query heads' q_proj rows and o_proj columns,
+  KV groups whose query heads are all pruned, q/k (and Gemma3's q/k norms) of drop-QK layers, and
+  the whole attention of alpha = 0 layers are removed; alpha is folded into the weights. Layers may
+  end with different head counts, so the directory ships its modeling code
+  (``analysis/exported/``, loaded through ``auto_map`` with ``trust_remote_code=True``).
+* ``stock``: the source architecture with pruned heads zeroed and alpha folded: no remote code, but
+  no smaller and no faster. A mask with drop-QK layers cannot be expressed this way.
+
+Alpha scales the branch where it joins the residual stream (``Architecture.branch_output``): for
+Llama/Mistral/Qwen2 that is the attention output, so alpha multiplies o_proj's weight and bias; for
+Gemma2/Gemma3 it is the output of ``post_attention_layernorm``, an RMSNorm that would undo any scale
+of its input, so alpha goes into the norm instead: Gemma's RMSNorm computes ``x_hat * (1 + w)``,
+hence ``w' = alpha * (1 + w) - 1``.
+
+Every export is checked against the masked model (``apply_mask``) on a few tokens before it is
+moved into place, is built in a temporary folder next to its destination, and replaces an existing
+folder only when asked to, at the very end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis.architecture import Architecture, count_parameters
+from analysis.cache import DiskCache
+from analysis.corpus import Windows
+from analysis.errors import HeadroomError
+from analysis.evaluation import PerplexityResult, Progress, batches, cached_perplexity
+from analysis.exported import modeling_headroom
+from analysis.exported.configuration_headroom import ATTENTION, CONFIGS, DROP_QK, NONE
+from analysis.files import atomic_directory, atomic_write_text
+from analysis.intervention import apply_mask
+from analysis.loading import LoadedModel
+from analysis.masks import Budget, Mask, budget
+
+KINDS = ("compact", "stock")
+MASK_FILE = "headroom_mask.json"
+CARD_FILE = "README.md"
+CHECK_TOKENS = 64  # tokens of the evaluation text on which every export is compared with the masked model
+MAX_LOGIT_DIFFERENCE = 1e-4  # float32; an export further off than this is a bug and is not written
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and what it measured."""
+
+    path: str
+    kind: str
+    params_before: int
+    params_after: int
+    budget: Budget
+    perplexity_before: PerplexityResult | None
+    perplexity_after: PerplexityResult | None
+    max_abs_logit_difference: float  # export vs the masked model, on the check tokens
+    command: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "budget": self.budget.to_json(),
+            "perplexity_before": self.perplexity_before.to_json() if self.perplexity_before else None,
+            "perplexity_after": self.perplexity_after.to_json() if self.perplexity_after else None,
+            "max_abs_logit_difference": self.max_abs_logit_difference,
+            "command": self.command,
+        }
+
+
+# --- what each layer keeps ------------------------------------------------------------------------
+
+
+def layer_structure(mask: Mask, arch: Architecture) -> list[dict[str, Any]]:
+    """Per layer: kind (attention / drop_qk / none), kept query heads and kept KV heads (source numbering).
+
+    A layer with every query head pruned adds only o_proj's bias, if any: without one it is ``none``,
+    with one it is a drop-QK layer with no heads (its output is the bias).
+    """
+    shape = arch.shape
+    layers = []
+    for i in range(shape.num_layers):
+        spec = mask.layer(i)
+        query = [h for h, keep in enumerate(spec.heads) if keep]
+        kv = sorted({shape.kv_group(h) for h in query})
+        if spec.alpha == 0.0 or (not query and not shape.o_bias):
+            kind, query, kv = NONE, [], []
+        elif spec.drop_qk or not query:
+            kind = DROP_QK
+        else:
+            kind = ATTENTION
+        layers.append({"kind": kind, "query_heads": query, "kv_heads": kv})
+    return layers
+
+
+def _rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Indices of the rows (or columns) of ``heads`` in a projection with heads of ``head_dim``."""
+    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
+
+
+def _keep(t: torch.Tensor, dim: int, rows: torch.Tensor, compact: bool) -> torch.Tensor:
+    """Only ``rows`` along ``dim``: selected (compact) or the others zeroed (stock)."""
+    if compact:
+        return t.index_select(dim, rows)
+    keep = torch.zeros(t.shape[dim], dtype=t.dtype)
+    keep[rows] = 1
+    return t * keep.view(-1, *([1] * (t.dim() - 1 - dim)))
+
+
+def _fold_into_norm(weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Gemma RMSNorm weight whose output is ``alpha`` times the original: ``alpha * (1 + w) - 1``."""
+    return alpha * (1.0 + weight) - 1.0
+
+
+def _state_dict(arch: Architecture, mask: Mask, layers: list[dict[str, Any]], compact: bool) -> dict[str, torch.Tensor]:
+    """The export's tensors (CPU copies): the source's, with each layer's attention pruned and alpha folded."""
+    names = {module: name for name, module in arch.model.named_modules()}
+    state = {name: t.detach().to("cpu", copy=True) for name, t in arch.model.state_dict().items()}
+    hd = arch.shape.head_dim
+    for i, layer in enumerate(layers):
+        alpha = mask.alpha[i]
+        prefix = names[arch.attention(i)]
+        own = {k.removeprefix(prefix + "."): state.pop(k) for k in list(state) if k.startswith(prefix + ".")}
+        q_rows, kv_rows = _rows(layer["query_heads"], hd), _rows(layer["kv_heads"], hd)
+        o_scale = 1.0 if arch.has_post_attention_norm else alpha
+        kept: dict[str, torch.Tensor] = {}
+        if layer["kind"] != NONE or not compact:
+            kept = {
+                "v_proj.weight": _keep(own["v_proj.weight"], 0, kv_rows, compact),
+                "o_proj.weight": _keep(own["o_proj.weight"], 1, q_rows, compact) * o_scale,
+            }
+            if "v_proj.bias" in own:
+                kept["v_proj.bias"] = _keep(own["v_proj.bias"], 0, kv_rows, compact)
+            if "o_proj.bias" in own:
+                kept["o_proj.bias"] = own["o_proj.bias"] * (o_scale if layer["kind"] != NONE else 0.0)
+        if layer["kind"] == ATTENTION or not compact:
+            for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows)):
+                kept[f"{proj}.weight"] = _keep(own[f"{proj}.weight"], 0, rows, compact)
+                if f"{proj}.bias" in own:
+                    kept[f"{proj}.bias"] = _keep(own[f"{proj}.bias"], 0, rows, compact)
+            kept.update({k: v for k, v in own.items() if k.startswith(("q_norm.", "k_norm."))})
+        state.update({f"{prefix}.{k}": v for k, v in kept.items()})
+        if arch.has_post_attention_norm and alpha != 1.0:
+            norm = names[arch.branch_output(i)] + ".weight"
+            state[norm] = _fold_into_norm(state[norm], alpha)
+    return state
+
+
+# --- building and checking the exported model ------------------------------------------------------
+
+
+def _config_dict(arch: Architecture) -> dict[str, Any]:
+    volatile = {"model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
+    return {k: v for k, v in arch.config.to_dict().items() if k not in volatile}
+
+
+def _compact_model(arch: Architecture, mask: Mask) -> nn.Module:
+    from transformers.initialization import no_init_weights
+
+    model_type = arch.config.model_type
+    layers = layer_structure(mask, arch)
+    config = CONFIGS[model_type](
+        **{
+            **_config_dict(arch),
+            "head_dim": arch.shape.head_dim,
+            "headroom_layers": layers,
+            "headroom_qkv_bias": arch.shape.qkv_bias,
+            "headroom_o_bias": arch.shape.o_bias,
+        }
+    )
+    cls = getattr(modeling_headroom, f"Headroom{type(arch.model).__name__}")
+    with no_init_weights():
+        model = cls(config)
+    model.load_state_dict(_state_dict(arch, mask, layers, compact=True), strict=True)
+    config.register_for_auto_class()
+    model.register_for_auto_class("AutoModelForCausalLM")
+    return model.eval().requires_grad_(False)
+
+
+def _check_stock(mask: Mask) -> None:
+    if mask.drop_qk:
+        raise HeadroomError(
+            f"a stock export cannot express drop-QK (layers {sorted(mask.drop_qk)}): the source architecture always "
+            "computes queries and keys. Use --kind compact (loads with trust_remote_code=True), or remove the "
+            "drop-QK layers from the mask"
+        )
+
+
+def _stock_model(arch: Architecture, mask: Mask) -> nn.Module:
+    from transformers.initialization import no_init_weights
+
+    _check_stock(mask)
+    config = type(arch.config).from_dict(arch.config.to_dict())
+    with no_init_weights():
+        model = type(arch.model)(config)
+    model.load_state_dict(_state_dict(arch, mask, layer_structure(mask, arch), compact=False), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _logit_difference(arch: Architecture, mask: Mask, exported: nn.Module, input_ids: torch.Tensor) -> float:
+    """Max |logit difference| between the export and the masked model (float32 logits, with any soft-capping)."""
+    with apply_mask(arch, mask):
+        expected = arch.logits(arch.final_hidden(input_ids)).float().cpu()
+    got = exported(input_ids=input_ids.cpu(), use_cache=False).logits.float()
+    return float((got - expected).abs().max())
+
+
+# --- the destination --------------------------------------------------------------------------------
+
+
+def check_destination(out: str | Path, force: bool) -> Path:
+    """Refuse a destination the export could not (or must not) be moved to, before any long computation."""
+    text = str(out).strip()
+    if not text:
+        raise HeadroomError("the output folder is empty; give a folder name such as exports/my-model")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise HeadroomError(f"{path} exists and is not a folder; give a new folder name")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise HeadroomError(
+            f"{path} already exists and is not empty; pick another folder, or pass --force to replace it"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise HeadroomError(f"folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HeadroomError(f"folder {parent} is not writable; pick a folder you can write to")
+    return path
+
+
+def _move_into_place(built: Path, path: Path) -> None:
+    """Rename ``built`` to ``path``; an existing ``path`` is renamed aside first and deleted only afterwards."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        os.replace(built, path)
+        return
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+    os.rename(path, old)
+    try:
+        os.rename(built, path)
+    except OSError:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the model card -----------------------------------------------------------------------------------
+
+
+def _ppl_line(label: str, p: PerplexityResult | None) -> str:
+    if p is None:
+        return f"| {label} | not measured | | | |"
+    return f"| {label} | {p.perplexity:.4f} | {p.mean_nll:.6f} | {p.predicted_tokens:,} | {json.dumps(p.mask)} |"
+
+
+def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[dict[str, Any]]) -> str:
+    """The export's README.md: source, mask, budget on all three axes, perplexity, check and command."""
+    b = result.budget
+    p = result.perplexity_after or result.perplexity_before
+    compact = result.kind == "compact"
+    load = "trust_remote_code=True" if compact else ""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [headroom, pruned, attention-head-pruning]",
+        "---",
+        f"# {lm.name}, attention pruned with Headroom ({result.kind} export)",
+        "",
+        f"- Source model: `{lm.name}` ({lm.arch.family}, {lm.shape.num_layers} layers x {lm.shape.num_heads} query "
+        f"heads, {lm.shape.num_kv_heads} KV heads), source `{lm.source}`, fingerprint `{lm.fingerprint}`",
+        f"- Mask: `{MASK_FILE}` (Headroom mask v1): {json.dumps(mask.summary())}",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{", " + load if load else ""})',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
+    if compact:
+        lines += [
+            "The pruned weights are physically removed, so layers may have different head counts; the modeling "
+            "code that reads them (`modeling_headroom.py`, `configuration_headroom.py`) is in this folder and "
+            "imports only torch and transformers. Drop-QK layers compute `o_proj(v_proj(x))` per token and "
+            "keep no KV cache; layers with alpha = 0 have no attention. Alpha is folded into the weights.",
+        ]
+    else:
+        lines += [
+            "Stock export: the source architecture, loadable without remote code. Pruned heads are zeroed "
+            "(q_proj rows, o_proj columns, k/v rows of KV groups with no kept head) and alpha is folded into "
+            "the weights. It is exactly as large and as fast as the source: the zeros are still stored and "
+            "multiplied. Use a compact export for a smaller, faster model.",
+        ]
+    lines += [
+        "",
+        f"## Budget (attention FLOPs at sequence length {b.seq_len})",
+        "",
+        "| axis | source | export | saved |",
+        "|---|---:|---:|---:|",
+        f"| parameters | {result.params_before:,} | {result.params_after:,} | {b.params_removed:,} "
+        f"({b.params_removed_pct:.2f}%) |",
+        f"| KV cache bytes per token | {b.kv_bytes_per_token_unpruned:,} | {b.kv_bytes_per_token:,} | "
+        f"{b.kv_bytes_per_token_saved:,} |",
+        f"| attention FLOPs per token | {b.attention_flops_per_token_unpruned:,} | {b.attention_flops_per_token:,} "
+        f"| {b.attention_flops_per_token_saved:,} |",
+        "",
+    ]
+    if not compact:
+        lines += ["A stock export keeps every parameter and KV head; the savings above are a compact export's.", ""]
+    lines += ["## Perplexity", ""]
+    if p is not None:
+        lines += [
+            f"Protocol perplexity (Headroom): text `{p.text}` (sha256 `{p.text_sha256}`), windows of {p.seqlen} "
+            f"tokens, {p.predicted_tokens:,} predicted tokens.",
+            "",
+            "| model | perplexity | mean NLL | predicted tokens | mask |",
+            "|---|---:|---:|---:|---|",
+            _ppl_line("source, unpruned", result.perplexity_before),
+            _ppl_line("masked (= this export)", result.perplexity_after),
+        ]
+    else:
+        lines.append("Not measured.")
+    lines += [
+        "",
+        f"Checked before writing: the largest absolute logit difference between this export and the masked "
+        f"source model on {CHECK_TOKENS} tokens was {result.max_abs_logit_difference:.2e} (float32).",
+        "",
+        "## Layers",
+        "",
+        "| layer | attention | kept query heads | kept KV heads | alpha |",
+        "|---:|---|---|---|---:|",
+    ]
+    for i, layer in enumerate(layers):
+        kind = layer["kind"] if compact else ("none" if layer["kind"] == NONE else "attention (zeroed heads)")
+        lines.append(f"| {i} | {kind} | {layer['query_heads']} | {layer['kv_heads']} | {mask.alpha[i]:g} |")
+    lines += ["", "## Command", "", "```sh", result.command, "```", ""]
+    return "\n".join(lines)
+
+
+# --- the export ---------------------------------------------------------------------------------------
+
+
+def export_model(
+    lm: LoadedModel,
+    mask: Mask,
+    out: str | Path,
+    kind: str = "compact",
+    *,
+    force: bool = False,
+    windows: Windows | None = None,
+    cache: DiskCache | None = None,
+    command: str = "",
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write ``lm`` under ``mask`` to the folder ``out`` as a ``kind`` export; see the module docstring.
+
+    With ``windows``, the unpruned and the masked perplexity (cached on disk) go into the model card,
+    and the first ``CHECK_TOKENS`` tokens are the check input; without, a fixed token sequence is.
+    """
+    if kind not in KINDS:
+        raise HeadroomError(f"unknown export kind '{kind}'; use one of {', '.join(KINDS)}")
+    path = check_destination(out, force)
+    if kind == "stock":
+        _check_stock(mask)
+    arch = lm.arch
+    n = len(batches(windows)) if windows is not None else 0
+    total = 2 * n + 3
+
+    def at(offset: int) -> Progress:
+        return lambda done, _total: progress(offset + done, total) if progress else None
+
+    before = after = None
+    if windows is not None:
+        before = cached_perplexity(arch, lm.fingerprint, windows, None, cache, at(0))
+        after = cached_perplexity(arch, lm.fingerprint, windows, mask, cache, at(n))
+    exported = _compact_model(arch, mask) if kind == "compact" else _stock_model(arch, mask)
+    at(2 * n)(1, total)
+    if windows is not None:
+        check = windows.input_ids[:1, :CHECK_TOKENS]
+    else:
+        check = (torch.arange(CHECK_TOKENS) % arch.config.vocab_size).unsqueeze(0)
+    difference = _logit_difference(arch, mask, exported, check)
+    if not difference <= MAX_LOGIT_DIFFERENCE:
+        raise RuntimeError(f"the {kind} export differs from the masked model by {difference:.2e}; nothing was written")
+    at(2 * n)(2, total)
+    layers = layer_structure(mask, arch)
+    result = ExportResult(
+        path=str(path),
+        kind=kind,
+        params_before=arch.shape.total_params,
+        params_after=count_parameters(exported),
+        budget=budget(mask, arch.shape, windows.seqlen if windows is not None else 256),
+        perplexity_before=before,
+        perplexity_after=after,
+        max_abs_logit_difference=difference,
+        command=command,
+    )
+
+    def fill(tmp: Path) -> None:
+        exported.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        mask.save(tmp / MASK_FILE)
+        atomic_write_text(tmp / CARD_FILE, model_card(lm, mask, result, layers))
+
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.export")
+    try:
+        atomic_directory(staging, fill)
+        _move_into_place(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    at(2 * n)(3, total)
+    return result
