@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ from analysis.corpus import Windows, load_text, make_windows
 from analysis.drift import cached_harp_drift, cached_layer_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
+from analysis.export import KINDS, check_destination, export_model
 from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
-from analysis.importance import HEAD_METRICS, cached_head_scores
+from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 
@@ -109,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     _text_args(dr, "--text", "default-eval", max_tokens=2048)
     dr.add_argument("--mask", required=True, help="a v1 mask JSON file")
     dr.set_defaults(func=cmd_drift)
+
+    ex = sub.add_parser("export", help="write the masked model as a Hugging Face directory, with a model card")
+    _common(ex)
+    _text_args(ex, "--text", "default-eval", max_tokens=2048)
+    ex.add_argument("--mask", required=True, help="a v1 mask JSON file")
+    ex.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
+    ex.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="compact",
+        help="compact: pruned weights removed, loads with trust_remote_code=True (default); "
+        "stock: source architecture with pruned heads zeroed, no remote code, no drop-QK",
+    )
+    ex.add_argument("--force", action="store_true", help="replace an existing folder (only once the export is done)")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 
@@ -246,10 +263,9 @@ def cmd_importance(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     windows = _windows(lm, args, args.text)
     start = time.perf_counter()
-    scores = cached_head_scores(lm, windows, args.metric, args.layers, progress=_progress(args.metric))
+    result = cached_head_result(lm, windows, args.metric, args.layers, progress=_progress(args.metric))
     return {
-        "metric": args.metric,
-        "scores": scores,
+        **result.to_json(),
         "windows": windows.metadata(),
         "model": lm.card(),
         "seconds": round(time.perf_counter() - start, 3),
@@ -272,6 +288,30 @@ def cmd_drift(args: argparse.Namespace) -> dict[str, Any]:
         "model": lm.card(),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    check_destination(args.out, args.force)  # before loading anything
+    lm = _load(args)
+    mask = load_mask(args.mask, lm.shape, lm.name, lm.fingerprint)
+    windows = _windows(lm, args, args.text)
+    words = ["python", "-m", "analysis", "export", "--model", args.model, "--mask", args.mask, "--out", args.out]
+    words += ["--kind", args.kind, "--text", args.text, "--seqlen", str(args.seqlen)]
+    words += ["--max-tokens", str(args.max_tokens)] if args.max_tokens else []
+    words += ["--encoding", args.encoding] if args.encoding != "utf-8" else []
+    words += ["--force"] if args.force else []
+    start = time.perf_counter()
+    result = export_model(
+        lm,
+        mask,
+        args.out,
+        args.kind,
+        force=args.force,
+        windows=windows,
+        command=shlex.join(words),
+        progress=_progress("export"),
+    )
+    return {**result.to_json(), "model": lm.card(), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def _drift_table(report: dict[str, Any]) -> None:

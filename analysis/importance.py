@@ -2,11 +2,12 @@
 
 Every score is measured on calibration windows with the model as loaded (no mask): call these
 functions outside ``apply_mask``. Hooks are installed for the duration of one pass only and no
-weight is written; the activation scores only read activations, the gradient metric multiplies
-each head by a gate equal to 1, and the ablation metric prunes one head at a time through the
-incremental evaluator.
+weight is written; the activation scores only read activations, the gradient metrics multiply
+each head by a gate (1 for the gradient, 0 to 1 along the integration path), the ablation metric
+prunes one head at a time through the incremental evaluator, and the pattern statistics
+(``analysis.attention_patterns``) recompute attention weights from q/k.
 Head scores are float64 tensors ``[num_layers, num_heads]``, layer scores ``[num_layers]``; for all
-of them a *low* score means "cheap to remove".
+of them but ``DESCRIPTIVE_METRICS`` a *low* score means "cheap to remove".
 
 X below is the input of ``o_proj``: the concatenated outputs of the query heads, ``num_heads *
 head_dim`` channels, head h owning channels ``h * head_dim ... (h + 1) * head_dim - 1``. Its
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.architecture import Architecture
+from analysis.attention_patterns import attention_stats
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
@@ -234,6 +236,28 @@ def ablation(
     return scores
 
 
+def _gate_hooks(arch: Architecture, gates: Callable[[], torch.Tensor]) -> list[tuple[nn.Module, PreHook]]:
+    """Pre-hooks multiplying each query head's slice of the o_proj input by ``gates()[layer, head]``."""
+    head_dim = arch.shape.head_dim
+
+    def gate(layer: int) -> PreHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            x = args[0]
+            g = gates()[layer].to(dtype=x.dtype, device=x.device).repeat_interleave(head_dim)
+            return (x * g, *args[1:]), kwargs
+
+        return hook
+
+    return [(arch.attention(i).o_proj, gate(i)) for i in range(arch.shape.num_layers)]
+
+
+def _loss(arch: Architecture, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over the predicted tokens of ``ids``, differentiable, in at least float32."""
+    logits = arch.logits(arch.final_hidden(ids)[:, :-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].to(logits.device).flatten())
+
+
 def gradient(arch: Architecture, windows: Windows, progress: Progress | None = None) -> torch.Tensor:
     """Head-gate gradient: ``score[l, h] = mean over windows of |dL_w / dg_(l,h)|`` at g = 1.
 
@@ -244,32 +268,103 @@ def gradient(arch: Architecture, windows: Windows, progress: Progress | None = N
     """
     shape = arch.shape
     gates = torch.ones(shape.num_layers, shape.num_heads, dtype=torch.float32, requires_grad=True)
-
-    def gate(layer: int) -> PreHook:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-            x = args[0]
-            g = gates[layer].to(dtype=x.dtype, device=x.device).repeat_interleave(shape.head_dim)
-            return (x * g, *args[1:]), kwargs
-
-        return hook
-
     scores = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
     ids_all = windows.input_ids
-    with torch.enable_grad(), observe(pre=[(arch.attention(i).o_proj, gate(i)) for i in range(shape.num_layers)]):
+    with torch.enable_grad(), observe(pre=_gate_hooks(arch, lambda: gates)):
         for w in range(ids_all.shape[0]):
-            ids = ids_all[w : w + 1]
-            hidden = arch.final_hidden(ids)
-            logits = arch.logits(hidden[:, :-1])
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
-            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].to(logits.device).flatten())
-            (grad,) = torch.autograd.grad(loss, gates)
+            (grad,) = torch.autograd.grad(_loss(arch, ids_all[w : w + 1]), gates)
             scores += grad.abs().double()
             if progress:
                 progress(w + 1, ids_all.shape[0])
     return scores / ids_all.shape[0]
 
 
-HeadMetric = Callable[[Architecture, Windows, Sequence[int] | None, Progress | None], torch.Tensor]
+IG_STEPS = 16  # Gauss-Legendre points on the path from gates 0 to 1
+
+
+@dataclass(frozen=True, eq=False)
+class GateAttribution:
+    """Integrated gradients of the loss over the per-head gates, with its completeness check.
+
+    ``scores[l, h] = -IG_(l,h)``: the part of the loss increase from removing every head (gates 1 -> 0)
+    that the path integral attributes to head (l, h). Completeness (Sundararajan et al., 2017,
+    axiom 1) says the scores sum to ``loss_no_heads - loss_all_heads``; ``completeness_error`` is how
+    far the numerical integral is from that.
+    """
+
+    scores: torch.Tensor
+    loss_all_heads: float
+    loss_no_heads: float
+    steps: int
+
+    @property
+    def completeness_error(self) -> float:
+        return float(self.scores.sum()) - (self.loss_no_heads - self.loss_all_heads)
+
+    def details(self) -> dict[str, float]:
+        return {
+            "loss_all_heads": self.loss_all_heads,
+            "loss_no_heads": self.loss_no_heads,
+            "attribution_sum": float(self.scores.sum()),
+            "completeness_error": self.completeness_error,
+            "steps": self.steps,
+        }
+
+
+def integrated_gradients(
+    arch: Architecture, windows: Windows, progress: Progress | None = None, steps: int = IG_STEPS
+) -> GateAttribution:
+    """Captum's integrated gradients of the mean NLL w.r.t. all head gates, from gates 0 to gates 1.
+
+    IG is linear in the function, so the attribution of the mean loss is the mean of the per-window
+    attributions: captum runs one window at a time (one step per backward pass), which bounds memory
+    by one window's autograd graph. Cost: ``windows x (steps + 2)`` forward and backward passes.
+
+    Refused for families with a post-attention norm (Gemma): that norm is scale-invariant, so when
+    all gates of a layer shrink together the loss does not change until they are within ~sqrt(eps)
+    of 0, and the path integral is a spike no quadrature resolves.
+    """
+    from captum.attr import IntegratedGradients
+
+    if arch.has_post_attention_norm:
+        raise HeadroomError(
+            f"integrated_gradients is not defined usefully for {arch.family}: its post-attention norm undoes "
+            "the gates' scale, so the path integral is a spike at 0; use the gradient or ablation metric"
+        )
+    shape = arch.shape
+    gates = torch.ones(1, shape.num_layers * shape.num_heads)
+    current: list[torch.Tensor] = []
+    ids_all = windows.input_ids
+    total = torch.zeros(shape.num_layers * shape.num_heads, dtype=torch.float64)
+    end_losses = torch.zeros(2, dtype=torch.float64)
+    with torch.enable_grad(), observe(pre=_gate_hooks(arch, lambda: current[0].view(shape.num_layers, -1))):
+        for w in range(ids_all.shape[0]):
+            ids = ids_all[w : w + 1]
+
+            def loss_at(g: torch.Tensor, ids: torch.Tensor = ids) -> torch.Tensor:
+                current[:] = [g[0]]
+                return _loss(arch, ids).reshape(1)
+
+            attribution, _ = IntegratedGradients(loss_at).attribute(
+                gates,
+                baselines=torch.zeros_like(gates),
+                n_steps=steps,
+                method="gausslegendre",
+                internal_batch_size=1,
+                return_convergence_delta=True,
+            )
+            total += attribution[0].double()
+            with torch.no_grad():
+                end_losses += torch.tensor([loss_at(gates).item(), loss_at(torch.zeros_like(gates)).item()])
+            if progress:
+                progress(w + 1, ids_all.shape[0])
+    n = ids_all.shape[0]
+    loss_all, loss_none = (end_losses / n).tolist()
+    return GateAttribution(-(total / n).view(shape.num_layers, -1), loss_all, loss_none, steps)
+
+
+# A head metric returns its scores, or (integrated gradients) an attribution carrying a check to show.
+HeadMetric = Callable[[Architecture, Windows, Sequence[int] | None, Progress | None], torch.Tensor | GateAttribution]
 
 
 def _activation_metric(score: Callable[[Architecture, OProjStats], torch.Tensor]) -> HeadMetric:
@@ -279,10 +374,55 @@ def _activation_metric(score: Callable[[Architecture, OProjStats], torch.Tensor]
 HEAD_METRICS: dict[str, HeadMetric] = {
     "ablation": ablation,
     "gradient": lambda arch, windows, layers, progress: gradient(arch, windows, progress),
+    "integrated_gradients": lambda arch, windows, layers, progress: integrated_gradients(arch, windows, progress),
     "wanda_sp": _activation_metric(wanda_sp),
     "magnitude": lambda arch, windows, layers, progress: magnitude(arch),
     "flap_wifv": _activation_metric(flap_wifv),
+    "attention_entropy": lambda arch, windows, layers, progress: attention_stats(arch, windows, progress).entropy,
+    "sink_attention": lambda arch, windows, layers, progress: attention_stats(arch, windows, progress).sink,
 }
+# Pattern statistics describe a head rather than rank it: for them a *high* value tends to mark a
+# head cheap to remove (diffuse or sink-only attention); every other metric follows "low = cheap".
+DESCRIPTIVE_METRICS = frozenset({"attention_entropy", "sink_attention"})
+
+
+@dataclass(frozen=True)
+class HeadScores:
+    """One metric's rows per layer (None outside the requested layers) and its own checks, if any."""
+
+    metric: str
+    scores: list[list[float | None]]
+    details: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "scores": self.scores, "details": self.details}
+
+
+def cached_head_result(
+    lm: LoadedModel,
+    windows: Windows,
+    metric: str,
+    layers: Sequence[int] | None = None,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+) -> HeadScores:
+    """A head metric with its details (integrated gradients' completeness), read from the disk cache when seen."""
+    if metric not in HEAD_METRICS:
+        raise HeadroomError(f"unknown metric '{metric}'; choose one of {', '.join(HEAD_METRICS)}")
+    num_layers = lm.shape.num_layers
+    if layers is not None and (not layers or any(not 0 <= i < num_layers for i in layers)):
+        raise HeadroomError(f"--layers {list(layers)} must name layers in 0..{num_layers - 1}")
+    chosen = sorted(set(layers)) if layers is not None else None
+    parts = {"model": lm.fingerprint, **windows.cache_key(), "metric": metric, "layers": chosen, "format": 2}
+
+    def compute() -> dict[str, Any]:
+        result = HEAD_METRICS[metric](lm.arch, windows, chosen, progress)
+        scores, details = (result.scores, result.details()) if isinstance(result, GateAttribution) else (result, {})
+        rows = [row.tolist() if chosen is None or i in chosen else None for i, row in enumerate(scores)]
+        return HeadScores(metric, rows, details).to_json()
+
+    value = (cache or DiskCache()).json("importance", parts, compute)
+    return HeadScores(value["metric"], value["scores"], value["details"])
 
 
 def cached_head_scores(
@@ -294,19 +434,7 @@ def cached_head_scores(
     progress: Progress | None = None,
 ) -> list[list[float | None]]:
     """A head metric as rows per layer (None outside ``layers``), read from the disk cache when seen."""
-    if metric not in HEAD_METRICS:
-        raise HeadroomError(f"unknown metric '{metric}'; choose one of {', '.join(HEAD_METRICS)}")
-    num_layers = lm.shape.num_layers
-    if layers is not None and (not layers or any(not 0 <= i < num_layers for i in layers)):
-        raise HeadroomError(f"--layers {list(layers)} must name layers in 0..{num_layers - 1}")
-    chosen = sorted(set(layers)) if layers is not None else None
-    parts = {"model": lm.fingerprint, **windows.cache_key(), "metric": metric, "layers": chosen}
-
-    def compute() -> list[list[float | None]]:
-        scores = HEAD_METRICS[metric](lm.arch, windows, chosen, progress)
-        return [row.tolist() if chosen is None or i in chosen else None for i, row in enumerate(scores)]
-
-    return (cache or DiskCache()).json("importance", parts, compute)
+    return cached_head_result(lm, windows, metric, layers, cache, progress).scores
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,73 @@ def test_gradient_equals_the_slope_of_the_loss_in_each_head_scale(tiny_arch):
         assert p.grad is None  # the weights got no gradient
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_integrated_gradients_equal_a_hand_path_integral_and_are_complete(family):
+    """Independent check: the midpoint rule over 128 points of d(window loss)/d(gates) on the path t * 1."""
+    from analysis.importance import integrated_gradients
+
+    tiny_arch = Architecture(tiny_model(family))
+    windows = random_windows(n=2, length=12)
+    result = integrated_gradients(tiny_arch, windows)
+    shape = tiny_arch.shape
+    hd = shape.head_dim
+    gates = torch.zeros(shape.num_layers, shape.num_heads, requires_grad=True)
+
+    def gate(layer):
+        return lambda module, args: (args[0] * gates[layer].repeat_interleave(hd),)
+
+    handles = [tiny_arch.attention(i).o_proj.register_forward_pre_hook(gate(i)) for i in range(shape.num_layers)]
+    points = 128
+    integral = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
+    losses = []
+    try:
+        with torch.enable_grad():
+            for w in range(2):
+                ids = windows.input_ids[w : w + 1]
+
+                def loss_at(t, ids=ids):
+                    with torch.no_grad():
+                        gates.fill_(t)
+                    logits = tiny_arch.model(input_ids=ids).logits[:, :-1]
+                    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+                for k in range(points):
+                    integral += torch.autograd.grad(loss_at((k + 0.5) / points), gates)[0].double() / points
+                losses.append((loss_at(1.0).item(), loss_at(0.0).item()))
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(result.scores, -integral / 2, rtol=1e-3, atol=1e-6)
+    assert result.loss_all_heads == pytest.approx(statistics.mean(a for a, _ in losses), rel=1e-6)
+    assert result.loss_no_heads == pytest.approx(statistics.mean(b for _, b in losses), rel=1e-6)
+    # Completeness: the attributions add up to the loss change from removing every head.
+    assert abs(result.completeness_error) < 1e-3 * abs(result.loss_no_heads - result.loss_all_heads)
+
+
+def test_integrated_gradients_are_refused_where_a_post_attention_norm_undoes_the_gates():
+    from analysis.errors import HeadroomError
+    from analysis.importance import integrated_gradients
+
+    with pytest.raises(HeadroomError, match="post-attention norm"):
+        integrated_gradients(Architecture(tiny_model("gemma2")), random_windows(n=1, length=8))
+
+
+def test_integrated_gradients_details_come_back_from_the_cache(tmp_path):
+    from analysis.cache import DiskCache
+    from analysis.importance import cached_head_result
+    from analysis.loading import LoadedModel
+
+    arch = Architecture(tiny_model("llama"))
+    lm = LoadedModel(model=arch.model, tokenizer=None, arch=arch, name="tiny", fingerprint="f" * 64, source="test")
+    windows = random_windows(n=2, length=12)
+    cache = DiskCache(tmp_path)
+    first = cached_head_result(lm, windows, "integrated_gradients", cache=cache)
+    assert set(first.details) >= {"loss_all_heads", "loss_no_heads", "attribution_sum", "completeness_error"}
+    assert first.details["attribution_sum"] == pytest.approx(sum(map(sum, first.scores)))
+    again = cached_head_result(lm, windows, "integrated_gradients", cache=cache)
+    assert again == first
+
+
 # --- agreement between metrics ------------------------------------------------------------------------
 
 
