@@ -232,7 +232,7 @@ def check_destination(out: str | Path, force: bool) -> Path:
         raise HeadroomError(f"{path} exists and is not a folder; give a new folder name")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise HeadroomError(
-            f"{path} already exists and is not empty; pick another folder, or pass --force to replace it"
+            f"{path} already exists and is not empty; pick another folder, or ask to replace it (--force)"
         )
     parent = path.parent
     if not parent.is_dir():

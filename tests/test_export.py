@@ -1,0 +1,306 @@
+"""Exports: compact and stock Hugging Face directories that plain transformers loads in a fresh process.
+
+The fresh process runs from a temporary folder with no PYTHONPATH, so it cannot import this project:
+what it loads is only what the export directory holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+from transformers import AutoModelForCausalLM
+
+import ui
+from analysis.architecture import Architecture
+from analysis.cache import DiskCache
+from analysis.cli import main
+from analysis.corpus import default_text, make_windows
+from analysis.errors import HeadroomError
+from analysis.evaluation import perplexity
+from analysis.export import CARD_FILE, MASK_FILE, export_model, layer_structure
+from analysis.harp import drop_qk_mask, top_layers
+from analysis.intervention import apply_mask
+from analysis.loading import LoadedModel, load_model
+from analysis.masks import Mask, budget, load_mask
+from tests.conftest import FAMILY_TYPES, random_windows, tiny_model
+from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Run in a fresh interpreter: load each export, then report logits, cache contents, generations, parameters.
+FRESH = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+directories, ids, remote = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3] == "remote"
+reports = []
+for directory in directories:
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=remote, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        prompt = ids[:1, :6]
+        cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    reports.append({
+        "logits": logits.tolist(),
+        "cache_heads": [None if layer.keys is None else layer.keys.shape[1] for layer in cache.layers],
+        "cached": cached.tolist(),
+        "uncached": uncached.tolist(),
+        "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "class": type(model).__name__,
+    })
+project = sorted(m for m in sys.modules if m.split(".")[0] in ("analysis", "tests", "ui"))
+print(json.dumps({"reports": reports, "project_modules": project}))
+"""
+
+
+def fresh_load(directories: list[Path], ids: torch.Tensor, tmp_path: Path, remote: bool = True) -> dict:
+    """Load ``directories`` in one new Python that cannot see this project; return what FRESH reports."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf-modules")
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH, encoding="utf-8")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    names = json.dumps([str(d) for d in directories])
+    args = [sys.executable, "-I", str(script), names, json.dumps(ids.tolist()), "remote" if remote else "-"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tiny_lm(model_type: str) -> LoadedModel:
+    model = tiny_model(model_type)
+    return LoadedModel(model, word_tokenizer(), Architecture(model), f"tiny-{model_type}", "f" * 16, "test")
+
+
+def every_kind_of_pruning(lm: LoadedModel) -> Mask:
+    """Layer 0: a whole KV group pruned plus alpha 1.3; layer 1: one head pruned (uneven groups) and alpha 0.5;
+    layer 2: drop-QK with a pruned head and alpha 0.7; layer 3: alpha 0 (attention removed)."""
+    mask = Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
+    for head in (0, 1, 2, 4):
+        mask = mask.with_head(0, head, False)
+    mask = mask.with_layer(0, alpha=1.3).with_head(1, 1, False).with_layer(1, alpha=0.5)
+    return mask.with_head(2, 3, False).with_layer(2, drop_qk=True, alpha=0.7).with_layer(3, alpha=0.0)
+
+
+def masked_logits_and_greedy(lm: LoadedModel, mask: Mask, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    with torch.no_grad(), apply_mask(lm.arch, mask):
+        logits = lm.model(input_ids=ids, use_cache=False).logits
+        greedy = lm.model.generate(ids[:1, :6], max_new_tokens=10, do_sample=False, use_cache=False)
+    return logits, greedy.tolist()
+
+
+IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def compact_exports(tmp_path_factory) -> dict[str, tuple]:
+    """Every family's compact export of ``every_kind_of_pruning``, loaded in one fresh process."""
+    tmp = tmp_path_factory.mktemp("compact")
+    exports = {}
+    for model_type in FAMILY_TYPES:
+        lm = tiny_lm(model_type)
+        mask = every_kind_of_pruning(lm)
+        exports[model_type] = (lm, mask, export_model(lm, mask, tmp / model_type))
+    fresh = fresh_load([tmp / t for t in FAMILY_TYPES], IDS, tmp)
+    assert fresh["project_modules"] == []  # the fresh process never imported this project
+    return {t: (*exports[t], got) for t, got in zip(FAMILY_TYPES, fresh["reports"], strict=True)}
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_compact_export_loads_in_a_fresh_process_and_matches_the_masked_model(compact_exports, model_type):
+    lm, mask, _, got = compact_exports[model_type]
+    assert got["class"] == f"Headroom{type(lm.model).__name__}"
+    logits, greedy = masked_logits_and_greedy(lm, mask, IDS)
+    assert (torch.tensor(got["logits"]) - logits).abs().max() < 1e-4
+    assert got["cached"] == got["uncached"] == greedy
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_compact_export_keeps_only_kept_kv_heads_in_the_cache_and_the_budgets_parameters(compact_exports, model_type):
+    lm, mask, result, got = compact_exports[model_type]
+    layers = layer_structure(mask, lm.arch)
+    assert [layer["kind"] for layer in layers] == ["attention", "attention", "drop_qk", "none"]
+    assert got["cache_heads"] == [1, 2, None, None]  # kept KV heads only; no cache without attention
+    removed = budget(mask, lm.shape, 20).params_removed
+    assert got["params"] == result.params_after == lm.shape.total_params - removed
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # alpha folds into o_proj / the post-attention norm
+def test_stock_export_loads_without_remote_code_and_matches_the_masked_model(tmp_path, model_type):
+    lm = tiny_lm(model_type)
+    mask = every_kind_of_pruning(lm).with_layer(2, drop_qk=False)
+    result = export_model(lm, mask, tmp_path / "stock", "stock")
+    config = json.loads((tmp_path / "stock" / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] == model_type
+    assert not list((tmp_path / "stock").glob("*.py"))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock", dtype=torch.float32)
+    with torch.no_grad():
+        got = stock(input_ids=IDS, use_cache=False).logits
+    logits, _ = masked_logits_and_greedy(lm, mask, IDS)
+    assert (got - logits).abs().max() < 1e-4
+    assert result.params_after == result.params_before == lm.shape.total_params  # zeros, not removed
+
+
+def test_stock_export_refuses_drop_qk_and_points_to_compact(tmp_path):
+    lm = tiny_lm("llama")
+    with pytest.raises(HeadroomError, match="--kind compact"):
+        export_model(lm, every_kind_of_pruning(lm), tmp_path / "stock", "stock")
+    assert not (tmp_path / "stock").exists()
+
+
+def test_existing_folder_is_replaced_only_with_force_and_nothing_is_left_behind(tmp_path):
+    lm = tiny_lm("qwen2")
+    mask = every_kind_of_pruning(lm)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(HeadroomError, match="--force"):
+        export_model(lm, mask, out)
+    assert sorted(os.listdir(out)) == ["mine.txt"]
+    export_model(lm, mask, out, force=True)
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    assert os.listdir(tmp_path) == ["export"]  # no staging or old copies
+
+
+def test_a_failing_export_leaves_the_existing_folder_untouched(tmp_path, monkeypatch):
+    lm = tiny_lm("llama")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lm.tokenizer, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(lm, every_kind_of_pruning(lm), out, force=True)
+    assert os.listdir(tmp_path) == ["export"] and sorted(os.listdir(out)) == ["mine.txt"]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [("file", "not a folder"), ("missing/export", "does not exist"), ("", "empty"), ("file/export", "does not exist")],
+)
+def test_invalid_destinations_are_refused_with_what_to_do(tmp_path, where, message):
+    (tmp_path / "file").write_text("x")
+    lm = tiny_lm("llama")
+    with pytest.raises(HeadroomError, match=message):
+        export_model(lm, every_kind_of_pruning(lm), str(tmp_path / where) if where else "")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_model_card_names_source_mask_budget_perplexities_and_command(tmp_path):
+    lm = tiny_lm("gemma3_text")
+    mask = every_kind_of_pruning(lm)
+    windows = random_windows()
+    steps = []
+    result = export_model(
+        lm,
+        mask,
+        tmp_path / "export",
+        windows=windows,
+        cache=DiskCache(tmp_path / "cache"),
+        command="python -m analysis export --mask m.json --out export",
+        progress=lambda done, total: steps.append((done, total)),
+    )
+    card = (tmp_path / "export" / CARD_FILE).read_text()
+    assert load_mask(tmp_path / "export" / MASK_FILE, lm.shape, lm.name) == mask
+    b = budget(mask, lm.shape, windows.seqlen)
+    for fact in (lm.fingerprint, f"{b.params_removed:,}", f"{b.kv_bytes_per_token:,}", windows.text_sha256):
+        assert fact in card
+    assert f"{b.attention_flops_per_token_saved:,}" in card and "python -m analysis export --mask m.json" in card
+    assert result.perplexity_before.perplexity == pytest.approx(perplexity(lm.arch, windows).perplexity, rel=1e-6)
+    assert result.perplexity_after.perplexity == pytest.approx(perplexity(lm.arch, windows, mask).perplexity, rel=1e-6)
+    assert f"{result.perplexity_after.perplexity:.4f}" in card
+    assert steps[-1][0] == steps[-1][1] and all(a <= b for (a, _), (b, _) in pairwise(steps))
+
+
+def test_cli_export_writes_the_folder_and_refuses_to_overwrite_in_one_line(tmp_path, capsys):
+    save_checkpoint(tmp_path / "tiny")
+    lm = load_model(str(tmp_path / "tiny"), cache_root=tmp_path / "cache")
+    every_kind_of_pruning(lm).save(tmp_path / "mask.json")
+    (tmp_path / "text.txt").write_text(word_text(300), encoding="utf-8")
+    argv = ["export", "--model", str(tmp_path / "tiny"), "--mask", str(tmp_path / "mask.json")]
+    argv += ["--out", str(tmp_path / "out"), "--text", str(tmp_path / "text.txt"), "--seqlen", "32", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == str(tmp_path / "out") and report["kind"] == "compact"
+    assert "--kind compact" in report["command"] and "--seqlen 32" in report["command"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--force" in err and "\n" not in err
+    assert main([*argv, "--force", "--kind", "stock"]) == 2
+    assert "--kind compact" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compact_export_of_a_harp_mask_round_trips_perplexity_and_saves_kv(default_model, tmp_path):
+    """N = 8 drop-QK layers with the README's HARP alphas: the fresh process's perplexity is the app's."""
+    lm = default_model
+    alphas = (0.4, 0.1, 0.7, 0.7, 0.4, 0.3, 0.1, 0.0)
+    layers = top_layers(lm.shape.num_layers, 8)
+    mask = drop_qk_mask(Mask.unpruned(lm.shape, lm.name, lm.fingerprint), layers)
+    for layer, alpha in zip(layers, alphas, strict=True):
+        mask = mask.with_layer(layer, alpha=alpha)
+    windows = make_windows(lm.tokenizer, default_text("default-eval"), 256, 1024)
+    result = export_model(lm, mask, tmp_path / "harp8", windows=windows)
+    assert result.params_before - result.params_after == budget(mask, lm.shape, 256).params_removed
+
+    script = tmp_path / "ppl.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)\n"
+        "ids = torch.tensor(json.loads(sys.argv[2]))\n"
+        "with torch.no_grad():\n"
+        "    z = m(input_ids=ids, use_cache=False).logits[:, :-1].double()\n"
+        "    nll = torch.nn.functional.cross_entropy(z.flatten(0, 1), ids[:, 1:].flatten(), reduction='sum')\n"
+        "    one = m(input_ids=ids[:1], use_cache=True).past_key_values\n"
+        "kv = sum(t.numel() * t.element_size() for l in one.layers for t in (l.keys, l.values) if t is not None)\n"
+        "print(json.dumps({'nll': nll.item(), 'kv': kv}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_MODULES_CACHE": str(tmp_path / "m")}
+    ids = json.dumps(windows.input_ids.tolist())
+    done = subprocess.run(
+        [sys.executable, "-I", str(script), str(tmp_path / "harp8"), ids],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    in_app = perplexity(lm.arch, windows, mask).perplexity
+    assert math.exp(got["nll"] / windows.predicted_tokens) == pytest.approx(in_app, rel=1e-4)
+    assert in_app == pytest.approx(result.perplexity_after.perplexity, rel=1e-9)
+    full_kv = lm.shape.num_layers * 2 * lm.shape.num_kv_heads * lm.shape.head_dim * 4 * windows.seqlen
+    assert got["kv"] == full_kv * 22 // 30  # 8 of 30 layers keep no cache
+
+
+@pytest.mark.slow
+def test_export_page_writes_the_export_and_offers_the_mask(default_model, tmp_path):
+    mask = drop_qk_mask(Mask.unpruned(default_model.shape, default_model.name), [29]).with_layer(29, alpha=0.5)
+    at = AppTest.from_file(str(ROOT / "pages" / "7_Export.py"), default_timeout=300)
+    at.session_state[ui.MASK] = mask.to_json()
+    at.session_state[ui.MAX_TOKENS] = 512
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.text_input(key="export_folder").set_value(str(tmp_path / "page-export"))
+    at.button(key="export_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert load_mask(tmp_path / "page-export" / MASK_FILE, default_model.shape, default_model.name) == mask
+    assert any(str(tmp_path / "page-export") in s.value for s in at.success)
+    at.button(key="export_run").click().run()  # the folder exists now: refused, shown as an error
+    assert "already exists" in at.error[0].value
