@@ -89,6 +89,30 @@ def o_proj_input_stats(arch: Architecture, windows: Windows) -> OProjStats:
     return OProjStats(sum_sq=sum_sq, mean=mean, var=var, tokens=tokens)
 
 
+def output_norm(arch: Architecture, windows: Windows) -> torch.Tensor:
+    """Mean over tokens of ``||W_o[:, columns of head] x_head||_2``: how much each head writes to the residual.
+
+    The head's own term of the o_proj output (before any post-attention norm); a head can have a
+    large o_proj input yet write little if its value/output weights are small, so this is measured,
+    not estimated from weights or inputs alone.
+    """
+    shape = arch.shape
+    sums = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
+
+    def record(layer: int) -> PreHook:
+        o_heads = arch.attention(layer).o_proj.weight.detach().view(-1, shape.num_heads, shape.head_dim)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0].detach().flatten(0, -2).view(-1, shape.num_heads, shape.head_dim)
+            written = torch.einsum("thd,ohd->tho", x, o_heads)
+            sums[layer] += torch.linalg.vector_norm(written, dim=-1, dtype=torch.float64).sum(dim=0).cpu()
+
+        return hook
+
+    _run_hooked(arch, windows, pre=[(arch.attention(layer).o_proj, record(layer)) for layer in range(shape.num_layers)])
+    return sums / windows.input_ids.numel()
+
+
 def _per_head(arch: Architecture, channel_scores: torch.Tensor) -> torch.Tensor:
     """Sum ``[num_layers, num_heads * head_dim]`` channel scores over each head's channels."""
     shape = arch.shape
