@@ -24,6 +24,7 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
 from analysis.export import KINDS, check_destination, export_model
 from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
+from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
@@ -106,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--layers", type=_int_list, default=None, help="only these layers, e.g. 28,29 (others: null)")
     im.set_defaults(func=cmd_importance)
 
+    hm = sub.add_parser("head-map", help="every head placed by its features (PCA and UMAP) and clustered")
+    _common(hm)
+    _text_args(hm, "--text", "default-calib", max_tokens=2048)
+    hm.add_argument(
+        "--metrics",
+        type=_name_list,
+        default=list(DEFAULT_METRICS),
+        help=f"importance metrics among the features (default {','.join(DEFAULT_METRICS)})",
+    )
+    hm.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="k-means clusters")
+    hm.add_argument("--seed", type=int, default=0, help="seed of UMAP and k-means (same seed, same map)")
+    hm.set_defaults(func=cmd_head_map)
+
     dr = sub.add_parser("drift", help="per-layer residual-norm drift of a mask against the unpruned model")
     _common(dr)
     _text_args(dr, "--text", "default-eval", max_tokens=2048)
@@ -134,6 +148,10 @@ def _layer_choice(p: argparse.ArgumentParser) -> None:
     which.add_argument("--layers", type=int, help="prune the top N layers")
     which.add_argument("--layer-set", type=_int_list, help="prune these layers, e.g. 26,27")
     p.add_argument("--grid", type=_float_list, default=DEFAULT_GRID, help="alpha candidates (default 0,0.1,...,1)")
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _int_list(text: str) -> list[int]:
@@ -272,6 +290,23 @@ def cmd_importance(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_head_map(args: argparse.Namespace) -> dict[str, Any]:
+    lm = _load(args)
+    windows = _windows(lm, args, args.text)
+    start = time.perf_counter()
+    head_map = cached_head_map(lm, windows, args.metrics, args.clusters, args.seed, progress=_progress("head map"))
+    members: dict[str, list[str]] = {}
+    for (layer, head), cluster in zip(head_map.heads, head_map.clusters, strict=True):
+        members.setdefault(str(cluster), []).append(f"L{layer}.H{head}")
+    return {
+        "map": head_map.to_json(),
+        "cluster_members": members,
+        "windows": windows.metadata(),
+        "model": lm.card(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 def cmd_drift(args: argparse.Namespace) -> dict[str, Any]:
     """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
     lm = _load(args)
@@ -337,6 +372,8 @@ def _print_text(out: dict[str, Any]) -> None:
             print("scores (one row per layer):")
             for i, row in enumerate(value):
                 print(f"  {i:>3}: " + ("-" if row is None else " ".join(f"{v:9.4g}" for v in row)))
+        elif key == "map":
+            print(f"map: {len(value['heads'])} heads, features {', '.join(value['feature_names'])}")
         elif key == "trace":
             print("trace: " + ", ".join(f"L{s['layer']} a={s['alpha']}: {s['perplexity']:.3f}" for s in value))
         elif isinstance(value, dict):

@@ -571,3 +571,22 @@ def test_drift_reports_the_mask_and_for_drop_qk_the_unrescaled_variant(capsys, t
     assert len(result["mask"]["layers"]) == TINY["num_hidden_layers"]
     code = cli.main(["drift", *args, "--mask", str(tmp_path / "m.json")])  # the text table
     assert code == 0 and "KL(unpruned || masked)" in capsys.readouterr().out
+
+
+# --- head map ------------------------------------------------------------------------------------------
+
+
+def test_head_map_lists_every_head_once_and_a_second_run_is_the_same_map(capsys, checkpoint, text_file):
+    args = ["--model", str(checkpoint), "--text", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
+    code = cli.main(["head-map", *args, "--metrics", "magnitude,wanda_sp", "--clusters", "3", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    heads = TINY["num_hidden_layers"] * TINY["num_attention_heads"]
+    members = [h for group in result["cluster_members"].values() for h in group]
+    assert len(members) == len(set(members)) == heads and len(result["cluster_members"]) == 3
+    assert result["map"]["feature_names"][-2:] == ["magnitude", "wanda_sp"]
+    assert cli.main(["head-map", *args, "--metrics", "magnitude,wanda_sp", "--clusters", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["map"] == result["map"]
+    code = cli.main(["head-map", *args, "--metrics", "magnitude,bogus"])
+    assert code == 2 and "unknown metric(s) bogus" in capsys.readouterr().err
