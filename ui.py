@@ -32,6 +32,7 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, PerplexityResult
 from analysis.files import atomic_write_bytes
 from analysis.harp import HarpResult, cached_harp
+from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import attention_block_influence, block_influence, cached_head_scores
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
 from analysis.masks import Mask, parse_mask
@@ -278,6 +279,12 @@ def head_scores(
         return cached_head_scores(lm, calib, metric, layers, disk_cache(), bar)
 
 
+def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: int, seed: int) -> HeadMap:
+    """The head map on the calibration windows (disk-cached; the first UMAP run also compiles numba code)."""
+    with progress_bar("Measuring head features and projecting them") as bar:
+        return cached_head_map(lm, calib, metrics, clusters, seed, disk_cache(), bar)
+
+
 def block_influences(lm: LoadedModel, calib: Windows) -> dict[str, list[float]]:
     """ShortGPT Block Influence per layer of whole blocks and of attention branches (disk-cached)."""
     parts = {"model": lm.fingerprint, **calib.cache_key()}
@@ -496,12 +503,18 @@ def grid_figure(
     return fig
 
 
+def selection_points(event: Any) -> list[dict[str, Any]]:
+    """The selected points of a ``st.plotly_chart(..., on_select=...)`` event (a dict or an attribute object)."""
+    if isinstance(event, dict):
+        return event.get("selection", {}).get("points", [])
+    if event is not None and hasattr(event, "selection"):
+        return event.selection.get("points", [])
+    return []
+
+
 def selected_head(event: Any) -> tuple[int, int] | None:
     """The (layer, head) clicked in a :func:`grid_figure` chart's selection event, if any."""
-    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else []
-    if not points and event is not None and hasattr(event, "selection"):
-        points = event.selection.get("points", [])
-    for point in points:
+    for point in selection_points(event):
         data = point.get("customdata")
         if data is not None and len(data) == 2:
             return int(data[0]), int(data[1])

@@ -56,6 +56,16 @@ class HeadMap:
             "seed": self.seed,
         }
 
+    def cluster_means(self) -> dict[str, list[float]]:
+        """Per cluster (ascending label): its size and the mean of every raw feature, as table columns."""
+        labels = sorted(set(self.clusters))
+        values = np.array(self.features)
+        assigned = np.array(self.clusters)
+        table: dict[str, list[float]] = {"cluster": labels, "heads": [int((assigned == k).sum()) for k in labels]}
+        for i, name in enumerate(self.feature_names):
+            table[f"mean {name}"] = [float(values[assigned == k, i].mean()) for k in labels]
+        return table
+
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> HeadMap:
         def rows(key: str) -> tuple:
