@@ -23,11 +23,13 @@ from analysis.corpus import Windows
 from analysis.hooks import hidden_arg, hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.masks import LayerSpec, Mask
+from analysis.memory import require
 
 Progress = Callable[[int, int], None]  # (done, total)
 
-TOKENS_PER_BATCH = 2048  # bounds activation memory; the default model stays far below 3 GB
+TOKENS_PER_BATCH = 2048  # bounds activation memory (at least one window); the default model peaks near 1.6 GB RSS
 LOGITS_PER_CHUNK = 1 << 26  # float32 logits computed at once (256 MiB)
+ATTENTION_BLOCK = 1024  # key positions whose scores SDPA holds at once per query (measured, PyTorch 2.13 CPU)
 REMEMBERED_MASKS = 256  # perplexities an incremental evaluator keeps by mask
 
 
@@ -63,6 +65,23 @@ def _result(nll_sum: float, windows: Windows, mask: Mask | None) -> PerplexityRe
 def batches(windows: Windows, tokens_per_batch: int = TOKENS_PER_BATCH) -> list[torch.Tensor]:
     size = max(1, tokens_per_batch // windows.input_ids.shape[1])
     return list(windows.input_ids.split(size))
+
+
+def working_bytes(arch: Architecture, windows: Windows) -> int:
+    """Upper estimate of the memory one batch's forward pass and NLL take, beyond the weights.
+
+    Per token and layer: the residual stream, norms and projections (8 x hidden), the MLP
+    (4 x intermediate) and five copies of the attention scores (scores, mask, softmax, their
+    temporaries) over the keys held at once: every position with eager attention, a block with
+    SDPA. Then one chunk of float32 logits and half as much again for the log-sum-exp.
+    """
+    config, shape = arch.model.config, arch.shape
+    width = windows.input_ids.shape[1]
+    window_tokens = min(windows.num_windows, max(1, TOKENS_PER_BATCH // width)) * width
+    keys = width if config._attn_implementation == "eager" else min(width, ATTENTION_BLOCK)
+    per_token = 8 * shape.hidden_size + 4 * config.intermediate_size + 5 * shape.num_heads * keys
+    logits = 6 * max(LOGITS_PER_CHUNK, (width - 1) * config.vocab_size)
+    return shape.bytes_per_element * window_tokens * per_token + logits
 
 
 def head_nll(arch: Architecture, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -110,6 +129,7 @@ def perplexity(
     arch: Architecture, windows: Windows, mask: Mask | None = None, progress: Progress | None = None
 ) -> PerplexityResult:
     """Full-recompute protocol perplexity of the model under ``mask``."""
+    require(working_bytes(arch, windows), f"evaluating {windows.num_windows} windows of {windows.seqlen} tokens")
     parts = batches(windows)
     total = 0.0
     with apply_mask(arch, mask):
@@ -146,6 +166,9 @@ class IncrementalEvaluator:
     """
 
     def __init__(self, arch: Architecture, windows: Windows, progress: Progress | None = None) -> None:
+        tokens = windows.input_ids.numel()
+        stored = arch.shape.num_layers * tokens * arch.shape.hidden_size * arch.shape.bytes_per_element
+        require(stored + working_bytes(arch, windows), f"keeping every layer's input for {tokens} tokens")
         self.arch = arch
         self.windows = windows
         self.mask = Mask.unpruned(arch.shape, "")

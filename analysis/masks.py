@@ -20,6 +20,7 @@ from analysis.files import atomic_write_text
 FORMAT = "headroom.mask"
 VERSION = 1
 ALPHA_MAX = 4.0
+MAX_MASK_BYTES = 2**20  # a v1 mask of a 128-layer, 128-head model is about 35 KB
 _KEYS = {"format", "version", "model", "heads", "drop_qk", "alpha", "note"}
 
 
@@ -233,24 +234,67 @@ def parse_mask(obj: Any, shape: ModelShape, model_name: str, fingerprint: str | 
     )
 
 
-def load_mask(path: str | Path, shape: ModelShape, model_name: str, fingerprint: str | None = None) -> Mask:
-    """Read and validate a mask file."""
-    path = Path(path)
+def decode_mask(name: str, data: bytes, shape: ModelShape, model_name: str, fingerprint: str | None = None) -> Mask:
+    """Validate the bytes of a mask file (read from disk or uploaded); ``name`` is what messages call it."""
+    _check_mask_size(name, len(data))
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HeadroomError(f"mask file {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise HeadroomError(f"cannot read mask file {path}: {e}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeadroomError(
+            f"cannot read mask file {name}: byte 0x{data[e.start]:02x} at offset {e.start} is not UTF-8; "
+            "save the mask as UTF-8 JSON"
+        ) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise HeadroomError(
-            f"mask file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            f"mask file {name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
     except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
-        raise HeadroomError(f"mask file {path} is not valid JSON: {e}") from None
+        raise HeadroomError(f"mask file {name} is not valid JSON: {e}") from None
     return parse_mask(obj, shape, model_name, fingerprint)
+
+
+def _check_mask_size(name: str, size: int) -> None:
+    if size > MAX_MASK_BYTES:
+        raise HeadroomError(
+            f"mask file {name} is {size:,} bytes; a mask is at most {MAX_MASK_BYTES:,} bytes. "
+            "Choose the .json that Headroom wrote (harp --out or an export)"
+        )
+
+
+def load_mask(path: str | Path, shape: ModelShape, model_name: str, fingerprint: str | None = None) -> Mask:
+    """Read and validate a mask file."""
+    path = Path(path)
+    try:
+        _check_mask_size(str(path), path.stat().st_size)  # before reading it into memory
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise HeadroomError(f"mask file {path} does not exist; check the path") from None
+    except OSError as e:
+        raise HeadroomError(f"cannot read mask file {path}: {e}") from None
+    return decode_mask(str(path), data, shape, model_name, fingerprint)
+
+
+def mask_warnings(mask: Mask, fingerprint: str | None) -> list[str]:
+    """What about a valid mask the user should know before trusting its numbers; empty if nothing.
+
+    A mask whose recorded fingerprint is not the loaded model's fits its shape (else parsing would
+    have failed) but was chosen on other weights. A mask that leaves no layer any attention is legal
+    and evaluated, but its perplexity describes a model that attends to nothing.
+    """
+    warnings = []
+    if mask.fingerprint and fingerprint and mask.fingerprint != fingerprint:
+        warnings.append(
+            f"the mask was made for model '{mask.model_name}' with fingerprint {mask.fingerprint}, not the loaded "
+            f"model ({fingerprint}); its shape fits, but heads chosen on other weights may mean little here"
+        )
+    if all(not any(mask.heads[i]) or mask.alpha[i] == 0.0 for i in range(mask.num_layers)):
+        warnings.append(
+            "the mask removes the attention of every layer (every head pruned or alpha = 0): "
+            "perplexity is still computed, for a model that attends to nothing"
+        )
+    return warnings
 
 
 @dataclass(frozen=True)
