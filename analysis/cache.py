@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from analysis.files import atomic_write, atomic_write_text
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_KIND = re.compile(r"[a-z][a-z0-9_]*")  # a kind names a folder; user data only ever reaches a path as a digest
 
 
 def default_root() -> Path:
@@ -55,6 +57,8 @@ class DiskCache:
         self.root = Path(root) if root is not None else default_root()
 
     def _path(self, kind: str, parts: dict[str, Any], suffix: str) -> Path:
+        if not _KIND.fullmatch(kind):
+            raise ValueError(f"cache kind {kind!r} must be a lowercase name such as 'perplexity'")
         digest = hashlib.sha256(_canonical({"kind": kind, **parts}).encode()).hexdigest()[:40]
         return self.root / "results" / kind / f"{digest}{suffix}"
 

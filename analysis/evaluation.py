@@ -62,9 +62,12 @@ def _result(nll_sum: float, windows: Windows, mask: Mask | None) -> PerplexityRe
     )
 
 
+def _windows_per_batch(windows: Windows, tokens_per_batch: int) -> int:
+    return min(windows.num_windows, max(1, tokens_per_batch // windows.input_ids.shape[1]))
+
+
 def batches(windows: Windows, tokens_per_batch: int = TOKENS_PER_BATCH) -> list[torch.Tensor]:
-    size = max(1, tokens_per_batch // windows.input_ids.shape[1])
-    return list(windows.input_ids.split(size))
+    return list(windows.input_ids.split(_windows_per_batch(windows, tokens_per_batch)))
 
 
 def working_bytes(arch: Architecture, windows: Windows) -> int:
@@ -73,15 +76,18 @@ def working_bytes(arch: Architecture, windows: Windows) -> int:
     Per token and layer: the residual stream, norms and projections (8 x hidden), the MLP
     (4 x intermediate) and five copies of the attention scores (scores, mask, softmax, their
     temporaries) over the keys held at once: every position with eager attention, a block with
-    SDPA. Then one chunk of float32 logits and half as much again for the log-sum-exp.
+    SDPA. Then one chunk of float32 logits (:func:`head_nll`) and half as much again for the
+    log-sum-exp. On the default model: 0.56 GB for 8 windows of 256 tokens, 4.3 GB for one window of 8,192 tokens,
+    where the measured peaks above the loaded model are 0.42 and 1.8 GB.
     """
     config, shape = arch.model.config, arch.shape
     width = windows.input_ids.shape[1]
-    window_tokens = min(windows.num_windows, max(1, TOKENS_PER_BATCH // width)) * width
+    per_batch = _windows_per_batch(windows, TOKENS_PER_BATCH)
     keys = width if config._attn_implementation == "eager" else min(width, ATTENTION_BLOCK)
     per_token = 8 * shape.hidden_size + 4 * config.intermediate_size + 5 * shape.num_heads * keys
-    logits = 6 * max(LOGITS_PER_CHUNK, (width - 1) * config.vocab_size)
-    return shape.bytes_per_element * window_tokens * per_token + logits
+    window_logits = (width - 1) * config.vocab_size
+    logits = min(per_batch, max(1, LOGITS_PER_CHUNK // window_logits)) * window_logits
+    return shape.bytes_per_element * per_batch * width * per_token + 6 * logits
 
 
 def head_nll(arch: Architecture, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -245,7 +245,11 @@ def load_model(
     placement: dict[str, Any] = {"device_map": device_map} if device_map else {"device_map": pick_device(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(directory), dtype=torch.float32, trust_remote_code=trust_remote_code, **placement
+            str(directory),
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            weights_only=True,  # a pickled .bin checkpoint may hold tensors only, never code
+            **placement,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except Exception as e:
