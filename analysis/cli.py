@@ -27,7 +27,7 @@ from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
-from analysis.masks import Mask, budget, load_mask
+from analysis.masks import Mask, budget, load_mask, mask_warnings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -174,6 +174,14 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     )
 
 
+def _mask(lm: LoadedModel, path: str) -> Mask:
+    """The mask file at ``path`` for ``lm``; what the user should know about it goes to stderr as warnings."""
+    mask = load_mask(path, lm.shape, lm.name, lm.fingerprint)
+    for warning in mask_warnings(mask, lm.fingerprint):
+        print(f"warning: {warning}", file=sys.stderr)
+    return mask
+
+
 def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str, max_tokens: int | None = None) -> Windows:
     """Windows of text ``spec``; ``max_tokens`` defaults to ``--max-tokens``."""
     text = load_text(spec, args.encoding)
@@ -216,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     windows = _windows(lm, args, args.text)
     unpruned = Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
-    mask = load_mask(args.mask, lm.shape, lm.name, lm.fingerprint) if args.mask else unpruned
+    mask = _mask(lm, args.mask) if args.mask else unpruned
     start = time.perf_counter()
     result = cached_perplexity(
         lm.arch, lm.fingerprint, windows, mask, progress=_progress("eval"), refresh=args.no_cache
@@ -311,7 +319,7 @@ def cmd_drift(args: argparse.Namespace) -> dict[str, Any]:
     """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
     lm = _load(args)
     windows = _windows(lm, args, args.text)
-    mask = load_mask(args.mask, lm.shape, lm.name, lm.fingerprint)
+    mask = _mask(lm, args.mask)
     start = time.perf_counter()
     if mask.drop_qk:
         pair = cached_harp_drift(lm, windows, mask)
@@ -328,7 +336,7 @@ def cmd_drift(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     check_destination(args.out, args.force)  # before loading anything
     lm = _load(args)
-    mask = load_mask(args.mask, lm.shape, lm.name, lm.fingerprint)
+    mask = _mask(lm, args.mask)
     windows = _windows(lm, args, args.text)
     words = ["python", "-m", "analysis", "export", "--model", args.model, "--mask", args.mask, "--out", args.out]
     words += ["--kind", args.kind, "--text", args.text, "--seqlen", str(args.seqlen)]
