@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from analysis.corpus import Windows, load_text, make_windows
 from analysis.drift import cached_harp_drift, cached_layer_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
-from analysis.export import KINDS, check_destination, export_model
+from analysis.export import KINDS, check_destination, export_command, export_model
 from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
@@ -338,11 +337,9 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     mask = _mask(lm, args.mask)
     windows = _windows(lm, args, args.text)
-    words = ["python", "-m", "analysis", "export", "--model", args.model, "--mask", args.mask, "--out", args.out]
-    words += ["--kind", args.kind, "--text", args.text, "--seqlen", str(args.seqlen)]
-    words += ["--max-tokens", str(args.max_tokens)] if args.max_tokens else []
-    words += ["--encoding", args.encoding] if args.encoding != "utf-8" else []
-    words += ["--force"] if args.force else []
+    command = export_command(
+        args.model, args.mask, args.out, args.kind, args.text, args.seqlen, args.max_tokens, args.encoding, args.force
+    )
     start = time.perf_counter()
     result = export_model(
         lm,
@@ -351,7 +348,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         args.kind,
         force=args.force,
         windows=windows,
-        command=shlex.join(words),
+        command=command,
         progress=_progress("export"),
     )
     return {**result.to_json(), "model": lm.card(), "seconds": round(time.perf_counter() - start, 3)}

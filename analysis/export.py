@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -126,9 +127,10 @@ def _fold_into_norm(weight: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _state_dict(arch: Architecture, mask: Mask, layers: list[dict[str, Any]], compact: bool) -> dict[str, torch.Tensor]:
-    """The export's tensors (CPU copies): the source's, with each layer's attention pruned and alpha folded."""
+    """The export's tensors on the CPU: the source's, with each layer's attention pruned and alpha folded."""
     names = {module: name for name, module in arch.model.named_modules()}
-    state = {name: t.detach().to("cpu", copy=True) for name, t in arch.model.state_dict().items()}
+    # Unchanged tensors share storage with the source (never written); changed ones are new tensors.
+    state = {name: t.detach().to("cpu") for name, t in arch.model.state_dict().items()}
     hd = arch.shape.head_dim
     for i, layer in enumerate(layers):
         alpha = mask.alpha[i]
@@ -167,12 +169,20 @@ def _config_dict(arch: Architecture) -> dict[str, Any]:
     return {k: v for k, v in arch.config.to_dict().items() if k not in volatile}
 
 
-def _compact_model(arch: Architecture, mask: Mask) -> nn.Module:
+def _build(cls: type, config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``cls(config)`` holding ``state`` (tied embeddings tied again), in eval mode, with no random init."""
     from transformers.initialization import no_init_weights
 
-    model_type = arch.config.model_type
+    with no_init_weights():
+        model = cls(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def _compact_model(arch: Architecture, mask: Mask) -> nn.Module:
     layers = layer_structure(mask, arch)
-    config = CONFIGS[model_type](
+    config = CONFIGS[arch.config.model_type](
         **{
             **_config_dict(arch),
             "head_dim": arch.shape.head_dim,
@@ -182,12 +192,10 @@ def _compact_model(arch: Architecture, mask: Mask) -> nn.Module:
         }
     )
     cls = getattr(modeling_headroom, f"Headroom{type(arch.model).__name__}")
-    with no_init_weights():
-        model = cls(config)
-    model.load_state_dict(_state_dict(arch, mask, layers, compact=True), strict=True)
-    config.register_for_auto_class()
+    model = _build(cls, config, _state_dict(arch, mask, layers, compact=True))
+    config.register_for_auto_class()  # save_pretrained copies the modeling files and writes auto_map
     model.register_for_auto_class("AutoModelForCausalLM")
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def _check_stock(mask: Mask) -> None:
@@ -200,14 +208,9 @@ def _check_stock(mask: Mask) -> None:
 
 
 def _stock_model(arch: Architecture, mask: Mask) -> nn.Module:
-    from transformers.initialization import no_init_weights
-
     _check_stock(mask)
     config = type(arch.config).from_dict(arch.config.to_dict())
-    with no_init_weights():
-        model = type(arch.model)(config)
-    model.load_state_dict(_state_dict(arch, mask, layer_structure(mask, arch), compact=False), strict=True)
-    return model.eval().requires_grad_(False)
+    return _build(type(arch.model), config, _state_dict(arch, mask, layer_structure(mask, arch), compact=False))
 
 
 @torch.no_grad()
@@ -351,6 +354,26 @@ def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[d
 
 
 # --- the export ---------------------------------------------------------------------------------------
+
+
+def export_command(
+    model: str,
+    mask_file: str,
+    out: str,
+    kind: str,
+    text: str,
+    seqlen: int,
+    max_tokens: int | None,
+    encoding: str = "utf-8",
+    force: bool = False,
+) -> str:
+    """The ``python -m analysis export`` command line that makes this export (for the model card)."""
+    words = ["python", "-m", "analysis", "export", "--model", model, "--mask", mask_file, "--out", out]
+    words += ["--kind", kind, "--text", text, "--seqlen", str(seqlen)]
+    words += ["--max-tokens", str(max_tokens)] if max_tokens else []
+    words += ["--encoding", encoding] if encoding != "utf-8" else []
+    words += ["--force"] if force else []
+    return shlex.join(words)
 
 
 def export_model(
