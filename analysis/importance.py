@@ -313,7 +313,10 @@ class GateAttribution:
     ``scores[l, h] = -IG_(l,h)``: the part of the loss increase from removing every head (gates 1 -> 0)
     that the path integral attributes to head (l, h). Completeness (Sundararajan et al., 2017,
     axiom 1) says the scores sum to ``loss_no_heads - loss_all_heads``; ``completeness_error`` is how
-    far the numerical integral is from that.
+    far the numerical integral is from that. It is worth showing: on a trained model the path passes
+    through models far from anything seen in training, where the loss can be rough (SmolLM2-135M,
+    one window: the loss moves by ~0.1 nats between gate scales 0.049 and 0.052 while it is smooth
+    above ~0.7), and there no quadrature of a few points integrates it well.
     """
 
     scores: torch.Tensor
