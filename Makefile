@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench browser
 setup: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -19,9 +19,13 @@ $(STAMP): requirements.txt
 run: setup
 	$(PY) -m streamlit run app.py --server.headless true
 
-test: setup
-	$(PY) -m ruff check analysis tests bench app.py
+test: setup browser
+	$(PY) -m ruff check analysis tests bench app.py ui.py pages
 	$(PY) -m pytest -q
+
+# The browser test drives Debian's chromium (no browser download); install it when it is missing.
+browser:
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium) || echo "chromium unavailable: the browser test will skip"
 
 bench: setup
 	$(PY) -m bench.live_eval

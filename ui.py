@@ -460,12 +460,15 @@ def grid_figure(
     colour: list[list[Any]],
     hover: list[list[str]],
     title: str,
-    colourbar: str,
+    colourbar: str | None,
     colourscale: Any,
     zmin: float | None = None,
     zmax: float | None = None,
 ) -> go.Figure:
-    """A clickable layers x heads grid: a heatmap with an invisible marker on every cell to select it."""
+    """A clickable layers x heads grid: a heatmap with an invisible marker on every cell to select it.
+
+    ``colourbar`` None hides the colour bar (for a grid whose colours the title explains).
+    """
     layers, heads = len(colour), len(colour[0])
     fig = go.Figure(
         go.Heatmap(
@@ -475,7 +478,8 @@ def grid_figure(
             colorscale=colourscale,
             zmin=zmin,
             zmax=zmax,
-            colorbar={"title": {"text": colourbar}},
+            showscale=colourbar is not None,
+            colorbar={"title": {"text": colourbar or ""}},
             hoverinfo="skip",
         )
     )
@@ -494,8 +498,8 @@ def grid_figure(
     )
     fig.update_layout(
         title=title,
-        xaxis={"title": "query head", "dtick": 1},
-        yaxis={"title": "layer (0 at the bottom)", "dtick": max(1, layers // 15)},
+        xaxis={"title": "query head", "dtick": 1, "range": [-0.5, heads - 0.5]},
+        yaxis={"title": "layer (0 at the bottom)", "dtick": max(1, layers // 15), "range": [-0.5, layers - 0.5]},
         height=max(320, 18 * layers + 120),
         clickmode="event+select",
         **LAYOUT,
@@ -526,7 +530,7 @@ def layer_bars(values: Sequence[float | None], title: str, label: str, horizonta
     layers = list(range(len(values)))
     bar = go.Bar(x=values, y=layers, orientation="h") if horizontal else go.Bar(x=layers, y=values)
     fig = go.Figure(bar)
-    layer_axis = {"title": "layer", "dtick": max(1, len(layers) // 15)}
+    layer_axis = {"title": "layer", "dtick": max(1, len(layers) // 15), "range": [-0.5, len(layers) - 0.5]}
     value_axis = {"title": label}
     fig.update_layout(
         title=title,

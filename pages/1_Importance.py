@@ -47,7 +47,10 @@ with ui.guard():
     chosen = st.multiselect(
         "Metrics to compare", list(HEAD_METRICS), default=[m for m in HEAD_METRICS if m in CHEAP or m == metric]
     )
-    loaded = {metric: scores} | {m: ui.head_scores(lm, calib, m, layers or None) for m in chosen if m != metric}
+    compared = st.toggle("Compare these metrics (each is computed once, then read from the cache)", key="compare")
+    loaded = {metric: scores}
+    if compared:
+        loaded |= {m: ui.head_scores(lm, calib, m, layers or None) for m in chosen if m != metric}
     tensors = {
         m: torch.tensor(
             [[float("nan") if v is None else v for v in (row or [None] * shape.num_heads)] for row in rows],

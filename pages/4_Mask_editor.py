@@ -30,7 +30,7 @@ def clicked(chart_key: str) -> None:
     cell = ui.selected_head(st.session_state.get(chart_key))
     if cell is not None:
         toggle(*cell)
-    st.session_state["grid_version"] = st.session_state.get("grid_version", 0) + 1  # a fresh chart, no selection
+        st.session_state["grid_version"] = st.session_state.get("grid_version", 0) + 1  # a fresh chart, no selection
 
 
 def toggle_from_form() -> None:
@@ -146,9 +146,9 @@ with ui.guard():
         fig = ui.grid_figure(
             colour,
             hover,
-            "Heads (yellow kept, dark pruned); layer modes on the right",
-            "kept",
-            "Viridis",
+            "Heads (light kept, dark pruned); layer modes on the right",
+            None,
+            [[0, "#1f2d5c"], [1, "#cfe8cf"]],
             zmin=0,
             zmax=1,
         )
@@ -156,7 +156,8 @@ with ui.guard():
             spec = mask.layer(layer)
             mode = MODES[2] if spec.alpha == 0 else ("drop-QK" if spec.drop_qk else "")
             label = f"{mode} α={spec.alpha:g}" if mode or spec.alpha != 1 else ""
-            fig.add_annotation(x=lm.shape.num_heads - 0.4, y=layer, text=label, showarrow=False, xanchor="left")
+            fig.add_annotation(x=1.01, xref="paper", y=layer, text=label, showarrow=False, xanchor="left")
+        fig.update_layout(margin={"r": 150})
         chart = f"grid_{st.session_state.get('grid_version', 0)}"
         st.plotly_chart(fig, key=chart, on_select=ui.safe(clicked, chart), selection_mode="points")
 

@@ -183,6 +183,7 @@ def test_home_page_shows_the_tiny_card_and_its_backend_perplexity(tiny, lm):
 
 def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
     at = ok(page("pages/1_Importance.py", tiny).run())
+    ok(at.toggle(key="compare").set_value(True).run())
     calib = windows(lm, tiny[ui.CALIB_TEXT])
     assert at.selectbox[0].options == list(HEAD_METRICS)  # every metric is offered; the cheap ones are checked here
     for metric in ("wanda_sp", "flap_wifv", "magnitude"):
