@@ -150,7 +150,9 @@ def make_windows(
     """Tokenize ``text`` once without special tokens and cut it into windows per the protocol."""
     bos = adds_bos(tokenizer)
     if seqlen < (1 if bos else 2):
-        raise HeadroomError(f"seqlen must be at least {1 if bos else 2} tokens, got {seqlen}")
+        raise HeadroomError(
+            f"seqlen must be at least {1 if bos else 2} tokens, got {seqlen}; give a window length such as 256"
+        )
     if max_positions is not None and seqlen + bos > max_positions:
         raise HeadroomError(
             f"seqlen {seqlen} is longer than the model's context of {max_positions} positions; "

@@ -131,10 +131,11 @@ def _gguf_name(path: Path) -> str:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("converting %s to a float32 checkpoint (once; about 25 s for the default model)", gguf.name)
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         check_supported(config.model_type)
+        # Said only once the file parses, so that a bad file's error is the one line the user sees.
+        log.warning("converting %s to a float32 checkpoint (once; about 25 s for the default model)", gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except HeadroomError:

@@ -221,7 +221,9 @@ def parse_mask(obj: Any, shape: ModelShape, model_name: str, fingerprint: str | 
         problems.append(f"'note' must be a string, got {type(note).__name__}")
 
     if problems:
-        raise HeadroomError("invalid mask: " + "; ".join(problems))
+        raise HeadroomError(
+            "invalid mask: " + "; ".join(problems) + ". Fix the file, or make the mask with Headroom for this model"
+        )
     return Mask(
         model_name=str(model.get("name", model_name)),
         num_heads=shape.num_heads,
