@@ -63,6 +63,10 @@ def require(needed: int, what: str) -> None:
     free, why = available_bytes()
     if free is not None and needed > free:
         raise HeadroomError(
-            f"{what} needs about {needed / 2**30:.2f} GiB of memory but only {max(free, 0) / 2**30:.2f} GiB is "
-            f"{why}; use fewer tokens (--max-tokens) or shorter windows (--seqlen)"
+            f"{what} needs about {_size(needed)} of memory but only {_size(max(free, 0))} is {why}; "
+            "use fewer tokens (--max-tokens) or shorter windows (--seqlen)"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
