@@ -150,7 +150,11 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
             f.truncate(MAX_TEXT_BYTES + 1)  # sparse: refused from its size, never read
         return [*ev[:3], "--text", str(big)], "the limit is 64 MiB", "Use a shorter excerpt"
     if case == "mask-of-unknown-version":
-        return with_mask(mask_obj(version=2)), "'version' must be 1, got 2", "Fix the file, or make the mask with Headroom"
+        return (
+            with_mask(mask_obj(version=2)),
+            "'version' must be 1, got 2",
+            "Fix the file, or make the mask with Headroom",
+        )
     if case == "mask-with-a-layer-out-of-range":
         return with_mask(mask_obj(drop_qk=[LAYERS])), f"drop_qk entry {LAYERS} is not a layer index", "in 0..3"
     if case == "mask-with-a-head-count-of-another-model":
