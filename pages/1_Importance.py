@@ -88,14 +88,15 @@ with ui.guard():
             col.plotly_chart(fig)
 
     st.subheader("Block Influence per layer (ShortGPT: 1 - mean cosine of input and output)")
-    influence = ui.block_influences(lm, calib)
-    st.plotly_chart(
-        ui.layer_lines(
-            {"whole block": influence["block"], "attention branch": influence["attention"]},
-            "Block Influence per layer",
-            "Block Influence (0 = no change, 2 = reversal)",
+    if st.toggle("Show Block Influence (two passes over the calibration windows, then cached)", key="influence"):
+        influence = ui.block_influences(lm, calib)
+        st.plotly_chart(
+            ui.layer_lines(
+                {"whole block": influence["block"], "attention branch": influence["attention"]},
+                "Block Influence per layer",
+                "Block Influence (0 = no change, 2 = reversal)",
+            )
         )
-    )
 
     st.subheader("Head details")
     cell = ui.selected_head(event)

@@ -17,7 +17,7 @@ from analysis.corpus import load_text, make_windows
 from analysis.drift import harp_drift
 from analysis.evaluation import perplexity
 from analysis.harp import harp
-from analysis.importance import HEAD_METRICS
+from analysis.importance import HEAD_METRICS, block_influence
 from analysis.loading import load_model
 from analysis.masks import Mask, parse_mask
 from tests.test_loading import save_checkpoint, word_text
@@ -184,6 +184,7 @@ def test_home_page_shows_the_tiny_card_and_its_backend_perplexity(tiny, lm):
 def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
     at = ok(page("pages/1_Importance.py", tiny).run())
     ok(at.toggle(key="compare").set_value(True).run())
+    ok(at.toggle(key="influence").set_value(True).run())
     calib = windows(lm, tiny[ui.CALIB_TEXT])
     assert at.selectbox[0].options == list(HEAD_METRICS)  # every metric is offered; the cheap ones are checked here
     for metric in ("wanda_sp", "flap_wifv", "magnitude"):
@@ -195,6 +196,10 @@ def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
         assert f"{metric}: {scores[low].item():.4g}" in cells[low] and "rank 1 of 24" in cells[low]
     details = at.table[0].value
     assert list(details["metric"]) == ["magnitude", "wanda_sp", "flap_wifv"]
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    influence = next(c for c in charts if c["layout"]["title"]["text"] == "Block Influence per layer")
+    expected = block_influence(lm.arch, calib).tolist()
+    assert influence["data"][0]["y"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, lm):
