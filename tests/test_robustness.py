@@ -392,7 +392,7 @@ def test_a_process_killed_while_writing_an_entry_never_leaves_a_torn_one(cache_d
     assert child.stdout.readline() == "writing\n"
     folder = cache_dir / "results" / "stream"
     while not any(p.name.startswith(".") for p in folder.glob("*")):  # wait until a write is under way
-        pass
+        assert child.poll() is None, "the writer stopped before it wrote"
     child.send_signal(signal.SIGKILL)
     child.wait()
     got = DiskCache().get_tensors("stream", {"key": 1})
