@@ -152,12 +152,17 @@ with ui.guard():
             zmin=0,
             zmax=1,
         )
-        for layer in range(lm.shape.num_layers):
-            spec = mask.layer(layer)
-            mode = MODES[2] if spec.alpha == 0 else ("drop-QK" if spec.drop_qk else "")
-            label = f"{mode} α={spec.alpha:g}" if mode or spec.alpha != 1 else ""
-            fig.add_annotation(x=1.01, xref="paper", y=layer, text=label, showarrow=False, xanchor="left")
-        fig.update_layout(margin={"r": 150})
+        specs = [mask.layer(layer) for layer in range(lm.shape.num_layers)]
+        labels = {
+            layer: f"{MODES[2] if s.alpha == 0 else 'drop-QK' if s.drop_qk else ''} α={s.alpha:g}".strip()
+            for layer, s in enumerate(specs)
+            if s.drop_qk or s.alpha != 1
+        }
+        notes = [
+            {"x": 1.01, "xref": "paper", "y": y, "text": t, "showarrow": False, "xanchor": "left"}
+            for y, t in labels.items()
+        ]
+        fig.update_layout(margin={"r": 150}, annotations=notes)  # one update: add_annotation per layer is slow
         chart = f"grid_{st.session_state.get('grid_version', 0)}"
         st.plotly_chart(fig, key=chart, on_select=ui.safe(clicked, chart), selection_mode="points")
 

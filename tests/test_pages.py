@@ -19,7 +19,7 @@ from analysis.evaluation import perplexity
 from analysis.harp import harp
 from analysis.importance import HEAD_METRICS, block_influence
 from analysis.loading import load_model
-from analysis.masks import Mask, parse_mask
+from analysis.masks import Mask, budget, parse_mask
 from tests.test_loading import save_checkpoint, word_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,3 +211,16 @@ def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, l
         metric = next(m for m in at.metric if label in m.label)
         assert metric.value == f"{reports[key].kl_nats_per_token:.4f} nats/token"
     assert len(at.get("plotly_chart")) == 4
+
+
+def test_editor_layer_mode_and_alpha_show_backend_perplexity_and_budget(tiny, lm):
+    at = ok(page(EDITOR, tiny).run())
+    at.number_input(key="mode_layer").set_value(2)
+    at.selectbox(key="mode_mode").set_value("drop-QK")
+    at.number_input(key="mode_alpha").set_value(0.5)
+    ok(at.button[[b.label for b in at.button].index("Apply to layer")].click().run())
+    mask = Mask.unpruned(lm.shape, lm.name).with_layer(2, drop_qk=True, alpha=0.5)
+    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask).perplexity
+    assert shown(at, "Live perplexity") == f"{expected:.3f}"
+    assert shown(at, "KV cache saved") == f"{budget(mask, lm.shape, SEQLEN).kv_bytes_per_token_saved:,} bytes/token"
+    assert at.query_params["drop_qk"] == "2" and at.query_params["alpha"] == "2:0.5"
