@@ -16,6 +16,7 @@ import ui
 from analysis.corpus import load_text, make_windows
 from analysis.drift import harp_drift
 from analysis.evaluation import perplexity
+from analysis.generation import greedy_continuation
 from analysis.harp import harp
 from analysis.importance import HEAD_METRICS, block_influence
 from analysis.loading import load_model
@@ -224,3 +225,16 @@ def test_editor_layer_mode_and_alpha_show_backend_perplexity_and_budget(tiny, lm
     assert shown(at, "Live perplexity") == f"{expected:.3f}"
     assert shown(at, "KV cache saved") == f"{budget(mask, lm.shape, SEQLEN).kv_bytes_per_token_saved:,} bytes/token"
     assert at.query_params["drop_qk"] == "2" and at.query_params["alpha"] == "2:0.5"
+
+
+def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny, lm):
+    mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.0).with_head(0, 0, False)
+    at = ok(page(EDITOR, tiny, ui.mask_to_query(mask)).run())
+    prompt = word_text(5, seed=7)
+    at.text_input[0].set_value(prompt)
+    ok(at.button[[b.label for b in at.button].index("Generate")].click().run())
+    texts = [m.value for m in at.markdown if m.value.startswith(("**Unpruned**", "**Masked**"))]
+    assert texts == [
+        f"**Unpruned**\n\n{prompt} _{greedy_continuation(lm, prompt, None, 24)}_",
+        f"**Masked**\n\n{prompt} _{greedy_continuation(lm, prompt, mask, 24)}_",
+    ]
