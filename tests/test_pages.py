@@ -238,3 +238,11 @@ def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny,
         f"**Unpruned**\n\n{prompt} _{greedy_continuation(lm, prompt, None, 24)}_",
         f"**Masked**\n\n{prompt} _{greedy_continuation(lm, prompt, mask, 24)}_",
     ]
+
+
+def test_a_clicked_grid_point_names_its_layer_and_head():
+    fig = ui.grid_figure([[0.0] * 3] * 2, [["x"] * 3] * 2, "t", None, "Viridis")
+    data = fig.data[1].customdata
+    point = {"selection": {"points": [{"x": 2, "y": 1, "customdata": list(data[5])}]}}  # layer-major: (1, 2)
+    assert ui.selected_head(point) == (1, 2)
+    assert ui.selected_head({"selection": {"points": []}}) is None and ui.selected_head(None) is None
