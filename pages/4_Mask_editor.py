@@ -6,15 +6,13 @@ the URL; the live perplexity comes from the incremental evaluator shared by all 
 
 from __future__ import annotations
 
-import json
-
 import streamlit as st
 
 import ui
 from analysis.errors import HeadroomError
 from analysis.generation import greedy_continuation
 from analysis.importance import HEAD_METRICS
-from analysis.masks import Mask, budget, parse_mask
+from analysis.masks import Mask, budget, decode_mask
 
 MODES = ("full", "drop-QK", "attention removed")
 ui.page("Mask editor", "Click a cell to toggle a head. Every change updates the perplexity, the budget and the URL.")
@@ -62,11 +60,7 @@ def preset(name: str, metric: str, k: int) -> None:
 def upload(key: str) -> None:
     lm, file = ui.model(), st.session_state.get(key)
     if file is not None:
-        try:
-            obj = json.loads(file.getvalue().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise HeadroomError(f"{file.name} is not a JSON mask file ({e}); upload a headroom.mask v1 JSON") from None
-        ui.change_mask(lm, parse_mask(obj, lm.shape, lm.name, lm.fingerprint))
+        ui.change_mask(lm, decode_mask(file.name, file.getvalue(), lm.shape, lm.name, lm.fingerprint))
 
 
 with ui.guard():

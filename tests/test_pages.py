@@ -246,3 +246,10 @@ def test_a_clicked_grid_point_names_its_layer_and_head():
     point = {"selection": {"points": [{"x": 2, "y": 1, "customdata": list(data[5])}]}}  # layer-major: (1, 2)
     assert ui.selected_head(point) == (1, 2)
     assert ui.selected_head({"selection": {"points": []}}) is None and ui.selected_head(None) is None
+
+
+def test_a_mask_file_that_is_not_json_is_an_error_saying_so(tiny):
+    at = ok(page(EDITOR, tiny).run())
+    at.file_uploader(key="mask_file").set_value(("notes.json", b"{heads: oops", "application/json")).run()
+    assert not at.exception
+    assert "mask file notes.json is not valid JSON" in at.error[0].value
