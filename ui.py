@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,9 +34,15 @@ from analysis.evaluation import IncrementalEvaluator, PerplexityResult
 from analysis.files import atomic_write_bytes
 from analysis.harp import HarpResult, cached_harp
 from analysis.head_map import HeadMap, cached_head_map
-from analysis.importance import attention_block_influence, block_influence, cached_head_scores
+from analysis.importance import (
+    DESCRIPTIVE_METRICS,
+    HeadScores,
+    attention_block_influence,
+    block_influence,
+    cached_head_result,
+)
 from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
-from analysis.masks import Mask, parse_mask
+from analysis.masks import Mask, mask_warnings, parse_mask
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +131,9 @@ def _windows(name: str, fingerprint: str, text_spec: str, seqlen: int, max_token
 def save_upload(name: str, data: bytes) -> str:
     """Validate an uploaded text and keep it under the cache root; returns the path to use as a text spec."""
     text = decode_text(name, data)
-    path = default_root() / "uploads" / text.sha256[:16] / Path(name).name
+    # The browser supplies the name: keep a plain file name of it, never a folder or a path out of uploads/.
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "upload.txt"
+    path = default_root() / "uploads" / text.sha256[:16] / safe
     if not path.is_file():
         atomic_write_bytes(path, text.text.encode("utf-8"))
     return str(path)
@@ -271,12 +280,25 @@ def progress_bar(text: str) -> Iterator[ProgressBar]:
         bar.done()
 
 
+def head_result(lm: LoadedModel, calib: Windows, metric: str, layers: Sequence[int] | None = None) -> HeadScores:
+    """A head metric and its details on the calibration windows, from the disk cache when seen, else with progress."""
+    with progress_bar(f"Scoring heads by {metric}") as bar:
+        return cached_head_result(lm, calib, metric, layers, disk_cache(), bar)
+
+
 def head_scores(
     lm: LoadedModel, calib: Windows, metric: str, layers: Sequence[int] | None = None
 ) -> list[list[float | None]]:
-    """A head metric on the calibration windows, from the disk cache when seen, else with a progress bar."""
-    with progress_bar(f"Scoring heads by {metric}") as bar:
-        return cached_head_scores(lm, calib, metric, layers, disk_cache(), bar)
+    """The rows of :func:`head_result`."""
+    return head_result(lm, calib, metric, layers).scores
+
+
+def cheapest_heads(lm: LoadedModel, calib: Windows, metric: str, k: int) -> list[tuple[int, int]]:
+    """The k heads a metric marks cheapest to remove: its lowest, or for pattern statistics its highest."""
+    scores = head_scores(lm, calib, metric)
+    if metric in DESCRIPTIVE_METRICS:
+        scores = [[None if v is None else -v for v in row] if row else row for row in scores]
+    return lowest_heads(scores, k)
 
 
 def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: int, seed: int) -> HeadMap:
@@ -391,6 +413,8 @@ def sidebar_summary(lm: LoadedModel) -> None:
         f"**Windows** {choice(SEQLEN)} tokens, {choice(MAX_TOKENS)} tokens in all  \n"
         f"**Mask** {describe(mask)}"
     )
+    for warning in mask_warnings(mask, lm.fingerprint):
+        st.sidebar.warning(warning)
 
 
 def describe(mask: Mask) -> str:

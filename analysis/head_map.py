@@ -26,7 +26,7 @@ from analysis.evaluation import Progress
 from analysis.importance import HEAD_METRICS, cached_head_scores, output_norm
 from analysis.loading import LoadedModel
 
-DEFAULT_METRICS = ("magnitude", "wanda_sp", "gradient")
+DEFAULT_METRICS = ("magnitude", "wanda_sp", "flap_wifv")  # no more than a pass each
 DEFAULT_CLUSTERS = 6
 UMAP_NEIGHBOURS = 15
 

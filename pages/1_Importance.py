@@ -27,7 +27,16 @@ with ui.guard():
         "Layers to score (empty: all; ablation costs a pass of the layers above per head)",
         list(range(shape.num_layers)),
     )
-    scores = ui.head_scores(lm, calib, metric, layers or None)
+    result = ui.head_result(lm, calib, metric, layers or None)
+    scores = result.scores
+    if metric == "integrated_gradients":
+        d = result.details
+        st.info(
+            f"Completeness check: the attributions sum to {d['attribution_sum']:.4f} nats; removing every head "
+            f"raises the loss by {d['loss_no_heads'] - d['loss_all_heads']:.4f} (from {d['loss_all_heads']:.4f} to "
+            f"{d['loss_no_heads']:.4f}). The {d['steps']}-point integral misses by {d['completeness_error']:.4f}: "
+            "a large miss means the loss is rough along the path and the attributions are unreliable."
+        )
 
     left, right = st.columns([3, 1])
     with left:

@@ -253,3 +253,11 @@ def test_a_mask_file_that_is_not_json_is_an_error_saying_so(tiny):
     at.file_uploader(key="mask_file").set_value(("notes.json", b"{heads: oops", "application/json")).run()
     assert not at.exception
     assert "mask file notes.json is not valid JSON" in at.error[0].value
+
+
+def test_a_mask_chosen_on_other_weights_is_flagged_on_every_page(tiny, lm):
+    foreign = Mask.unpruned(lm.shape, lm.name, "0" * 16).with_head(1, 2, False)
+    at = ok(page(EDITOR, {**tiny, ui.MASK: foreign.to_json()}).run())
+    assert any("fingerprint 0000000000000000" in w.value for w in at.sidebar.warning)
+    at = ok(page(EDITOR, {**tiny, ui.MASK: foreign.with_head(1, 2, True).to_json()}).run())
+    assert any("fingerprint" in w.value for w in at.sidebar.warning)  # still foreign, though unpruned

@@ -544,3 +544,14 @@ def test_the_home_page_shows_each_bad_input_as_an_error_and_keeps_working(tmp_pa
         getattr(at, widget)(key=f"widget_{key}").set_value(fixed).run()
         assert not at.exception and not at.error
         assert at.metric[0].value == good
+
+
+@pytest.mark.parametrize("name", ["..", "../../escape.txt", "/etc/hostname", ".hidden", "a b\\c.txt"])
+def test_an_uploaded_file_name_cannot_place_the_text_outside_the_uploads_folder(name, tmp_path, monkeypatch):
+    import ui
+
+    monkeypatch.setenv("HEADROOM_CACHE", str(tmp_path))
+    path = Path(ui.save_upload(name, b"plain words for a text"))
+    assert path.is_file() and path.read_bytes() == b"plain words for a text"
+    assert path.resolve().is_relative_to((tmp_path / "uploads").resolve())
+    assert not path.name.startswith(".")
