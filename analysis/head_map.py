@@ -23,7 +23,7 @@ from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress
-from analysis.importance import HEAD_METRICS, cached_head_scores, output_norm
+from analysis.importance import HEAD_METRICS, cached_head_result, output_norm
 from analysis.loading import LoadedModel
 
 DEFAULT_METRICS = ("magnitude", "wanda_sp", "flap_wifv")  # no more than a pass each
@@ -136,7 +136,7 @@ def head_features(
     stats = cached_attention_stats(lm, windows, cache, progress)
     columns = [getattr(stats, name) for name in STATISTICS]
     columns.append(output_norm(lm.arch, windows).clamp_min(1e-12).log10())
-    columns += [torch.tensor(cached_head_scores(lm, windows, m, cache=cache), dtype=torch.float64) for m in metrics]
+    columns += [torch.tensor(cached_head_result(lm, windows, m, cache=cache).scores).double() for m in metrics]
     names = [*STATISTICS, "log10_output_norm", *metrics]
     return names, torch.stack([c.flatten() for c in columns], dim=1)
 

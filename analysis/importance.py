@@ -452,18 +452,6 @@ def cached_head_result(
     return HeadScores(value["metric"], value["scores"], value["details"])
 
 
-def cached_head_scores(
-    lm: LoadedModel,
-    windows: Windows,
-    metric: str,
-    layers: Sequence[int] | None = None,
-    cache: DiskCache | None = None,
-    progress: Progress | None = None,
-) -> list[list[float | None]]:
-    """A head metric as rows per layer (None outside ``layers``), read from the disk cache when seen."""
-    return cached_head_result(lm, windows, metric, layers, cache, progress).scores
-
-
 @dataclass(frozen=True)
 class MetricAgreement:
     """Where head metrics agree: pairwise Spearman rank correlation and overlap of their k cheapest heads."""

@@ -77,6 +77,14 @@ def session_cache(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """An empty result cache (and fingerprint memo) of this test's own, exported via $HEADROOM_CACHE."""
+    root = tmp_path / "headroom-cache"
+    monkeypatch.setenv("HEADROOM_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def default_model(session_cache):
     """The real embedded SmolLM2-135M-Instruct, converted once for the whole run."""

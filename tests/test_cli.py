@@ -44,12 +44,7 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own empty result cache (and fingerprint memo) via $HEADROOM_CACHE."""
-    root = tmp_path / "headroom-cache"
-    monkeypatch.setenv("HEADROOM_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every test gets its own empty result cache
 
 
 def run_eval(capsys, *args: str) -> dict:

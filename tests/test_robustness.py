@@ -58,11 +58,7 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "headroom-cache"
-    monkeypatch.setenv("HEADROOM_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every test gets its own empty result cache
 
 
 def mask_obj(**fields) -> dict:
