@@ -345,7 +345,8 @@ def integrated_gradients(
 
     IG is linear in the function, so the attribution of the mean loss is the mean of the per-window
     attributions: captum runs one window at a time (one step per backward pass), which bounds memory
-    by one window's autograd graph. Cost: ``windows x (steps + 2)`` forward and backward passes.
+    by one window's autograd graph. Cost per window: ``steps`` forward and backward passes, and two
+    forward passes for the end points of the completeness check.
 
     Refused for families with a post-attention norm (Gemma): that norm is scale-invariant, so when
     all gates of a layer shrink together the loss does not change until they are within ~sqrt(eps)
@@ -372,13 +373,12 @@ def integrated_gradients(
                 current[:] = [g[0]]
                 return _loss(arch, ids).reshape(1)
 
-            attribution, _ = IntegratedGradients(loss_at).attribute(
+            attribution = IntegratedGradients(loss_at).attribute(
                 gates,
                 baselines=torch.zeros_like(gates),
                 n_steps=steps,
                 method="gausslegendre",
                 internal_batch_size=1,
-                return_convergence_delta=True,
             )
             total += attribution[0].double()
             with torch.no_grad():
