@@ -302,12 +302,9 @@ def cmd_head_map(args: argparse.Namespace) -> dict[str, Any]:
     windows = _windows(lm, args, args.text)
     start = time.perf_counter()
     head_map = cached_head_map(lm, windows, args.metrics, args.clusters, args.seed, progress=_progress("head map"))
-    members: dict[str, list[str]] = {}
-    for (layer, head), cluster in zip(head_map.heads, head_map.clusters, strict=True):
-        members.setdefault(str(cluster), []).append(f"L{layer}.H{head}")
     return {
         "map": head_map.to_json(),
-        "cluster_members": members,
+        "cluster_members": head_map.cluster_members(),
         "windows": windows.metadata(),
         "model": lm.card(),
         "seconds": round(time.perf_counter() - start, 3),

@@ -66,6 +66,13 @@ class HeadMap:
             table[f"mean {name}"] = [float(values[assigned == k, i].mean()) for k in labels]
         return table
 
+    def cluster_members(self) -> dict[str, list[str]]:
+        """Per cluster label, its heads as ``L<layer>.H<head>``, in layer order."""
+        members: dict[str, list[str]] = {}
+        for (layer, head), cluster in zip(self.heads, self.clusters, strict=True):
+            members.setdefault(str(cluster), []).append(f"L{layer}.H{head}")
+        return members
+
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> HeadMap:
         def rows(key: str) -> tuple:

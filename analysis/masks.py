@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,13 @@ class Mask:
         row[head] = keep
         heads = (*self.heads[:layer], tuple(row), *self.heads[layer + 1 :])
         return replace(self, heads=heads)
+
+    def with_heads(self, cells: Iterable[tuple[int, int]], keep: bool) -> Mask:
+        """Keep (or prune) every ``(layer, head)`` of ``cells``."""
+        rows = [list(row) for row in self.heads]
+        for layer, head in cells:
+            rows[layer][head] = keep
+        return replace(self, heads=tuple(tuple(row) for row in rows))
 
     def with_layer(self, layer: int, *, drop_qk: bool | None = None, alpha: float | None = None) -> Mask:
         drops = set(self.drop_qk)

@@ -51,8 +51,7 @@ def preset(name: str, metric: str, k: int) -> None:
             raise HeadroomError("no HARP result in this session yet; run HARP on the HARP page first")
         mask = ui.harp_result(lm, run).mask
     elif name == "lowest heads of a metric":
-        for layer, head in ui.cheapest_heads(lm, ui.windows(lm, ui.CALIB_TEXT), metric, k):
-            mask = mask.with_head(layer, head, False)
+        mask = mask.with_heads(ui.cheapest_heads(lm, ui.windows(lm, ui.CALIB_TEXT), metric, k), False)
     ui.change_mask(lm, mask)
 
 

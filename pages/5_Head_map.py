@@ -8,7 +8,6 @@ import streamlit as st
 import ui
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, HeadMap
 from analysis.importance import HEAD_METRICS
-from analysis.masks import Mask
 
 ui.page(
     "Head map",
@@ -84,12 +83,6 @@ def chosen_heads(event: object, head_map: HeadMap, clusters: list[int]) -> list[
     return sorted(picked)
 
 
-def apply(mask: Mask, heads: list[tuple[int, int]], keep: bool) -> Mask:
-    for layer, head in heads:
-        mask = mask.with_head(layer, head, keep)
-    return mask
-
-
 with ui.guard():
     lm = ui.model()
     ui.sidebar_summary(lm)
@@ -128,7 +121,9 @@ with ui.guard():
     prune, keep = st.columns(2)
     mask = ui.current_mask(lm)
     prune.button(
-        "Prune these heads", disabled=not heads, on_click=ui.safe(ui.change_mask, lm, apply(mask, heads, False))
+        "Prune these heads", disabled=not heads, on_click=ui.safe(ui.change_mask, lm, mask.with_heads(heads, False))
     )
-    keep.button("Keep these heads", disabled=not heads, on_click=ui.safe(ui.change_mask, lm, apply(mask, heads, True)))
+    keep.button(
+        "Keep these heads", disabled=not heads, on_click=ui.safe(ui.change_mask, lm, mask.with_heads(heads, True))
+    )
     st.caption(f"Editor's mask now: {ui.describe(mask)}")
