@@ -70,6 +70,16 @@ class Mask:
             fingerprint=fingerprint,
         )
 
+    @classmethod
+    def drop_qk_top(cls, shape: ModelShape, model_name: str, n: int, alpha: float) -> Mask:
+        """The top ``n`` layers in drop-QK mode, all with branch scale ``alpha``.
+
+        With alpha = 1 this is HARP before its search; with alpha = 0 the top attention branches are gone.
+        """
+        if not 0 <= n <= shape.num_layers:
+            raise HeadroomError(f"cannot put {n} layers in drop-QK mode: the model has {shape.num_layers} layers")
+        return cls.unpruned(shape, model_name).with_drop_qk(range(shape.num_layers - n, shape.num_layers), alpha)
+
     @property
     def num_layers(self) -> int:
         return len(self.heads)
@@ -119,6 +129,13 @@ class Mask:
         if alpha is not None:
             alphas[layer] = _check_alpha(alpha, f"alpha of layer {layer}")
         return replace(self, drop_qk=frozenset(drops), alpha=tuple(alphas))
+
+    def with_drop_qk(self, layers: Iterable[int], alpha: float = 1.0) -> Mask:
+        """``layers`` in drop-QK mode, each with branch scale ``alpha`` (1: no rescaling yet)."""
+        mask = self
+        for layer in layers:
+            mask = mask.with_layer(layer, drop_qk=True, alpha=alpha)
+        return mask
 
     def with_bias(self, layer: int, values: Iterable[float] | None) -> Mask:
         """Add ``values`` to o_proj's output in ``layer`` (None removes the layer's bias)."""
