@@ -448,9 +448,11 @@ def _layer_cost(shape: ModelShape, spec: LayerSpec, seq_len: int) -> _LayerCost:
     if spec.drop_qk:
         params = proj(groups) + o_params
         return _LayerCost(params, 0, 2 * (groups + q) * hd * d)
-    params = proj(q) + 2 * proj(groups) + o_params + (shape.qk_norm_params_per_layer if q else 0)
+    # q and k rows computed: the kept heads', or every head's where the q/k norms span all heads (OLMo2)
+    q_rows, k_rows = (shape.num_heads, shape.num_kv_heads) if shape.qk_norm_spans_heads and q else (q, groups)
+    params = proj(q_rows) + proj(k_rows) + proj(groups) + o_params + (shape.qk_norm_params_per_layer if q else 0)
     kv = 2 * groups * hd * shape.bytes_per_element
-    flops = 2 * (2 * q + 2 * groups) * hd * d + 4 * q * hd * seq_len
+    flops = 2 * (q_rows + q + k_rows + groups) * hd * d + 4 * q * hd * seq_len
     return _LayerCost(params, kv, flops)
 
 

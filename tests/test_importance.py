@@ -20,7 +20,7 @@ from analysis.importance import (
     o_proj_input_stats,
     wanda_sp,
 )
-from tests.conftest import random_windows, tiny_model
+from tests.conftest import qkv_weights, random_windows, tiny_model
 
 HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
 
@@ -119,9 +119,9 @@ def test_magnitude_equals_direct_norms(tiny_arch):
     assert scores.dtype == torch.float64 and scores.shape == (4, 6)
     hd = tiny_arch.shape.head_dim
     for layer, head in HEADS:
-        q, _, _, o = tiny_arch.projections(layer)
-        rows = q.weight.double()[head * hd : (head + 1) * hd, :]
-        columns = o.weight.double()[:, head * hd : (head + 1) * hd]
+        q, o = qkv_weights(tiny_arch, layer)[0][0], tiny_arch.attention(layer).o_proj.weight
+        rows = q.double()[head * hd : (head + 1) * hd, :]
+        columns = o.double()[:, head * hd : (head + 1) * hd]
         expected = math.sqrt((rows**2).sum().item()) + math.sqrt((columns**2).sum().item())
         assert scores[layer, head].item() == pytest.approx(expected, rel=1e-9)
 
@@ -137,7 +137,7 @@ def test_zeroed_o_proj_columns_score_zero_in_wanda_sp_and_lower_in_magnitude(tin
     assert wanda_sp(tiny_arch, stats)[layer].count_nonzero() == 5
     after = magnitude(tiny_arch)
     assert after[layer, head] < before[layer, head]
-    q_rows = tiny_arch.attention(layer).q_proj.weight.double()[head * hd : (head + 1) * hd]
+    q_rows = qkv_weights(tiny_arch, layer)[0][0].double()[head * hd : (head + 1) * hd]
     assert after[layer, head].item() == pytest.approx(q_rows.norm().item(), rel=1e-9)
     assert flap_wifv(tiny_arch, stats)[layer].argmin().item() == head
     assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
