@@ -12,6 +12,8 @@ Per layer the hooks do three things:
   same as removing that head's q_proj rows and o_proj columns;
 * drop-QK: the attention module's forward is replaced by the per-token map
   ``o_proj(repeat_kv(v_proj(x)))`` (each token attends only to itself, see method.md);
+* bias (mask v2): a vector added to o_proj's output, in drop-QK layers too, so before any
+  post-attention norm and before alpha;
 * alpha: the attention branch is scaled where it joins the residual stream, i.e. after Gemma's
   post-attention norm (``Architecture.branch_output``); alpha = 0 skips the branch entirely.
 """
@@ -40,6 +42,7 @@ class _Plan:
     gates: dict[int, torch.Tensor]  # layer -> multiplier for the o_proj input (num_heads * head_dim)
     drop_qk: frozenset[int]
     alpha: dict[int, float]  # layer -> alpha, only where alpha != 1
+    bias: dict[int, torch.Tensor]  # layer -> added to o_proj's output (hidden_size)
 
 
 _ACTIVE: ContextVar[dict[int, _Plan] | None] = ContextVar("headroom_active_plans", default=None)
@@ -65,7 +68,13 @@ def _make_plan(arch: Architecture, mask: Mask) -> _Plan:
             gate = torch.tensor(row, dtype=weight.dtype, device=weight.device)
             gates[layer] = gate.repeat_interleave(shape.head_dim)
     alpha = {i: a for i, a in enumerate(mask.alpha) if a != 1.0}
-    return _Plan(gates=gates, drop_qk=frozenset(mask.drop_qk), alpha=alpha)
+    bias = {}
+    for layer, values in mask.bias:
+        if len(values) != shape.hidden_size:
+            raise ValueError(f"bias of layer {layer} has {len(values)} values, the hidden size is {shape.hidden_size}")
+        weight = arch.attention(layer).o_proj.weight
+        bias[layer] = torch.tensor(values, dtype=weight.dtype, device=weight.device)
+    return _Plan(gates=gates, drop_qk=frozenset(mask.drop_qk), alpha=alpha, bias=bias)
 
 
 def drop_qk_attention(attn: nn.Module, hidden: torch.Tensor, shape: ModelShape) -> torch.Tensor:
@@ -91,6 +100,12 @@ def _install(arch: Architecture) -> list[Any]:
                 return None
             return (args[0] * plan.gates[layer], *args[1:])
 
+        def add_bias(module: nn.Module, args: tuple, output: torch.Tensor, layer: int = layer) -> torch.Tensor | None:
+            plan = _plan(arch)
+            if plan is None or layer not in plan.bias:
+                return None
+            return output + plan.bias[layer]
+
         def scale_branch(module: nn.Module, args: tuple, output: Any, layer: int = layer) -> Any:
             plan = _plan(arch)
             if plan is None or layer not in plan.alpha:
@@ -114,6 +129,7 @@ def _install(arch: Architecture) -> list[Any]:
             return drop_qk_attention(attn, hidden, arch.shape), None
 
         undo.append(attn.o_proj.register_forward_pre_hook(gate_input))
+        undo.append(attn.o_proj.register_forward_hook(add_bias))
         undo.append(arch.branch_output(layer).register_forward_hook(scale_branch))
         attn.forward = forward
         undo.append(attn)

@@ -182,8 +182,8 @@ def _delete_heads_row(obj):
 INVALID = {
     "format": (_set(("format",), "headroom.mask2"), "'format' must be \"headroom.mask\", got 'headroom.mask2'"),
     "format-missing": (lambda obj: obj.pop("format"), "'format' must be \"headroom.mask\", got None"),
-    "version": (_set(("version",), 2), "'version' must be 1, got 2"),
-    "version-string": (_set(("version",), "1"), "'version' must be 1, got '1'"),
+    "version": (_set(("version",), 3), "'version' must be 1 or 2, got 3"),
+    "version-string": (_set(("version",), "1"), "'version' must be 1 or 2, got '1'"),
     "unknown-key": (_set(("layers",), []), "unknown keys ['layers']; allowed keys are"),
     "heads-rows": (_delete_heads_row, "'heads' must have 30 rows (one per layer), got 29"),
     "heads-not-list": (_set(("heads",), {"0": [1] * 9}), "'heads' must have 30 rows (one per layer), got dict"),
@@ -271,7 +271,7 @@ def test_all_problems_are_listed_in_one_error():
     message = str(info.value)
     assert message.startswith("invalid mask: ")
     for part in (
-        "'version' must be 1, got 3",
+        "'version' must be 1 or 2, got 3",
         "unknown keys ['extra']",
         "heads[2] must have 9 entries (one per query head), got 8",
         "drop_qk entry 31 is not a layer index in 0..29",

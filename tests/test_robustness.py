@@ -147,8 +147,8 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
         return [*ev[:3], "--text", str(big)], "the limit is 64 MiB", "Use a shorter excerpt"
     if case == "mask-of-unknown-version":
         return (
-            with_mask(mask_obj(version=2)),
-            "'version' must be 1, got 2",
+            with_mask(mask_obj(version=3)),
+            "'version' must be 1 or 2, got 3",
             "Fix the file, or make the mask with Headroom",
         )
     if case == "mask-with-a-layer-out-of-range":
