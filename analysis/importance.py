@@ -492,3 +492,29 @@ def metric_agreement(scores: dict[str, torch.Tensor], k: int) -> MetricAgreement
         rho.append(tuple(rho_row))
         overlap.append(tuple(overlap_row))
     return MetricAgreement(metrics=names, spearman=tuple(rho), top_k_overlap=tuple(overlap), k=k)
+
+
+# ---- head orders ----------------------------------------------------------------------------------
+
+
+def lowest_heads(scores: list[list[float | None]], k: int) -> list[tuple[int, int]]:
+    """The ``k`` lowest-scored (layer, head) pairs among the scored ones, ties by layer then head."""
+    scored = [
+        (s, layer, head) for layer, row in enumerate(scores) if row for head, s in enumerate(row) if s is not None
+    ]
+    return [(layer, head) for _, layer, head in sorted(scored)[:k]]
+
+
+def cheapest_heads(scores: list[list[float | None]], metric: str, k: int) -> list[tuple[int, int]]:
+    """The k heads ``metric``'s scores mark cheapest to remove: its lowest, or for pattern statistics its highest."""
+    if metric in DESCRIPTIVE_METRICS:
+        scores = [[None if v is None else -v for v in row] if row else row for row in scores]
+    return lowest_heads(scores, k)
+
+
+def ranks(rows: list[list[float | None]]) -> list[list[int | None]]:
+    """Rank of every scored head among all scored heads, 1 = lowest (the first a pruner removes)."""
+    width = max(len(row) for row in rows if row)
+    order = lowest_heads(rows, sum(s is not None for row in rows if row for s in row))
+    rank = {cell: i + 1 for i, cell in enumerate(order)}
+    return [[rank.get((layer, head)) for head in range(width)] for layer in range(len(rows))]

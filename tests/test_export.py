@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
-import ui
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.cli import main
@@ -33,7 +31,9 @@ from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 from tests.conftest import FAMILY_TYPES, random_windows, tiny_model
+from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -403,9 +403,7 @@ def test_compact_export_of_a_harp_mask_round_trips_perplexity_and_saves_kv(defau
 @pytest.mark.slow
 def test_export_page_writes_the_export_and_offers_the_mask(default_model, tmp_path):
     mask = Mask.unpruned(default_model.shape, default_model.name).with_drop_qk([29]).with_layer(29, alpha=0.5)
-    at = AppTest.from_file(str(ROOT / "pages" / "7_Export.py"), default_timeout=300)
-    at.session_state[ui.MASK] = mask.to_json()
-    at.session_state[ui.MAX_TOKENS] = 512
+    at = open_page("app_pages/7_Export.py", {session.MASK: mask.to_json(), session.MAX_TOKENS: 512}, timeout_s=300)
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     at.text_input(key="export_folder").set_value(str(tmp_path / "page-export"))
