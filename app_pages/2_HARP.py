@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from analysis.baselines import AXES, saved
-from analysis.harp import top_layers
+from analysis.harp import DEFAULT_GRID, top_layers
 from ui import backend, plots, session
 
 AXIS_LABELS = {
@@ -39,6 +39,10 @@ with st.form("harp"):
         )
 
 run = st.session_state.get(session.HARP_RUN)
+planned = run or backend.HarpRun(tuple(top_layers(num_layers, min(4, num_layers))), DEFAULT_GRID, 0)
+candidates = len(planned.layers) * len(planned.grid)
+size = f"A search of {len(planned.layers)} layers x {len(planned.grid)} alphas: "
+st.caption(size + backend.harp_job(lm).expected(candidates))
 if run is None:
     st.info("Choose the layers and the grid, then run HARP. A run seen before comes from the disk cache.")
     st.stop()
@@ -96,6 +100,7 @@ right.plotly_chart(fig)
 
 st.subheader("Matched-budget comparison on held-out text")
 axis = st.radio("Match the baselines on", AXES, format_func=AXIS_LABELS.get, horizontal=True)
+st.caption("Comparison: " + backend.compare_job(lm).expected())
 if st.button("Compare with the baselines") or st.session_state.get("compared") == (run, axis):
     st.session_state["compared"] = (run, axis)
     comparison = backend.comparison(lm, run, axis)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from analysis.cache import DiskCache
 from analysis.corpus import load_text, make_windows
 from analysis.drift import harp_drift
 from analysis.evaluation import perplexity
@@ -20,6 +21,7 @@ from analysis.harp import harp
 from analysis.importance import HEAD_METRICS, block_influence
 from analysis.loading import load_model
 from analysis.masks import Mask, budget, mask_from_query, mask_to_query, parse_mask
+from analysis.throughput import duration_text, measured_rate
 from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text
 from ui import plots, session
@@ -156,12 +158,18 @@ def test_two_sessions_with_different_masks_see_their_own_numbers(tiny, lm):
 def test_harp_page_runs_a_search_and_sends_it_to_the_editor(tiny, lm):
     at = ok(page("app.py", tiny).run())
     ok(at.switch_page("app_pages/2_HARP.py").run())
+    assert any("no estimate yet" in c.value for c in at.caption)  # nothing measured on this model yet
     at.number_input[0].set_value(2)  # N
     at.number_input[1].set_value(0.5)  # grid step: 0, 0.5, 1
     ok(at.button[0].click().run())
     calib = windows(lm, tiny[session.CALIB_TEXT])
     expected = harp(lm.arch, lm.name, calib, [2, 3], (0.0, 0.5, 1.0))
     assert shown(at, "Calibration perplexity, HARP (searched alpha)") == f"{expected.calib_perplexity:.3f}"
+    rate = measured_rate(DiskCache(), lm.fingerprint, "harp")  # the run measured its own speed
+    assert (rate.runs, rate.last_units, rate.unit) == (1, 6, "candidates")
+    ok(at.run())
+    estimate = f"about {duration_text(rate.seconds(6))} for 6 candidates (measured here"
+    assert any(estimate in c.value for c in at.caption)
     ok(at.button[[b.label for b in at.button].index("Send to the mask editor")].click().run())
     assert parse_mask(at.session_state[session.MASK], lm.shape, lm.name) == expected.mask
     evaluated = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), expected.mask).perplexity

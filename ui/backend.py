@@ -28,7 +28,7 @@ from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import HeadScores, attention_block_influence, block_influence, cached_head_result
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
-from ui.progress import progress_bar
+from ui.progress import Job, progress_bar
 from ui.session import CALIB_TEXT, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
 
 
@@ -108,9 +108,27 @@ def live_perplexity(lm: LoadedModel, evaluation: Windows, mask: Mask) -> Perplex
         return slot.evaluator.perplexity(mask)
 
 
+def job(lm: LoadedModel, name: str, unit: str) -> Job:
+    """A long job on ``lm`` whose measured speed the disk cache remembers for the next estimate."""
+    return Job(disk_cache(), lm.fingerprint, name, unit)
+
+
+def harp_job(lm: LoadedModel) -> Job:
+    return job(lm, "harp", "candidates")
+
+
+def compare_job(lm: LoadedModel) -> Job:
+    return job(lm, "compare", "masks")
+
+
+def metric_job(lm: LoadedModel, metric: str) -> Job:
+    """Scoring heads by ``metric``: ablation steps through heads, every other metric through windows."""
+    return job(lm, f"head_metric_{metric}", "heads" if metric == "ablation" else "windows")
+
+
 def head_result(lm: LoadedModel, calib: Windows, metric: str, layers: Sequence[int] | None = None) -> HeadScores:
     """A head metric and its details on the calibration windows, from the disk cache when seen, else with progress."""
-    with progress_bar(f"Scoring heads by {metric}") as bar:
+    with progress_bar(f"Scoring heads by {metric}", metric_job(lm, metric)) as bar:
         return cached_head_result(lm, calib, metric, layers, disk_cache(), bar)
 
 
@@ -128,7 +146,7 @@ def cheapest_heads(lm: LoadedModel, calib: Windows, metric: str, k: int) -> list
 
 def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: int, seed: int) -> HeadMap:
     """The head map on the calibration windows (disk-cached; the first UMAP run also compiles numba code)."""
-    with progress_bar("Measuring head features and projecting them") as bar:
+    with progress_bar("Measuring head features and projecting them", job(lm, "head_map", "batches")) as bar:
         return cached_head_map(lm, calib, metrics, clusters, seed, disk_cache(), bar)
 
 
@@ -158,14 +176,14 @@ class HarpRun:
 def harp_result(lm: LoadedModel, run: HarpRun) -> HarpResult:
     """HARP for ``run``: from the disk cache when seen, else searched with progress."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
-    with progress_bar(f"HARP: searching alpha on layers {list(run.layers)}") as bar:
+    with progress_bar(f"HARP: searching alpha on layers {list(run.layers)}", harp_job(lm)) as bar:
         return cached_harp(lm, calib, run.layers, run.grid, disk_cache(), bar)
 
 
 def comparison(lm: LoadedModel, run: HarpRun, axis: str) -> Comparison:
     """HARP against the baselines matched on ``axis``, on the session's evaluation windows."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
-    with progress_bar(f"Building and evaluating baselines matched on {axis}") as bar:
+    with progress_bar(f"Building and evaluating baselines matched on {axis}", compare_job(lm)) as bar:
         return compare(lm, calib, windows(lm), run.layers, axis, run.grid, bar)
 
 
