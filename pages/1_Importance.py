@@ -8,12 +8,11 @@ import torch
 
 import ui
 from analysis.attention_patterns import attention_pattern
-from analysis.importance import HEAD_METRICS, metric_agreement
+from analysis.importance import CHEAP_METRICS, HEAD_METRICS, metric_agreement
 
 ui.page(
     "Importance", "Head scores on the calibration windows; low means cheap to remove. Click a cell for its details."
 )
-CHEAP = ("magnitude", "wanda_sp", "flap_wifv")  # one pass or none; the default comparison set
 
 with ui.guard():
     lm = ui.model()
@@ -54,7 +53,7 @@ with ui.guard():
 
     st.subheader("Agreement between metrics")
     chosen = st.multiselect(
-        "Metrics to compare", list(HEAD_METRICS), default=[m for m in HEAD_METRICS if m in CHEAP or m == metric]
+        "Metrics to compare", list(HEAD_METRICS), default=[m for m in HEAD_METRICS if m in CHEAP_METRICS or m == metric]
     )
     compared = st.toggle("Compare these metrics (each is computed once, then read from the cache)", key="compare")
     loaded = {metric: scores}
