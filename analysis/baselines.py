@@ -55,7 +55,7 @@ def flap_compensation(arch: Architecture, mask: Mask, stats: OProjStats) -> Mask
         if all(row) or layer in mask.drop_qk or mask.alpha[layer] == 0.0:
             continue
         pruned = torch.tensor([not keep for keep in row]).repeat_interleave(shape.head_dim)
-        weight = arch.attention(layer).o_proj.weight.detach().to("cpu", torch.float64)
+        weight = arch.output_projection(layer).weight.detach().to("cpu", torch.float64)
         mask = mask.with_bias(layer, (weight @ (stats.mean[layer] * pruned)).tolist())
     return mask
 

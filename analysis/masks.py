@@ -162,6 +162,21 @@ class Mask:
             out["bias_layers"] = [i for i, _ in self.bias]
         return out
 
+    def describe(self) -> str:
+        """One line for people: 'unpruned' or what the mask changes (heads, drop-QK layers, alphas)."""
+        if self.is_unpruned:
+            return "unpruned"
+        parts = [f"{self.pruned_heads} heads pruned"] if self.pruned_heads else []
+        if self.drop_qk:
+            parts.append(f"drop-QK on layers {sorted(self.drop_qk)}")
+        removed = [i for i, a in enumerate(self.alpha) if a == 0.0]
+        if removed:
+            parts.append(f"attention removed on layers {removed}")
+        scaled = {i: a for i, a in enumerate(self.alpha) if a not in (0.0, 1.0)}
+        if scaled:
+            parts.append("alpha " + ", ".join(f"{i}: {a:g}" for i, a in scaled.items()))
+        return "; ".join(parts)
+
     def cache_key(self) -> dict[str, Any]:
         """What the mask does, without its name, note or fingerprint (a mask without bias keys as in v1)."""
         obj = self.to_json()
@@ -448,9 +463,11 @@ def _layer_cost(shape: ModelShape, spec: LayerSpec, seq_len: int) -> _LayerCost:
     if spec.drop_qk:
         params = proj(groups) + o_params
         return _LayerCost(params, 0, 2 * (groups + q) * hd * d)
-    params = proj(q) + 2 * proj(groups) + o_params + (shape.qk_norm_params_per_layer if q else 0)
+    # q and k rows computed: the kept heads', or every head's where the q/k norms span all heads (OLMo2)
+    q_rows, k_rows = (shape.num_heads, shape.num_kv_heads) if shape.qk_norm_spans_heads and q else (q, groups)
+    params = proj(q_rows) + proj(k_rows) + proj(groups) + o_params + (shape.qk_norm_params_per_layer if q else 0)
     kv = 2 * groups * hd * shape.bytes_per_element
-    flops = 2 * (2 * q + 2 * groups) * hd * d + 4 * q * hd * seq_len
+    flops = 2 * (q_rows + q + k_rows + groups) * hd * d + 4 * q * hd * seq_len
     return _LayerCost(params, kv, flops)
 
 
@@ -481,3 +498,60 @@ def budget(mask: Mask, shape: ModelShape, seq_len: int) -> Budget:
         attention_flops_per_token_unpruned=fl0,
         attention_flops_per_token_saved=fl0 - fl,
     )
+
+
+# ---- the mask in a link --------------------------------------------------------------------------
+# `pruned=5:0.3,29:4` (layer:heads), `drop_qk=26,27`, `alpha=26:0.2,27:0.8`: the same mask as the v1
+# JSON, short enough for a URL. Alphas are written so that they read back exactly.
+QUERY_KEYS = ("pruned", "drop_qk", "alpha")
+
+
+def _exact(value: float) -> str:
+    """The shortest text that reads back as exactly ``value``: '0.5', and every digit when they matter."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
+
+
+def mask_to_query(mask: Mask) -> dict[str, str]:
+    """The mask as query-string values (only :data:`QUERY_KEYS`); empty for the unpruned mask."""
+    pruned = [
+        f"{layer}:" + ".".join(str(h) for h, keep in enumerate(row) if not keep)
+        for layer, row in enumerate(mask.heads)
+        if not all(row)
+    ]
+    query = {
+        "pruned": ",".join(pruned),
+        "drop_qk": ",".join(str(i) for i in sorted(mask.drop_qk)),
+        "alpha": ",".join(f"{layer}:{_exact(a)}" for layer, a in enumerate(mask.alpha) if a != 1.0),
+    }
+    return {k: v for k, v in query.items() if v}
+
+
+def mask_from_query(query: dict[str, str], shape: ModelShape, model_name: str, fingerprint: str | None = None) -> Mask:
+    """Inverse of :func:`mask_to_query`, validated like a mask file (HeadroomError says what is wrong)."""
+
+    def pairs(key: str) -> Iterable[tuple[int, str]]:
+        for item in filter(None, query.get(key, "").split(",")):
+            layer, sep, rest = item.partition(":")
+            if not sep or not layer.isdigit():
+                raise HeadroomError(f"the link's '{key}' entry '{item}' is not 'layer:value'")
+            yield int(layer), rest
+
+    try:
+        heads = [[1] * shape.num_heads for _ in range(shape.num_layers)]
+        for layer, rest in pairs("pruned"):
+            for head in rest.split("."):
+                heads[layer][int(head)] = 0
+        obj = {
+            "format": FORMAT,
+            "version": VERSION,
+            "heads": heads,
+            "drop_qk": [int(i) for i in filter(None, query.get("drop_qk", "").split(","))],
+            "alpha": {str(layer): float(value) for layer, value in pairs("alpha")},
+        }
+    except (ValueError, IndexError) as e:
+        raise HeadroomError(f"the link's mask does not fit this model ({e})") from None
+    try:
+        return parse_mask(obj, shape, model_name, fingerprint)
+    except HeadroomError as e:
+        raise HeadroomError(f"the link's mask is invalid: {e}") from None

@@ -252,7 +252,7 @@ def o_proj_outputs(arch: Architecture, windows, mask: Mask | None, layer: int) -
     """Every token's o_proj output in ``layer`` under ``mask`` (bias included), ``[tokens, hidden]``."""
     seen = []
     with apply_mask(arch, mask):
-        handle = arch.attention(layer).o_proj.register_forward_hook(lambda m, a, out: seen.append(out.flatten(0, -2)))
+        handle = arch.output_projection(layer).register_forward_hook(lambda m, a, out: seen.append(out.flatten(0, -2)))
         try:
             with torch.no_grad():
                 arch.model(input_ids=windows.input_ids)

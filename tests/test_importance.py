@@ -19,12 +19,15 @@ from analysis.importance import (
     HEAD_METRICS,
     attention_block_influence,
     block_influence,
+    cheapest_heads,
     flap_wifv,
     gradient,
     gradient_normalized,
+    lowest_heads,
     magnitude,
     o_proj_input_stats,
     ranking_metrics,
+    ranks,
     wanda_sp,
 )
 from tests.conftest import random_windows, tiny_model
@@ -398,3 +401,11 @@ def test_metric_agreement_spearman_and_top_k_overlap():
     assert rho["a"][3] == pytest.approx(1.0)  # over layer 1 only, where both scored
     assert overlap["a"][0] == 1.0 and overlap["a"][1] == 0.0 and overlap["a"][2] == 1.0
     assert agreement.to_json()["k"] == 2
+
+
+def test_head_orders_by_hand():
+    scores = [[0.5, None, 0.1], None, [0.1, 2.0, -1.0]]  # layer 1 not scored
+    assert lowest_heads(scores, 3) == [(2, 2), (0, 2), (2, 0)]  # the tie at 0.1 goes to the lower layer
+    assert ranks(scores) == [[4, None, 2], [None, None, None], [3, 5, 1]]
+    assert cheapest_heads(scores, "magnitude", 2) == [(2, 2), (0, 2)]
+    assert cheapest_heads(scores, "attention_entropy", 2) == [(2, 1), (0, 0)]  # pattern statistics: highest first
