@@ -20,13 +20,11 @@ from analysis.architecture import Architecture, ModelShape
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.importance import (
+    HEAD_METRICS,
     OProjStats,
     attention_block_influence,
-    flap_wifv,
-    gradient,
-    magnitude,
     o_proj_input_stats,
-    wanda_sp,
+    ranking_metrics,
 )
 from analysis.masks import Budget, Mask, budget
 
@@ -35,15 +33,31 @@ log = logging.getLogger(__name__)
 AXES = ("params", "kv", "flops")
 ALLOCATIONS = ("global", "uniform")
 _UNITS = {"params": "attention parameters", "kv": "KV-cache bytes per token", "flops": "attention FLOPs per token"}
+# Head metrics the matched baselines prune by: those that rank heads at no more than a backward pass per
+# window (the leave-one-out ablation, at minutes per model, belongs to an explicit request).
+BASELINE_METRICS = ranking_metrics("backward")
+COMPENSATED = "flap_wifv-global-compensated"  # FLAP as published: its adaptive allocation with bias compensation
 
 
-# Head scores the matched baselines prune by (the importance metrics cheap enough for every comparison).
-HEAD_SCORERS: dict[str, Callable[[Architecture, Windows, OProjStats], torch.Tensor]] = {
-    "wanda_sp": lambda arch, calib, stats: wanda_sp(arch, stats),
-    "magnitude": lambda arch, calib, stats: magnitude(arch),
-    "flap_wifv": lambda arch, calib, stats: flap_wifv(arch, stats),
-    "gradient": lambda arch, calib, stats: gradient(arch, calib),
-}
+def flap_compensation(arch: Architecture, mask: Mask, stats: OProjStats) -> Mask:
+    """``mask`` with FLAP's bias compensation in every layer where it prunes query heads.
+
+    Source: An et al., FLAP (AAAI 2024), code CASIA-IVA-Lab/FLAP ``lib/prune.py`` (``compress``): the
+    pruned o_proj input channels P of a layer contribute ``W_o[:, P] @ mean(X_P)`` on average over the
+    calibration tokens; adding that as an o_proj bias (mask v2 ``bias``) keeps the layer's mean output
+    on calibration data what it was unpruned. ``stats`` are o_proj input statistics of the unpruned
+    model, as FLAP measures them. Drop-QK layers and removed branches (alpha = 0) get no bias: their
+    o_proj input is not the one measured, or there is no branch left. A layer without pruned heads
+    keeps whatever bias the mask had.
+    """
+    shape = arch.shape
+    for layer, row in enumerate(mask.heads):
+        if all(row) or layer in mask.drop_qk or mask.alpha[layer] == 0.0:
+            continue
+        pruned = torch.tensor([not keep for keep in row]).repeat_interleave(shape.head_dim)
+        weight = arch.output_projection(layer).weight.detach().to("cpu", torch.float64)
+        mask = mask.with_bias(layer, (weight @ (stats.mean[layer] * pruned)).tolist())
+    return mask
 
 
 def saved(b: Budget, axis: str) -> int:
@@ -87,6 +101,7 @@ def prune_heads(
     axis: str,
     seq_len: int,
     allocation: str = "global",
+    finish: Callable[[Mask], Mask] | None = None,
 ) -> Mask:
     """Prune the lowest-scored query heads until the mask saves at least ``target`` on ``axis``.
 
@@ -98,6 +113,9 @@ def prune_heads(
     (grouped-query attention is counted exactly by ``masks.budget``), so the walk goes on past heads
     that save nothing by themselves until whole groups are gone; the result is the cheapest prefix
     that reaches the target, which is what a matched budget means.
+
+    ``finish`` completes each candidate before its budget is counted (FLAP's compensation adds an
+    o_proj bias, which costs parameters where the family has none).
     """
     if tuple(scores.shape) != (shape.num_layers, shape.num_heads):
         raise ValueError(f"scores are {tuple(scores.shape)}, the model is {shape.num_layers} x {shape.num_heads}")
@@ -128,7 +146,8 @@ def prune_heads(
         limit = f"with {shape.num_heads - 1} of {shape.num_heads} heads pruned in every layer"
     else:
         raise HeadroomError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
-    return _first_reaching(walk(), shape, target, axis, seq_len, f"{allocation} head pruning", limit)
+    masks = walk() if finish is None else map(finish, walk())
+    return _first_reaching(masks, shape, target, axis, seq_len, f"{allocation} head pruning", limit)
 
 
 def remove_attention_layers(
@@ -164,14 +183,15 @@ def matched_baselines(
 ) -> dict[str, Mask]:
     """Every baseline, matched to what ``reference`` saves on ``axis`` at ``seq_len``.
 
-    Head pruning by Wanda-sp, magnitude, FLAP and head-gate gradient scores, each with global and
-    uniform allocation (``"wanda_sp-global"``, ..., ``"gradient-uniform"``; the leave-one-out
-    ablation metric is left out here: at minutes per model it belongs to an explicit request), and
-    attention-layer removal by attention Block Influence (``"block_influence-attention"``); all
-    scores come from ``calib`` on the unpruned
-    model (``stats`` reuses o_proj input statistics already measured on it). A baseline that cannot
-    reach the target without pruning every head (or every layer's attention) is left out with a
-    warning, since large KV savings are often out of reach of head pruning.
+    Head pruning by each metric of :data:`BASELINE_METRICS` with global and uniform allocation
+    (``"gradient-global"``, ..., ``"flap_wifv-uniform"``; a metric that only rescales another per layer,
+    such as ``gradient_normalized``, gets global allocation only, its uniform one being the other's),
+    FLAP with its bias compensation (``"flap_wifv-global-compensated"``, matched with the bias counted),
+    and attention-layer removal by attention Block Influence (``"block_influence-attention"``); all
+    scores come from ``calib`` on the unpruned model (``stats`` reuses o_proj input statistics already
+    measured on it). A baseline that cannot reach the target without pruning every head (or every
+    layer's attention) is left out with a warning, since large KV savings are often out of reach of
+    head pruning.
 
     ``"drop_qk-alpha1"`` and ``"drop_qk-alpha0"`` are reference points rather than matched
     baselines: the top ``len(reference.drop_qk)`` layers in drop-QK mode without rescaling and with
@@ -183,23 +203,39 @@ def matched_baselines(
         stats = o_proj_input_stats(arch, calib)
     matched_note = f"matched on {axis}: saves at least {target:,} {_UNITS[axis]} at sequence length {seq_len}"
     found: dict[str, Mask] = {}
-    candidates = {name: score(arch, calib, stats) for name, score in HEAD_SCORERS.items()}
-    for metric, scores in candidates.items():
-        for allocation in ALLOCATIONS:
+
+    def add(name: str, make: Callable[[], Mask], what: str) -> None:
+        try:
+            found[name] = replace(make(), note=f"{what}, {matched_note}")
+        except HeadroomError as e:
+            log.warning("baseline %s left out: %s", name, e)
+
+    known: dict[str, torch.Tensor] = {}
+    for metric in BASELINE_METRICS:
+        scores = known[metric] = HEAD_METRICS[metric].scores(arch, calib, stats, known)
+        allocations = ("global",) if HEAD_METRICS[metric].rescales else ALLOCATIONS
+        for allocation in allocations:
             name = f"{metric}-{allocation}"
-            try:
-                mask = prune_heads(scores, shape, model_name, target, axis, seq_len, allocation)
-            except HeadroomError as e:
-                log.warning("baseline %s left out: %s", name, e)
-                continue
-            found[name] = replace(mask, note=f"{name} head pruning, {matched_note}")
-    name = "block_influence-attention"
-    try:
-        influence = attention_block_influence(arch, calib)
-        mask = remove_attention_layers(influence, shape, model_name, target, axis, seq_len)
-        found[name] = replace(mask, note=f"attention removed in the lowest-Block-Influence layers, {matched_note}")
-    except HeadroomError as e:
-        log.warning("baseline %s left out: %s", name, e)
+            add(
+                name,
+                lambda s=scores, a=allocation: prune_heads(s, shape, model_name, target, axis, seq_len, a),
+                f"{name} head pruning",
+            )
+        if metric == "flap_wifv":
+            add(
+                COMPENSATED,
+                lambda s=scores: prune_heads(
+                    s, shape, model_name, target, axis, seq_len, "global", lambda m: flap_compensation(arch, m, stats)
+                ),
+                "FLAP: flap_wifv-global head pruning with bias compensation",
+            )
+    add(
+        "block_influence-attention",
+        lambda: remove_attention_layers(
+            attention_block_influence(arch, calib), shape, model_name, target, axis, seq_len
+        ),
+        "attention removed in the lowest-Block-Influence layers",
+    )
     n = len(reference.drop_qk)
     if n:
         for alpha in (1, 0):

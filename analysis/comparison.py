@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from analysis.baselines import AXES, HEAD_SCORERS, matched_baselines
+from analysis.baselines import AXES, BASELINE_METRICS, matched_baselines
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
@@ -60,7 +60,7 @@ def cached_baselines(
 ) -> dict[str, Mask]:
     """:func:`matched_baselines`, cached under the model, calibration windows, reference and axis."""
     parts = {"model": lm.fingerprint, **calib.cache_key(), "reference": reference.cache_key(), "axis": axis}
-    parts |= {"seq_len": seq_len, "scorers": list(HEAD_SCORERS)}
+    parts |= {"seq_len": seq_len, "scorers": list(BASELINE_METRICS), "format": 2}  # 2: FLAP as its code, v2 masks
 
     def compute() -> dict[str, Any]:
         found = matched_baselines(lm.arch, lm.name, calib, reference, axis, seq_len)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.architecture import Architecture, Projection, count_parameters
+from analysis.architecture import Architecture, ModelShape, Projection, count_parameters
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
@@ -87,8 +87,9 @@ class ExportResult:
 def layer_structure(mask: Mask, arch: Architecture) -> list[dict[str, Any]]:
     """Per layer: kind (attention / drop_qk / none), kept query heads and kept KV heads (source numbering).
 
-    A layer with every query head pruned adds only o_proj's bias, if any: without one it is ``none``,
-    with one it is a drop-QK layer with no heads (its output is the bias).
+    A layer with every query head pruned adds only o_proj's bias, if any (the source's or the mask's): without
+    one it is ``none``, with one it is a drop-QK layer with no heads (its output is the bias). A layer whose
+    mask adds a bias where the family's o_proj has none says so with ``"o_bias": True``.
     """
     shape = arch.shape
     layers = []
@@ -96,13 +97,15 @@ def layer_structure(mask: Mask, arch: Architecture) -> list[dict[str, Any]]:
         spec = mask.layer(i)
         query = [h for h, keep in enumerate(spec.heads) if keep]
         kv = sorted({shape.kv_group(h) for h in query})
-        if spec.alpha == 0.0 or (not query and not shape.o_bias):
+        if spec.alpha == 0.0 or (not query and not shape.o_bias and spec.bias is None):
             kind, query, kv = NONE, [], []
         elif spec.drop_qk or not query:
             kind = DROP_QK
         else:
             kind = ATTENTION
         layers.append({"kind": kind, "query_heads": query, "kv_heads": kv})
+        if kind != NONE and spec.bias is not None and not shape.o_bias:
+            layers[-1]["o_bias"] = True
     return layers
 
 
@@ -142,9 +145,15 @@ def _state_dict(arch: Architecture, mask: Mask, layers: list[dict[str, Any]], co
     shape = arch.shape
     hd = shape.head_dim
     for i, layer in enumerate(layers):
-        if mask.alpha[i] != 1.0:
-            state.update(arch.branch_scale_state(i, mask.alpha[i]))
         prefix = names[arch.attention(i)]
+        o_scale = 1.0  # what alpha multiplies o_proj by: alpha, unless a post-attention norm carries it
+        if mask.alpha[i] != 1.0:
+            scaled = arch.branch_scale_state(i, mask.alpha[i])
+            o_scale = mask.alpha[i] if f"{prefix}.o_proj.weight" in scaled else 1.0
+            state.update(scaled)
+        if (bias := mask.bias_of(i)) is not None:  # mask v2: folded into o_proj's bias, after alpha like the rest
+            extra = torch.tensor(bias, dtype=state[f"{prefix}.o_proj.weight"].dtype) * o_scale
+            state[f"{prefix}.o_proj.bias"] = state.get(f"{prefix}.o_proj.bias", 0.0) + extra
         own = {k.removeprefix(prefix + "."): state.pop(k) for k in list(state) if k.startswith(prefix + ".")}
         query, kv = layer["query_heads"], layer["kv_heads"]
         q_heads, k_heads = (
@@ -208,7 +217,12 @@ def _compact_model(arch: Architecture, mask: Mask) -> nn.Module:
     return model
 
 
-def _check_stock(mask: Mask) -> None:
+def _check_stock(mask: Mask, shape: ModelShape) -> None:
+    if mask.bias and not shape.o_bias:
+        raise HeadroomError(
+            f"a stock export cannot express the mask's o_proj bias (layers {[i for i, _ in mask.bias]}): this "
+            "family's o_proj has no bias. Use --kind compact (loads with trust_remote_code=True), which adds one"
+        )
     if mask.drop_qk:
         raise HeadroomError(
             f"a stock export cannot express drop-QK (layers {sorted(mask.drop_qk)}): the source architecture always "
@@ -218,7 +232,7 @@ def _check_stock(mask: Mask) -> None:
 
 
 def _stock_model(arch: Architecture, mask: Mask) -> nn.Module:
-    _check_stock(mask)
+    _check_stock(mask, arch.shape)
     config = type(arch.config).from_dict(arch.config.to_dict())
     return _build(type(arch.model), config, _state_dict(arch, mask, layer_structure(mask, arch), compact=False))
 
@@ -475,7 +489,7 @@ def export_model(
         raise HeadroomError(f"unknown export kind '{kind}'; use one of {', '.join(KINDS)}")
     path = check_destination(out, force)
     if kind == "stock":
-        _check_stock(mask)
+        _check_stock(mask, lm.shape)
     arch = lm.arch
     n = len(batches(windows)) if windows is not None else 0
     total = 2 * n + 3

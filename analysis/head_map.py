@@ -23,10 +23,10 @@ from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress
-from analysis.importance import HEAD_METRICS, cached_head_result, output_norm
+from analysis.importance import CHEAP_METRICS, HEAD_METRICS, cached_head_result, output_norm
 from analysis.loading import LoadedModel
 
-DEFAULT_METRICS = ("magnitude", "wanda_sp", "flap_wifv")  # no more than a pass each
+DEFAULT_METRICS = CHEAP_METRICS  # no more than a pass each
 DEFAULT_CLUSTERS = 6
 UMAP_NEIGHBOURS = 15
 

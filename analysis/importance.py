@@ -136,48 +136,45 @@ def wanda_sp(arch: Architecture, stats: OProjStats) -> torch.Tensor:
 
 
 def magnitude(arch: Architecture) -> torch.Tensor:
-    """Weight-magnitude head scores: ``||W_q[rows of head]||_F + ||W_o[:, columns of head]||_F``.
+    """Magnitude-sp head scores: ``sum_{j in head} ||W_o[:, j]||_2``, no data.
 
-    The magnitude-sp baseline of the FLAP paper scores weights by their norm alone, no data. We score
-    exactly the weights that pruning a query head removes, its q_proj rows and o_proj columns; k/v
-    are shared by a KV group in grouped-query attention, so they belong to no single head and are left
-    out (biases and Gemma3's q/k norms too). No calibration data is needed.
+    Source: the magnitude-sp baseline of An et al., "Fluctuation-based Adaptive Structured Pruning
+    for Large Language Models" (FLAP, AAAI 2024), as FLAP's code (``prune_magnitude_sp`` in
+    CASIA-IVA-Lab/FLAP ``lib/prune.py``) and HARP's reference code score a head: the l2 norm of each
+    o_proj input column, summed over the head's ``head_dim`` columns. W_o is o_proj's weight
+    ``[hidden, num_heads * head_dim]``.
     """
-    shape = arch.shape
-    rows = []
-    for layer in range(shape.num_layers):
-        q, o = arch.query_key_value(layer)[0].weight, arch.output_projection(layer).weight
-        q_heads = q.detach().view(shape.num_heads, shape.head_dim, -1)
-        o_heads = o.detach().view(-1, shape.num_heads, shape.head_dim)
-        q_norm = torch.linalg.vector_norm(q_heads, dim=(1, 2), dtype=torch.float64)
-        o_norm = torch.linalg.vector_norm(o_heads, dim=(0, 2), dtype=torch.float64)
-        rows.append((q_norm + o_norm).cpu())
-    return torch.stack(rows)
+    rows = [
+        torch.linalg.vector_norm(arch.output_projection(layer).weight.detach(), dim=0, dtype=torch.float64).cpu()
+        for layer in range(arch.shape.num_layers)
+    ]
+    return _per_head(arch, torch.stack(rows))
 
 
 def flap_wifv(arch: Architecture, stats: OProjStats) -> torch.Tensor:
-    """FLAP's weighted input feature variance, standardised per layer.
+    """FLAP's head scores (WIFV metric, adaptive structure "AL-MM"), as FLAP's code computes them.
 
-    Channel score ``var(X_j) * ||W_o[:, j]||_2^2`` (how much the output of o_proj fluctuates because
-    of input channel j), head score the sum over the head's channels, then per layer
-    ``(s - mean_layer(s)) / std_layer(s)`` so that one global threshold compares heads of different
-    layers, as FLAP's adaptive structure search does (An et al., FLAP, AAAI 2024; ``std`` is the
-    sample standard deviation, as ``torch.std`` in FLAP's code; a layer whose heads all score the same
-    gets 0 everywhere). FLAP averages rather than sums a head's channels; the constant factor cancels
-    in the standardisation.
-
-    FLAP also folds the removed channels' mean contribution ``W_o[:, j] * mean(X_j)`` into an o_proj
-    bias. That changes weights and cannot be expressed in a v1 mask, so FLAP is used here as a head
-    selector only; its numbers are those of FLAP without bias compensation.
+    Source: An et al., "Fluctuation-based Adaptive Structured Pruning for Large Language Models"
+    (FLAP, AAAI 2024), code CASIA-IVA-Lab/FLAP ``lib/prune.py`` (``prune_flap``). Per o_proj input
+    channel j the fluctuation metric ``s_j = (var(X_j) * sum_i W_o[i, j]^2)^2`` (the code squares the
+    whole weighted variance); per layer the channel scores are standardised over that layer's channels,
+    ``(s - mean) / std`` (``std`` the sample standard deviation, as ``torch.std``; a layer whose
+    channels all score the same gets 0); a head's score is the mean of its ``head_dim`` standardised
+    channel scores, so that one global threshold compares heads of all layers. FLAP's variance is a
+    running estimate over calibration samples; here it is the population variance over all
+    calibration tokens, which differs from it by a factor common to a layer's channels, cancelled by
+    the standardisation. FLAP's bias compensation is :func:`analysis.baselines.flap_compensation`.
     """
     rows = []
     for layer in range(arch.shape.num_layers):
         weight = arch.output_projection(layer).weight.detach()
-        rows.append(torch.linalg.vector_norm(weight, dim=0, dtype=torch.float64).square().cpu())
-    heads = _per_head(arch, stats.var * torch.stack(rows))
-    std = heads.std(dim=1, keepdim=True)
+        rows.append(weight.double().square().sum(dim=0).cpu())
+    channels = (stats.var * torch.stack(rows)).square()
+    std = channels.std(dim=1, keepdim=True)
     std = torch.where(std > 0, std, torch.ones_like(std))
-    return (heads - heads.mean(dim=1, keepdim=True)) / std
+    standardised = (channels - channels.mean(dim=1, keepdim=True)) / std
+    shape = arch.shape
+    return standardised.view(shape.num_layers, shape.num_heads, shape.head_dim).mean(dim=-1)
 
 
 def _mean_cosine(arch: Architecture, windows: Windows, outputs: Sequence[nn.Module], branch: bool) -> torch.Tensor:
@@ -302,6 +299,23 @@ def gradient(arch: Architecture, windows: Windows, progress: Progress | None = N
     return scores / ids_all.shape[0]
 
 
+def gradient_normalized(arch: Architecture, windows: Windows, progress: Progress | None = None) -> torch.Tensor:
+    """Head-gate gradient (:func:`gradient`) divided by its l2 norm over each layer's heads.
+
+    Source: Michel et al., "Are Sixteen Heads Really Better than One?" (NeurIPS 2019); their code
+    (pmichel31415/are-16-heads-really-better-than-1) normalises the importance scores of every layer
+    by their l2 norm by default before ranking heads across layers, which is what global allocation
+    needs: raw gradients of different layers differ in scale. A layer whose heads all score 0 stays 0.
+    """
+    return per_layer_l2(gradient(arch, windows, progress))
+
+
+def per_layer_l2(scores: torch.Tensor) -> torch.Tensor:
+    """``[num_layers, num_heads]`` scores divided by each layer's l2 norm (a layer of zeros stays zeros)."""
+    norm = torch.linalg.vector_norm(scores, dim=1, keepdim=True)
+    return scores / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
 IG_STEPS = 8  # Gauss-Legendre points from gates 0 to 1: accurate where the loss is smooth along the path
 
 
@@ -390,26 +404,95 @@ def integrated_gradients(
 
 
 # A head metric returns its scores, or (integrated gradients) an attribution carrying a check to show.
-HeadMetric = Callable[[Architecture, Windows, Sequence[int] | None, Progress | None], torch.Tensor | GateAttribution]
+HeadMetricFunction = Callable[
+    [Architecture, Windows, Sequence[int] | None, Progress | None], torch.Tensor | GateAttribution
+]
+# What a metric costs on calibration windows, cheapest first: weights only, one forward pass, a forward
+# and a backward pass per window, or many passes (per integration step, per head).
+COSTS = ("weights", "forward", "backward", "many")
+
+
+@dataclass(frozen=True)
+class HeadMetric:
+    """One entry of the registry: how to compute the metric and what it costs.
+
+    ``from_stats`` computes the same scores from o_proj input statistics already measured (so that
+    several activation metrics share one pass). A ``descriptive`` metric describes a head rather than
+    ranks it: for it a *high* value tends to mark a head cheap to remove (diffuse or sink-only
+    attention); every other metric follows "low = cheap".
+    """
+
+    compute: HeadMetricFunction
+    cost: str
+    descriptive: bool = False
+    from_stats: Callable[[Architecture, OProjStats], torch.Tensor] | None = None
+    # (metric, per-layer rescaling): this metric is that one's scores rescaled per layer, so it ranks the
+    # heads of a layer as that one does and can be computed from its scores.
+    rescales: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+
+    def __call__(
+        self,
+        arch: Architecture,
+        windows: Windows,
+        layers: Sequence[int] | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor | GateAttribution:
+        return self.compute(arch, windows, layers, progress)
+
+    def scores(
+        self,
+        arch: Architecture,
+        windows: Windows,
+        stats: OProjStats | None = None,
+        known: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Plain scores of every head (no details), made from ``stats`` or ``known`` scores where they suffice."""
+        if stats is not None and self.from_stats is not None:
+            return self.from_stats(arch, stats)
+        if known and self.rescales and self.rescales[0] in known:
+            return self.rescales[1](known[self.rescales[0]])
+        result = self(arch, windows)
+        return result.scores if isinstance(result, GateAttribution) else result
 
 
 def _activation_metric(score: Callable[[Architecture, OProjStats], torch.Tensor]) -> HeadMetric:
-    return lambda arch, windows, layers, progress: score(arch, o_proj_input_stats(arch, windows))
+    return HeadMetric(
+        lambda arch, windows, layers, progress: score(arch, o_proj_input_stats(arch, windows)), "forward", False, score
+    )
 
 
 HEAD_METRICS: dict[str, HeadMetric] = {
-    "ablation": ablation,
-    "gradient": lambda arch, windows, layers, progress: gradient(arch, windows, progress),
-    "integrated_gradients": lambda arch, windows, layers, progress: integrated_gradients(arch, windows, progress),
+    "ablation": HeadMetric(ablation, "many"),
+    "gradient": HeadMetric(lambda arch, windows, layers, progress: gradient(arch, windows, progress), "backward"),
+    "gradient_normalized": HeadMetric(
+        lambda arch, windows, layers, progress: gradient_normalized(arch, windows, progress),
+        "backward",
+        rescales=("gradient", per_layer_l2),
+    ),
+    "integrated_gradients": HeadMetric(
+        lambda arch, windows, layers, progress: integrated_gradients(arch, windows, progress), "many"
+    ),
+    "magnitude": HeadMetric(lambda arch, windows, layers, progress: magnitude(arch), "weights"),
     "wanda_sp": _activation_metric(wanda_sp),
-    "magnitude": lambda arch, windows, layers, progress: magnitude(arch),
     "flap_wifv": _activation_metric(flap_wifv),
-    "attention_entropy": lambda arch, windows, layers, progress: attention_stats(arch, windows, progress).entropy,
-    "sink_attention": lambda arch, windows, layers, progress: attention_stats(arch, windows, progress).sink,
+    "attention_entropy": HeadMetric(
+        lambda arch, windows, layers, progress: attention_stats(arch, windows, progress).entropy, "forward", True
+    ),
+    "sink_attention": HeadMetric(
+        lambda arch, windows, layers, progress: attention_stats(arch, windows, progress).sink, "forward", True
+    ),
 }
-# Pattern statistics describe a head rather than rank it: for them a *high* value tends to mark a
-# head cheap to remove (diffuse or sink-only attention); every other metric follows "low = cheap".
-DESCRIPTIVE_METRICS = frozenset({"attention_entropy", "sink_attention"})
+DESCRIPTIVE_METRICS = frozenset(name for name, m in HEAD_METRICS.items() if m.descriptive)
+
+
+def ranking_metrics(most: str) -> tuple[str, ...]:
+    """The metrics that rank heads ("low = cheap") at a cost of at most ``most`` (one of :data:`COSTS`)."""
+    limit = COSTS.index(most)
+    return tuple(name for name, m in HEAD_METRICS.items() if not m.descriptive and COSTS.index(m.cost) <= limit)
+
+
+# One pass or none: the default set to compare and to map heads by.
+CHEAP_METRICS = ranking_metrics("forward")
 
 
 @dataclass(frozen=True)

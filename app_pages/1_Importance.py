@@ -7,10 +7,8 @@ import streamlit as st
 import torch
 
 from analysis.attention_patterns import attention_pattern
-from analysis.importance import HEAD_METRICS, metric_agreement, ranks
+from analysis.importance import CHEAP_METRICS, HEAD_METRICS, metric_agreement, ranks
 from ui import backend, plots, session
-
-CHEAP = ("magnitude", "wanda_sp", "flap_wifv")  # one pass or none; the default comparison set
 
 lm = backend.model()
 calib = backend.windows(lm, session.CALIB_TEXT)
@@ -49,7 +47,7 @@ with right:
 
 st.subheader("Agreement between metrics")
 chosen = st.multiselect(
-    "Metrics to compare", list(HEAD_METRICS), default=[m for m in HEAD_METRICS if m in CHEAP or m == metric]
+    "Metrics to compare", list(HEAD_METRICS), default=[m for m in HEAD_METRICS if m in CHEAP_METRICS or m == metric]
 )
 compared = st.toggle("Compare these metrics (each is computed once, then read from the cache)", key="compare")
 loaded = {metric: scores}

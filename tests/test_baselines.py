@@ -11,13 +11,15 @@ import torch
 from analysis.architecture import Architecture, ModelShape
 from analysis.baselines import (
     AXES,
+    flap_compensation,
     matched_baselines,
     prune_heads,
     remove_attention_layers,
     saved,
 )
 from analysis.errors import HeadroomError
-from analysis.importance import o_proj_input_stats
+from analysis.importance import flap_wifv, o_proj_input_stats
+from analysis.intervention import apply_mask
 from analysis.masks import Mask, budget
 from tests.conftest import random_windows, tiny_model
 
@@ -38,14 +40,16 @@ SEQ = 64
 HEAD_PARAMS = 2 * 16 * 48 + 16  # one query head: q rows with bias, o columns
 GROUP_KV_BYTES = 2 * 16 * 4  # one KV head: k and v, head_dim float32 each
 MATCHED = [
-    "wanda_sp-global",
-    "wanda_sp-uniform",
-    "magnitude-global",
-    "magnitude-uniform",
-    "flap_wifv-global",
-    "flap_wifv-uniform",
     "gradient-global",
     "gradient-uniform",
+    "gradient_normalized-global",  # its uniform allocation would be gradient-uniform
+    "magnitude-global",
+    "magnitude-uniform",
+    "wanda_sp-global",
+    "wanda_sp-uniform",
+    "flap_wifv-global",
+    "flap_wifv-uniform",
+    "flap_wifv-global-compensated",
     "block_influence-attention",
 ]
 
@@ -239,3 +243,69 @@ def test_a_reference_without_drop_qk_layers_gets_no_drop_qk_reference_points():
     reference = Mask.unpruned(arch.shape, "tiny").with_head(0, 0, False).with_head(0, 1, False).with_head(0, 2, False)
     found = matched_baselines(arch, "tiny", random_windows(n=2, length=8), reference, "kv", SEQ)
     assert list(found) == MATCHED
+
+
+# --- FLAP's bias compensation ---------------------------------------------------------------------
+
+
+def o_proj_outputs(arch: Architecture, windows, mask: Mask | None, layer: int) -> torch.Tensor:
+    """Every token's o_proj output in ``layer`` under ``mask`` (bias included), ``[tokens, hidden]``."""
+    seen = []
+    with apply_mask(arch, mask):
+        handle = arch.output_projection(layer).register_forward_hook(lambda m, a, out: seen.append(out.flatten(0, -2)))
+        try:
+            with torch.no_grad():
+                arch.model(input_ids=windows.input_ids)
+        finally:
+            handle.remove()
+    return torch.cat(seen).double()
+
+
+def test_compensation_keeps_the_mean_o_proj_output_of_the_calibration_text(tiny_arch):
+    """Layer 1 is the lowest pruned layer, so its o_proj input is the measured one: the mean must match."""
+    calib = random_windows(n=3, length=16)
+    mask = Mask.unpruned(tiny_arch.shape, "tiny").with_heads([(1, 0), (1, 4), (2, 2)], False)
+    compensated = flap_compensation(tiny_arch, mask, o_proj_input_stats(tiny_arch, calib))
+    assert [layer for layer, _ in compensated.bias] == [1, 2]
+    unpruned = o_proj_outputs(tiny_arch, calib, None, 1).mean(0)
+    pruned = o_proj_outputs(tiny_arch, calib, mask, 1).mean(0)
+    torch.testing.assert_close(o_proj_outputs(tiny_arch, calib, compensated, 1).mean(0), unpruned, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pruned, unpruned, atol=1e-3)  # without it the mean moves
+
+
+def test_compensation_is_w_o_of_the_pruned_channels_times_their_mean_by_hand(tiny_arch):
+    calib = random_windows(n=2, length=12)
+    hd = tiny_arch.shape.head_dim
+    stats = o_proj_input_stats(tiny_arch, calib)
+    mask = Mask.unpruned(tiny_arch.shape, "tiny").with_heads([(0, 1), (0, 5)], False)
+    mask = mask.with_layer(3, drop_qk=True).with_head(3, 0, False)  # drop-QK: its o_proj input was not measured
+    bias = flap_compensation(tiny_arch, mask, stats).bias
+    assert [layer for layer, _ in bias] == [0]
+    w = tiny_arch.attention(0).o_proj.weight.double()
+    pruned = [*range(1 * hd, 2 * hd), *range(5 * hd, 6 * hd)]
+    for i in (0, 17, 47):
+        expected = sum(w[i, j].item() * stats.mean[0, j].item() for j in pruned)
+        assert bias[0][1][i] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_compensated_flap_counts_its_new_biases_in_the_budget():
+    """Llama has no o_proj bias: each compensated layer costs hidden_size parameters, so more heads go."""
+    arch = Architecture(tiny_model("llama"))
+    calib = random_windows(n=2, length=8)
+    reference = Mask.unpruned(arch.shape, "tiny").with_heads([(0, 0), (1, 1), (2, 2), (3, 3)], False)
+    found = matched_baselines(arch, "tiny", calib, reference, "params", SEQ)
+    target = budget(reference, arch.shape, SEQ).params_removed
+    plain, compensated = found["flap_wifv-global"], found["flap_wifv-global-compensated"]
+    assert budget(compensated, arch.shape, SEQ).params_removed >= target
+    assert compensated.pruned_heads > plain.pruned_heads
+    layers = {i for i, row in enumerate(compensated.heads) if not all(row)}
+    assert {i for i, _ in compensated.bias} == layers
+    without = budget(replace(compensated, bias=()), arch.shape, SEQ).params_removed
+    assert budget(compensated, arch.shape, SEQ).params_removed == without - 48 * len(layers)  # hidden_size each
+    # The same heads as FLAP's own walk, only further along it.
+    scores = flap_wifv(arch, o_proj_input_stats(arch, calib)).flatten().tolist()
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    pruned = {divmod(i, 6) for i in order[: compensated.pruned_heads]}
+    assert {
+        (layer, h) for layer, row in enumerate(compensated.heads) for h, keep in enumerate(row) if not keep
+    } == pruned

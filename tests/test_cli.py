@@ -149,6 +149,20 @@ def test_mask_file_changes_perplexity_and_budget(capsys, tmp_path, checkpoint, t
     assert budget["attention_flops_per_token_saved"] > 0
 
 
+def test_a_v2_mask_with_bias_is_evaluated_and_its_bias_counted(capsys, tmp_path, checkpoint, text_file):
+    plain = mask_json([(1, 2)])
+    biased = {**plain, "version": 2, "bias": {"1": [0.01 * i for i in range(TINY["hidden_size"])]}}
+    for name, obj in (("plain", plain), ("biased", biased)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(obj))
+    without = run_eval(capsys, *eval_args(checkpoint, text_file, "--mask", str(tmp_path / "plain.json")))
+    out = run_eval(capsys, *eval_args(checkpoint, text_file, "--mask", str(tmp_path / "biased.json")))
+    assert out["perplexity"] == direct_perplexity(checkpoint, text_file, biased)[2].perplexity
+    assert out["perplexity"] != without["perplexity"]
+    assert out["mask"]["bias_layers"] == [1]
+    # This family has no o_proj bias: the mask's adds hidden_size parameters.
+    assert out["budget"]["params_removed"] == without["budget"]["params_removed"] - TINY["hidden_size"]
+
+
 def test_pruning_a_whole_kv_group_saves_kv_cache(capsys, tmp_path, checkpoint, text_file):
     mask_file = tmp_path / "group.json"
     mask_file.write_text(json.dumps(mask_json([(0, 0), (0, 1), (0, 2)])))  # group size 6 / 2 = 3

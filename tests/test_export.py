@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
@@ -30,7 +31,7 @@ from analysis.harp import top_layers
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
-from tests.conftest import FAMILY_TYPES, random_windows, tiny_model
+from tests.conftest import FAMILY_TYPES, TINY, random_windows, tiny_model
 from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text, word_tokenizer
 from ui import session
@@ -167,6 +168,78 @@ def test_stock_export_refuses_drop_qk_and_points_to_compact(tmp_path):
     with pytest.raises(HeadroomError, match="--kind compact"):
         export_model(lm, every_kind_of_pruning(lm), tmp_path / "stock", "stock")
     assert not (tmp_path / "stock").exists()
+
+
+# --- mask v2: the o_proj bias ------------------------------------------------------------------------
+
+
+def with_biases(lm: LoadedModel, mask: Mask) -> Mask:
+    """A different random o_proj bias on every layer: attention, attention, drop-QK, and a removed branch."""
+    g = torch.Generator().manual_seed(5)
+    for layer in range(lm.shape.num_layers):
+        mask = mask.with_bias(layer, torch.randn(lm.shape.hidden_size, generator=g).tolist())
+    return mask
+
+
+def biased_lm() -> LoadedModel:
+    """A tiny Llama whose o_proj has a bias of its own (``attention_bias``), nonzero."""
+    config = CONFIG_MAPPING["llama"](**TINY, attention_bias=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return LoadedModel(model, word_tokenizer(), Architecture(model), "tiny-llama-biased", "b" * 16, "test")
+
+
+@pytest.fixture(scope="module")
+def biased_exports(tmp_path_factory) -> dict[str, tuple]:
+    """Every family's compact export of ``every_kind_of_pruning`` with a bias on every layer, plus a layer whose
+    heads are all pruned (its output is its bias alone), loaded in one fresh process."""
+    tmp = tmp_path_factory.mktemp("biased")
+    exports = {}
+    for model_type in FAMILY_TYPES:
+        lm = tiny_lm(model_type)
+        exports[model_type] = (lm, with_biases(lm, every_kind_of_pruning(lm)))
+    lm = tiny_lm("llama")
+    exports["no-heads"] = (lm, with_biases(lm, every_kind_of_pruning(lm).with_heads([(1, h) for h in range(6)], False)))
+    lm = biased_lm()
+    exports["o-bias"] = (lm, with_biases(lm, every_kind_of_pruning(lm)))
+    for name, (lm, mask) in exports.items():
+        exports[name] = (lm, mask, export_model(lm, mask, tmp / name))
+    fresh = fresh_load([tmp / name for name in exports], IDS, tmp)
+    assert fresh["project_modules"] == []
+    return {name: (*exports[name], got) for name, got in zip(exports, fresh["reports"], strict=True)}
+
+
+@pytest.mark.parametrize("name", [*FAMILY_TYPES, "no-heads", "o-bias"])
+def test_compact_export_folds_the_masks_bias_and_matches_the_masked_model_in_a_fresh_process(biased_exports, name):
+    lm, mask, result, got = biased_exports[name]
+    logits, greedy = masked_logits_and_greedy(lm, mask, IDS)
+    with torch.no_grad(), apply_mask(lm.arch, replace(mask, bias=())):
+        assert (lm.model(input_ids=IDS, use_cache=False).logits - logits).abs().max() > 1e-3  # the bias matters
+    assert (torch.tensor(got["logits"]) - logits).abs().max() < 1e-4
+    assert got["cached"] == got["uncached"] == greedy
+    # The budget counts a new o_proj bias as parameters; the export has exactly the parameters it says.
+    assert got["params"] == result.params_after == lm.shape.total_params - budget(mask, lm.shape, 20).params_removed
+    saved = json.loads((Path(result.path) / MASK_FILE).read_text())
+    assert saved["version"] == 2 and load_mask(Path(result.path) / MASK_FILE, lm.shape, lm.name) == mask
+
+
+def test_stock_export_folds_the_bias_where_o_proj_has_one_and_otherwise_points_to_compact(tmp_path):
+    lm = biased_lm()
+    mask = with_biases(lm, every_kind_of_pruning(lm).with_layer(2, drop_qk=False))
+    export_model(lm, mask, tmp_path / "stock", "stock")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock", dtype=torch.float32)
+    with torch.no_grad():
+        got = stock(input_ids=IDS, use_cache=False).logits
+    logits, _ = masked_logits_and_greedy(lm, mask, IDS)
+    assert (got - logits).abs().max() < 1e-4
+    plain = tiny_lm("qwen2")
+    with pytest.raises(HeadroomError, match=r"o_proj has no bias\. Use --kind compact"):
+        export_model(plain, with_biases(plain, Mask.unpruned(plain.shape, plain.name)), tmp_path / "no", "stock")
+    assert not (tmp_path / "no").exists()
 
 
 def tree(root: Path) -> dict[str, object]:

@@ -12,18 +12,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.architecture import Architecture
+from analysis.head_map import DEFAULT_METRICS
 from analysis.importance import (
+    CHEAP_METRICS,
+    DESCRIPTIVE_METRICS,
+    HEAD_METRICS,
     attention_block_influence,
     block_influence,
     cheapest_heads,
     flap_wifv,
+    gradient,
+    gradient_normalized,
     lowest_heads,
     magnitude,
     o_proj_input_stats,
+    ranking_metrics,
     ranks,
     wanda_sp,
 )
-from tests.conftest import qkv_weights, random_windows, tiny_model
+from tests.conftest import random_windows, tiny_model
 
 HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
 
@@ -95,7 +102,8 @@ def test_wanda_sp_matches_the_formula_by_brute_force(tiny_arch):
         assert scores[layer, head].item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_flap_wifv_matches_the_formula_by_brute_force(tiny_arch):
+def test_flap_wifv_matches_the_formula_of_flaps_code_by_brute_force(tiny_arch):
+    """method.md: s_j = (var_j(X) * sum_i W_o[i,j]^2)^2, standardised per layer over channels, mean per head."""
     windows = random_windows()
     scores = flap_wifv(tiny_arch, o_proj_input_stats(tiny_arch, windows))
     assert scores.dtype == torch.float64 and scores.shape == (4, 6)
@@ -104,32 +112,30 @@ def test_flap_wifv_matches_the_formula_by_brute_force(tiny_arch):
     for layer in (0, 3):
         w = tiny_arch.attention(layer).o_proj.weight.double()
         x = xs[layer]
-        raw = []
+        channel = []
+        for j in range(6 * hd):
+            column = [x[t, j].item() for t in range(x.shape[0])]
+            channel.append((statistics.pvariance(column) * sum(w[i, j].item() ** 2 for i in range(w.shape[0]))) ** 2)
+        mean, std = statistics.mean(channel), statistics.stdev(channel)
         for head in range(6):
-            s = 0.0
-            for j in range(head * hd, (head + 1) * hd):
-                column = [x[t, j].item() for t in range(x.shape[0])]
-                s += statistics.pvariance(column) * sum(w[i, j].item() ** 2 for i in range(w.shape[0]))
-            raw.append(s)
-        mean, std = statistics.mean(raw), statistics.stdev(raw)
-        for head in range(6):
-            assert scores[layer, head].item() == pytest.approx((raw[head] - mean) / std, rel=1e-6, abs=1e-9)
+            expected = statistics.mean((channel[j] - mean) / std for j in range(head * hd, (head + 1) * hd))
+            assert scores[layer, head].item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
     torch.testing.assert_close(scores.mean(1), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_magnitude_equals_direct_norms(tiny_arch):
+def test_magnitude_sp_sums_the_l2_norms_of_the_heads_o_proj_columns(tiny_arch):
     scores = magnitude(tiny_arch)
     assert scores.dtype == torch.float64 and scores.shape == (4, 6)
     hd = tiny_arch.shape.head_dim
     for layer, head in HEADS:
-        q, o = qkv_weights(tiny_arch, layer)[0][0], tiny_arch.attention(layer).o_proj.weight
-        rows = q.double()[head * hd : (head + 1) * hd, :]
-        columns = o.double()[:, head * hd : (head + 1) * hd]
-        expected = math.sqrt((rows**2).sum().item()) + math.sqrt((columns**2).sum().item())
+        o = tiny_arch.attention(layer).o_proj.weight.double()
+        expected = sum(
+            math.sqrt(sum(o[i, j].item() ** 2 for i in range(o.shape[0]))) for j in range(head * hd, (head + 1) * hd)
+        )
         assert scores[layer, head].item() == pytest.approx(expected, rel=1e-9)
 
 
-def test_zeroed_o_proj_columns_score_zero_in_wanda_sp_and_lower_in_magnitude(tiny_arch):
+def test_zeroed_o_proj_columns_score_zero_in_wanda_sp_and_magnitude_and_lowest_in_flap(tiny_arch):
     windows = random_windows()
     layer, head, hd = 2, 3, tiny_arch.shape.head_dim
     before = magnitude(tiny_arch)
@@ -139,11 +145,30 @@ def test_zeroed_o_proj_columns_score_zero_in_wanda_sp_and_lower_in_magnitude(tin
     assert wanda_sp(tiny_arch, stats)[layer, head].item() == 0.0
     assert wanda_sp(tiny_arch, stats)[layer].count_nonzero() == 5
     after = magnitude(tiny_arch)
-    assert after[layer, head] < before[layer, head]
-    q_rows = qkv_weights(tiny_arch, layer)[0][0].double()[head * hd : (head + 1) * hd]
-    assert after[layer, head].item() == pytest.approx(q_rows.norm().item(), rel=1e-9)
+    assert after[layer, head].item() == 0.0 and after[layer].count_nonzero() == 5
     assert flap_wifv(tiny_arch, stats)[layer].argmin().item() == head
     assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
+
+
+def test_gradient_normalized_divides_each_layer_by_its_l2_norm(tiny_arch):
+    windows = random_windows(n=2, length=10)
+    raw = gradient(tiny_arch, windows)
+    normalized = gradient_normalized(tiny_arch, windows)
+    for layer in range(4):
+        norm = math.sqrt(sum(v * v for v in raw[layer].tolist()))
+        for head in range(6):
+            assert normalized[layer, head].item() == pytest.approx(raw[layer, head].item() / norm, rel=1e-9)
+    # The registry makes it from known gradient scores without another backward pass, to the same numbers.
+    from_known = HEAD_METRICS["gradient_normalized"].scores(tiny_arch, windows, known={"gradient": raw})
+    torch.testing.assert_close(from_known, normalized, rtol=0, atol=0)
+
+
+def test_one_registry_says_which_metrics_are_cheap():
+    assert CHEAP_METRICS == ("magnitude", "wanda_sp", "flap_wifv")  # weights or one forward pass, and they rank
+    assert DEFAULT_METRICS == CHEAP_METRICS
+    assert {"attention_entropy", "sink_attention"} == DESCRIPTIVE_METRICS
+    assert ranking_metrics("backward") == ("gradient", "gradient_normalized", "magnitude", "wanda_sp", "flap_wifv")
+    assert set(ranking_metrics("many")) == set(HEAD_METRICS) - DESCRIPTIVE_METRICS
 
 
 def test_attention_block_influence_matches_a_hand_loop(tiny_arch):

@@ -168,7 +168,7 @@ def test_a_new_bias_costs_hidden_size_parameters():
 
 def add_o_bias(arch: Architecture, layer: int, values: torch.Tensor) -> None:
     """Physically give ``layer``'s o_proj a bias of ``values`` (added to any it already has)."""
-    o = arch.attention(layer).o_proj
+    o = arch.output_projection(layer)
     if o.bias is None:
         o.bias = nn.Parameter(torch.zeros(o.out_features), requires_grad=False)
     o.bias.add_(values)

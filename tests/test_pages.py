@@ -265,4 +265,3 @@ def test_a_mask_chosen_on_other_weights_is_flagged_on_every_page(tiny, lm):
     assert any("fingerprint 0000000000000000" in w.value for w in at.sidebar.warning)
     at = ok(page(EDITOR, {**tiny, session.MASK: foreign.with_head(1, 2, True).to_json()}).run())
     assert any("fingerprint" in w.value for w in at.sidebar.warning)  # still foreign, though unpruned
-

@@ -3,7 +3,8 @@
 ``headroom_layers`` has one entry per decoder layer: ``kind`` is ``attention`` (ordinary attention over
 the kept heads), ``drop_qk`` (the per-token map ``o_proj(v_proj(x))``, no query/key projections) or
 ``none`` (no attention branch at all); ``query_heads`` and ``kv_heads`` are the kept heads, numbered as
-in the source model. ``headroom_qkv_bias`` and ``headroom_o_bias`` say whether the source's value
+in the source model; ``o_bias`` (only where true) that the layer's o_proj has a bias the source's lacks
+(a mask's bias compensation). ``headroom_qkv_bias`` and ``headroom_o_bias`` say whether the source's value
 and output projections have biases (the drop-QK layers' own modules need to know);
 ``headroom_qk_norm_spans_heads`` that the q/k norms span every head (OLMo2), so attention layers keep
 every head's q/k rows for the norm and select the kept heads after it. Only torch and transformers are

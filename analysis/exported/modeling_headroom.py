@@ -151,6 +151,13 @@ class DropQKAttention(nn.Module):
         return self.o_proj(values.index_select(-2, self.kv_of_query.on(values.device)).flatten(-2)), None
 
 
+def _with_o_bias(attn: nn.Module, layer: dict[str, Any]) -> nn.Module:
+    """``attn`` with a biased o_proj where the layer's mask adds a bias the family's o_proj lacks (``o_bias``)."""
+    if layer.get("o_bias") and attn.o_proj.bias is None:
+        attn.o_proj = nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=True)
+    return attn
+
+
 class NoAttention(nn.Module):
     """A layer whose attention branch was removed (alpha = 0): it adds nothing and keeps nothing."""
 
@@ -166,9 +173,9 @@ def _causal_lm_class(family: str) -> type:
         for i, layer in enumerate(self.model.layers):
             spec = config.headroom_layers[i]
             if spec["kind"] == ATTENTION:
-                layer.self_attn = _attention(type(layer.self_attn), config, i, spec)
+                layer.self_attn = _with_o_bias(_attention(type(layer.self_attn), config, i, spec), spec)
             elif spec["kind"] == DROP_QK:
-                layer.self_attn = DropQKAttention(config, spec)
+                layer.self_attn = _with_o_bias(DropQKAttention(config, spec), spec)
             else:
                 layer.self_attn = NoAttention()
 
