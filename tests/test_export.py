@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from itertools import pairwise
@@ -16,10 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
-import ui
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.cli import main
@@ -27,12 +26,14 @@ from analysis.corpus import default_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.export import CARD_FILE, MASK_FILE, export_model, layer_structure
-from analysis.harp import drop_qk_mask, top_layers
+from analysis.harp import top_layers
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 from tests.conftest import FAMILY_TYPES, random_windows, tiny_model
+from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,25 +169,119 @@ def test_stock_export_refuses_drop_qk_and_points_to_compact(tmp_path):
     assert not (tmp_path / "stock").exists()
 
 
-def test_existing_folder_is_replaced_only_with_force_and_nothing_is_left_behind(tmp_path):
+def tree(root: Path) -> dict[str, object]:
+    """Every entry below ``root`` (links not followed): a file's bytes, a link's target, or "folder"."""
+    found: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            found[name] = ("link", os.readlink(path))
+        else:
+            found[name] = path.read_bytes() if path.is_file() else "folder"
+    return found
+
+
+def test_an_earlier_export_is_replaced_only_with_force_and_nothing_is_left_behind(tmp_path):
     lm = tiny_lm("qwen2")
-    mask = every_kind_of_pruning(lm)
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    export_model(lm, Mask.unpruned(lm.shape, lm.name).with_head(0, 0, False), out)
+    earlier = tree(tmp_path)
+    mask = every_kind_of_pruning(lm)
     with pytest.raises(HeadroomError, match="--force"):
         export_model(lm, mask, out)
-    assert sorted(os.listdir(out)) == ["mine.txt"]
+    assert tree(tmp_path) == earlier
     export_model(lm, mask, out, force=True)
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    assert load_mask(out / MASK_FILE, lm.shape, lm.name) == mask
     assert os.listdir(tmp_path) == ["export"]  # no staging or old copies
 
 
-def test_a_failing_export_leaves_the_existing_folder_untouched(tmp_path, monkeypatch):
+def _earlier_export(lm: LoadedModel, folder: Path) -> Path:
+    export_model(lm, Mask.unpruned(lm.shape, lm.name).with_head(1, 1, False), folder)
+    return folder
+
+
+def _plain_folder(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep me")
+
+
+def _with_a_sub_folder(folder: Path) -> None:
+    (folder / "notes").mkdir()
+    (folder / "notes" / "mine.txt").write_text("keep me")
+
+
+def _with_a_linked_file(folder: Path) -> None:
+    (folder.parent / "mine.txt").write_text("keep me")
+    (folder / "extra.txt").symlink_to(folder.parent / "mine.txt")
+
+
+def _without_weights(folder: Path) -> None:
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+
+
+def _with_a_foreign_mask_file(folder: Path) -> None:
+    (folder / MASK_FILE).write_text('{"format": "something else"}')
+
+
+def _link_to_an_export(folder: Path, lm: LoadedModel) -> None:
+    _earlier_export(lm, folder.parent / "elsewhere")
+    folder.symlink_to(folder.parent / "elsewhere", target_is_directory=True)
+
+
+def _link_to_a_file(folder: Path) -> None:
+    (folder.parent / "mine.txt").write_text("keep me")
+    folder.symlink_to(folder.parent / "mine.txt")
+
+
+NOT_EXPORTS = {
+    "a plain folder": (_plain_folder, "not a Headroom export"),
+    "an export with a sub-folder": (_with_a_sub_folder, "a folder or link"),
+    "an export with a linked file": (_with_a_linked_file, "a folder or link"),
+    "an export without weights": (_without_weights, "no weights"),
+    "an export whose mask file is not a mask": (_with_a_foreign_mask_file, "not a Headroom mask"),
+    "a link to an earlier export": (_link_to_an_export, "symbolic link"),
+    "a link to a file": (_link_to_a_file, "symbolic link"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_EXPORTS)
+def test_replacing_anything_but_an_earlier_export_is_refused_and_deletes_nothing(tmp_path, case):
     lm = tiny_lm("llama")
+    make, message = NOT_EXPORTS[case]
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    if make in (_with_a_sub_folder, _with_a_linked_file, _without_weights, _with_a_foreign_mask_file):
+        _earlier_export(lm, out)
+    if make is _link_to_an_export:
+        make(out, lm)
+    else:
+        make(out)
+    before = tree(tmp_path)
+    with pytest.raises(HeadroomError, match=message) as refused:
+        export_model(lm, every_kind_of_pruning(lm), out, force=True)
+    assert "nothing was deleted" in str(refused.value) or "symbolic link" in str(refused.value)
+    assert tree(tmp_path) == before
+
+
+def test_a_folder_that_stops_being_an_export_while_the_export_is_built_is_kept(tmp_path):
+    """check_destination passes, then (mid-export) the earlier export is swapped for the user's own folder."""
+    lm = tiny_lm("llama")
+    out = _earlier_export(lm, tmp_path / "export")
+
+    def swap(done: int, total: int) -> None:
+        if done == 1:  # the export is built; it has not been moved into place yet
+            shutil.rmtree(out)
+            _plain_folder(out)
+
+    with pytest.raises(HeadroomError, match="not a Headroom export"):
+        export_model(lm, every_kind_of_pruning(lm), out, force=True, progress=swap)
+    assert os.listdir(tmp_path) == ["export"] and tree(out) == {"mine.txt": b"keep me"}
+
+
+def test_a_failing_export_leaves_the_earlier_export_untouched(tmp_path, monkeypatch):
+    lm = tiny_lm("llama")
+    out = _earlier_export(lm, tmp_path / "export")
+    before = tree(tmp_path)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -194,12 +289,20 @@ def test_a_failing_export_leaves_the_existing_folder_untouched(tmp_path, monkeyp
     monkeypatch.setattr(lm.tokenizer, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
         export_model(lm, every_kind_of_pruning(lm), out, force=True)
-    assert os.listdir(tmp_path) == ["export"] and sorted(os.listdir(out)) == ["mine.txt"]
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize(
     ("where", "message"),
-    [("file", "not a folder"), ("missing/export", "does not exist"), ("", "empty"), ("file/export", "does not exist")],
+    [
+        ("file", "not a folder"),
+        ("missing/export", "does not exist"),
+        ("", "empty"),
+        ("file/export", "does not exist"),
+        ("new\x00name", "control character"),
+        ("new\nname", "control character"),
+        ("n" * 201, "201 bytes long"),
+    ],
 )
 def test_invalid_destinations_are_refused_with_what_to_do(tmp_path, where, message):
     (tmp_path / "file").write_text("x")
@@ -259,7 +362,7 @@ def test_compact_export_of_a_harp_mask_round_trips_perplexity_and_saves_kv(defau
     lm = default_model
     alphas = (0.4, 0.1, 0.7, 0.7, 0.4, 0.3, 0.1, 0.0)
     layers = top_layers(lm.shape.num_layers, 8)
-    mask = drop_qk_mask(Mask.unpruned(lm.shape, lm.name, lm.fingerprint), layers)
+    mask = Mask.unpruned(lm.shape, lm.name, lm.fingerprint).with_drop_qk(layers)
     for layer, alpha in zip(layers, alphas, strict=True):
         mask = mask.with_layer(layer, alpha=alpha)
     windows = make_windows(lm.tokenizer, default_text("default-eval"), 256, 256)  # one window: keeps the test short
@@ -299,10 +402,8 @@ def test_compact_export_of_a_harp_mask_round_trips_perplexity_and_saves_kv(defau
 
 @pytest.mark.slow
 def test_export_page_writes_the_export_and_offers_the_mask(default_model, tmp_path):
-    mask = drop_qk_mask(Mask.unpruned(default_model.shape, default_model.name), [29]).with_layer(29, alpha=0.5)
-    at = AppTest.from_file(str(ROOT / "pages" / "7_Export.py"), default_timeout=300)
-    at.session_state[ui.MASK] = mask.to_json()
-    at.session_state[ui.MAX_TOKENS] = 512
+    mask = Mask.unpruned(default_model.shape, default_model.name).with_drop_qk([29]).with_layer(29, alpha=0.5)
+    at = open_page("app_pages/7_Export.py", {session.MASK: mask.to_json(), session.MAX_TOKENS: 512}, timeout_s=300)
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     at.text_input(key="export_folder").set_value(str(tmp_path / "page-export"))
