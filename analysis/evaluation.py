@@ -76,7 +76,7 @@ def working_bytes(arch: Architecture, windows: Windows) -> int:
     Per token and layer: the residual stream, norms and projections (8 x hidden), the MLP
     (4 x intermediate) and five copies of the attention scores (scores, mask, softmax, their
     temporaries) over the keys held at once: every position with eager attention, a block with
-    SDPA. Then one chunk of float32 logits (:func:`head_nll`) and half as much again for the
+    SDPA. Then one chunk of float32 logits (:func:`head_token_nll`) and half as much again for the
     log-sum-exp. On the default model: 0.56 GB for 8 windows of 256 tokens, 4.3 GB for one window of 8,192 tokens,
     where the measured peaks above the loaded model are 0.42 and 1.8 GB.
     """
@@ -90,8 +90,13 @@ def working_bytes(arch: Architecture, windows: Windows) -> int:
     return shape.bytes_per_element * per_batch * width * per_token + 6 * logits
 
 
-def head_nll(arch: Architecture, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL (float64) from final-normed hidden states ``[b, t, d]``.
+def _logit_windows(predicted: int, vocab_size: int) -> int:
+    """Windows whose float32 logits are made at once (:data:`LOGITS_PER_CHUNK`)."""
+    return max(1, LOGITS_PER_CHUNK // (predicted * vocab_size))
+
+
+def head_token_nll(arch: Architecture, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of every predicted token, ``[b, t - 1]`` float64, from final-normed hidden states ``[b, t, d]``.
 
     Logits are made a few windows at a time and upcast to float32, as transformers' own causal-LM
     loss does. The log-sum-exp runs in place on the logits (``NLL = logsumexp(z) - z[target]``):
@@ -101,14 +106,32 @@ def head_nll(arch: Architecture, hidden: torch.Tensor, input_ids: torch.Tensor) 
     """
     hidden = hidden[:, :-1]
     targets = input_ids[:, 1:].to(hidden.device)
-    per_window = max(1, LOGITS_PER_CHUNK // (hidden.shape[1] * arch.model.config.vocab_size))
-    total = torch.zeros((), dtype=torch.float64)
+    per_window = _logit_windows(hidden.shape[1], arch.model.config.vocab_size)
+    parts = []
     for h, t in zip(hidden.split(per_window), targets.split(per_window), strict=True):
         z = arch.logits(h).float().flatten(0, 1)
         target = z.gather(-1, t.reshape(-1, 1)).squeeze(-1)
         top = z.amax(-1, keepdim=True)
         lse = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
-        total += (lse - target).double().sum().cpu()
+        parts.append((lse - target).double().view(t.shape).cpu())
+    return torch.cat(parts)
+
+
+def nll_total(token_nll: torch.Tensor, vocab_size: int) -> float:
+    """Sum of the per-token NLL ``[windows, t - 1]`` of a whole window set, always added in one order.
+
+    Per batch of :data:`TOKENS_PER_BATCH` tokens, per chunk of logits, as :func:`perplexity` makes
+    them: so a number is the same to the last digit whatever batches the windows were computed in
+    (the full pass, the incremental evaluator, the live one window at a time).
+    """
+    per_batch = min(token_nll.shape[0], max(1, TOKENS_PER_BATCH // (token_nll.shape[1] + 1)))
+    per_chunk = _logit_windows(token_nll.shape[1], vocab_size)
+    total = 0.0
+    for batch in token_nll.split(per_batch):
+        batch_total = torch.zeros((), dtype=torch.float64)
+        for chunk in batch.split(per_chunk):
+            batch_total += chunk.sum()
+        total += batch_total.item()
     return total
 
 
@@ -137,14 +160,13 @@ def perplexity(
     """Full-recompute protocol perplexity of the model under ``mask``."""
     require(working_bytes(arch, windows), f"evaluating {windows.num_windows} windows of {windows.seqlen} tokens")
     parts = batches(windows)
-    total = 0.0
+    token_nll = []
     with apply_mask(arch, mask):
         for i, ids in enumerate(parts):
-            hidden = arch.final_hidden(ids)
-            total += head_nll(arch, hidden, ids).item()
+            token_nll.append(head_token_nll(arch, arch.final_hidden(ids), ids))
             if progress:
                 progress(i + 1, len(parts))
-    return _result(total, windows, mask)
+    return _result(nll_total(torch.cat(token_nll), arch.model.config.vocab_size), windows, mask)
 
 
 def _run_capturing(
@@ -166,36 +188,60 @@ def _run_capturing(
 class IncrementalEvaluator:
     """Perplexity under changing masks, recomputing only from the lowest changed layer.
 
-    Holds, per batch of windows, each layer's input residual stream under the current mask (about
-    ``layers * tokens * hidden * 4`` bytes: 141 MB for the default model on 2,048 tokens) and the
-    arguments the model passed to each layer. Not thread-safe: give each session its own.
+    Holds, per batch of windows, each layer's input residual stream (about ``layers * tokens *
+    hidden * 4`` bytes: 141 MB for the default model on 2,048 tokens), the arguments the model
+    passed to each layer, and the per-token NLL. Each batch remembers the mask its stream belongs
+    to, so batches may be brought up to date one at a time (``tokens_per_batch`` of one window
+    gives the live evaluator its window-by-window answers) and a refresh can be cancelled between
+    layers. Not thread-safe: callers take turns (``analysis.live`` holds a lock).
     """
 
-    def __init__(self, arch: Architecture, windows: Windows, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        arch: Architecture,
+        windows: Windows,
+        progress: Progress | None = None,
+        tokens_per_batch: int = TOKENS_PER_BATCH,
+    ) -> None:
         tokens = windows.input_ids.numel()
         stored = arch.shape.num_layers * tokens * arch.shape.hidden_size * arch.shape.bytes_per_element
         require(stored + working_bytes(arch, windows), f"keeping every layer's input for {tokens} tokens")
         self.arch = arch
         self.windows = windows
-        self.mask = Mask.unpruned(arch.shape, "")
+        self._ids = batches(windows, tokens_per_batch)
         self._inputs: list[list[torch.Tensor]] = []  # [batch][layer] residual at the layer's input
         self._layer_args: list[list[tuple[tuple, dict]]] = []  # [batch][layer] other args of that call
-        self._nll: list[float] = []
+        self._token_nll: list[torch.Tensor] = []  # [batch] per-token NLL [windows, t - 1] under the batch's mask
         self._capture(progress)
+        self.unpruned_token_nll = torch.cat(self._token_nll)  # [window, t - 1], from the capturing pass
+        unpruned = Mask.unpruned(arch.shape, "")
+        self._masks = [unpruned] * len(self._ids)  # [batch] the mask its stored stream belongs to
+        self._stale: list[int | None] = [None] * len(self._ids)  # [batch] lowest layer not yet brought up to it
         self.last_recomputed_from: int | None = 0  # lowest layer recomputed by the last call
         self._seen: OrderedDict[tuple[LayerSpec, ...], float] = OrderedDict()  # mask -> NLL sum, recent last
-        self._stale_from: int | None = None  # set while a recompute is under way or was interrupted
 
     @torch.no_grad()
     def _capture(self, progress: Progress | None) -> None:
-        parts = batches(self.windows)
-        for b, ids in enumerate(parts):
+        for b, ids in enumerate(self._ids):
             inputs, args, hidden = _run_capturing(self.arch, ids)
             self._inputs.append(inputs)
             self._layer_args.append(args)
-            self._nll.append(head_nll(self.arch, hidden, ids).item())
+            self._token_nll.append(head_token_nll(self.arch, hidden, ids))
             if progress:
-                progress(b + 1, len(parts))
+                progress(b + 1, len(self._ids))
+
+    @property
+    def num_batches(self) -> int:
+        return len(self._ids)
+
+    def batch_windows(self, batch: int) -> range:
+        """The window indices (rows of :attr:`unpruned_token_nll`) of ``batch``."""
+        first = sum(len(ids) for ids in self._ids[:batch])
+        return range(first, first + len(self._ids[batch]))
+
+    def token_nll(self, batch: int) -> torch.Tensor:
+        """Per-token NLL of ``batch`` under the mask its last completed :meth:`refresh` brought it to."""
+        return self._token_nll[batch]
 
     def layer_inputs(self, layer: int) -> list[torch.Tensor]:
         """The residual stream entering ``layer``, per batch, under the last evaluated mask."""
@@ -206,33 +252,53 @@ class IncrementalEvaluator:
         args, kwargs = self._layer_args[batch][layer]
         return hidden_of(self.arch.layers[layer](hidden, *args, **kwargs))
 
-    def _first_stale(self, mask: Mask) -> int | None:
-        """Lowest layer whose stored input may not match ``mask``; None if everything does."""
-        start = self.mask.first_difference(mask)
-        if self._stale_from is not None:
-            start = self._stale_from if start is None else min(start, self._stale_from)
+    def _first_stale(self, batch: int, mask: Mask) -> int | None:
+        """Lowest layer whose stored input of ``batch`` may not match ``mask``; None if everything does."""
+        start, stale = self._masks[batch].first_difference(mask), self._stale[batch]
+        if stale is not None:
+            start = stale if start is None else min(start, stale)
         return start
 
-    def _recompute(self, mask: Mask, start: int, stop: int) -> None:
-        """Rerun layers ``start..stop-1`` under ``mask``, and the head if ``stop`` is the last layer.
+    def _recompute(
+        self, batch: int, mask: Mask, start: int, stop: int, cancelled: Callable[[], bool] | None = None
+    ) -> bool:
+        """Rerun layers ``start..stop-1`` of ``batch`` under ``mask``, and the head if ``stop`` is the last layer.
 
         Until it finishes, everything from ``start`` up is marked stale, so an interruption (an
         exception, a cancelled page run) is repaired by the next call rather than read as valid.
+        ``cancelled`` is asked before each layer; when it says so, the batch keeps what is done
+        (its stream up to the current layer belongs to ``mask``) and False is returned.
         """
         num_layers = len(self.arch.layers)
-        self._stale_from = start
+        self._stale[batch] = start
+        inputs = self._inputs[batch]
+        hidden = inputs[start]
         with apply_mask(self.arch, mask):
-            for b, ids in enumerate(batches(self.windows)):
-                inputs = self._inputs[b]
-                hidden = inputs[start]
-                for i in range(start, stop):
-                    hidden = self.run_layer(b, i, hidden)
-                    if i + 1 < num_layers:
-                        inputs[i + 1] = hidden
-                if stop == num_layers:
-                    self._nll[b] = head_nll(self.arch, self.arch.final_norm()(hidden), ids).item()
-        self.mask = mask
-        self._stale_from = None if stop == num_layers else stop
+            for i in range(start, stop):
+                if cancelled is not None and cancelled():
+                    self._masks[batch], self._stale[batch] = mask, i
+                    return False
+                hidden = self.run_layer(batch, i, hidden)
+                if i + 1 < num_layers:
+                    inputs[i + 1] = hidden
+            if stop == num_layers:
+                ids = self._ids[batch]
+                self._token_nll[batch] = head_token_nll(self.arch, self.arch.final_norm()(hidden), ids)
+        self._masks[batch] = mask
+        self._stale[batch] = None if stop == num_layers else stop
+        return True
+
+    @torch.no_grad()
+    def refresh(self, batch: int, mask: Mask, cancelled: Callable[[], bool] | None = None) -> bool:
+        """Bring ``batch`` (stream and per-token NLL) up to date with ``mask``; False if ``cancelled`` stopped it."""
+        start = self._first_stale(batch, mask)
+        if start is None:
+            return True
+        done = self._recompute(batch, mask, start, len(self.arch.layers), cancelled)
+        self.last_recomputed_from = (
+            start if self.last_recomputed_from is None else min(self.last_recomputed_from, start)
+        )
+        return done
 
     @torch.no_grad()
     def advance(self, mask: Mask, layer: int) -> None:
@@ -240,28 +306,39 @@ class IncrementalEvaluator:
 
         Cheaper than :meth:`perplexity` when only :meth:`layer_inputs` is needed.
         """
-        start = self._first_stale(mask)
-        if start is not None and start < layer:
-            self._recompute(mask, start, layer)
-        elif start is not None:  # nothing below `layer` changes; remember what above it is stale
-            self.mask, self._stale_from = mask, start
+        for b in range(self.num_batches):
+            start = self._first_stale(b, mask)
+            if start is not None and start < layer:
+                self._recompute(b, mask, start, layer)
+            elif start is not None:  # nothing below `layer` changes; remember what above it is stale
+                self._masks[b], self._stale[b] = mask, start
+
+    def remembered(self, mask: Mask) -> PerplexityResult | None:
+        """The perplexity of ``mask`` if it was evaluated recently (undo, or a search revisiting a candidate)."""
+        key = _key(mask)
+        if key not in self._seen:
+            return None
+        self._seen.move_to_end(key)
+        return _result(self._seen[key], self.windows, mask)
 
     @torch.no_grad()
     def perplexity(self, mask: Mask) -> PerplexityResult:
         """Protocol perplexity under ``mask``; equal to :func:`perplexity` to float rounding.
 
-        A mask evaluated recently (undo, or a search revisiting a candidate) is answered from memory.
+        A mask evaluated recently is answered from memory.
         """
-        key = tuple(mask.layer(i) for i in range(mask.num_layers))
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            self.last_recomputed_from = None
-            return _result(self._seen[key], self.windows, mask)
-        start = self._first_stale(mask)
-        self.last_recomputed_from = start
-        if start is not None:
-            self._recompute(mask, start, len(self.arch.layers))
-        self._seen[key] = sum(self._nll)
+        known = self.remembered(mask)
+        self.last_recomputed_from = None
+        if known is not None:
+            return known
+        for b in range(self.num_batches):
+            self.refresh(b, mask)
+        key = _key(mask)
+        self._seen[key] = nll_total(torch.cat(self._token_nll), self.arch.model.config.vocab_size)
         if len(self._seen) > REMEMBERED_MASKS:
             self._seen.popitem(last=False)
         return _result(self._seen[key], self.windows, mask)
+
+
+def _key(mask: Mask) -> tuple[LayerSpec, ...]:
+    return tuple(mask.layer(i) for i in range(mask.num_layers))
