@@ -252,7 +252,7 @@ class Item:
     target: str
 
 
-def _filler_tokens(lm: LoadedModel) -> list[int]:
+def filler_tokens(lm: LoadedModel) -> list[int]:
     return lm.tokenizer(default_text("default-calib").text, add_special_tokens=False, verbose=False).input_ids
 
 
@@ -264,7 +264,7 @@ def passkey_items(
     The filler is a stretch of ``default-calib`` starting at a seeded offset, cut in token space and
     decoded; the prompt is re-tokenized when scored, so its length can differ from ``length`` by a token or two.
     """
-    filler = filler if filler is not None else _filler_tokens(lm)
+    filler = filler if filler is not None else filler_tokens(lm)
     rng = random.Random(f"passkey:{seed}:{length}:{depth}")
     tok = lm.tokenizer
     fixed = len(tok(PASSKEY_INTRO + PASSKEY_NEEDLE.format(key=12345) + PASSKEY_QUESTION + " 12345").input_ids)
@@ -342,7 +342,7 @@ def passkey(
 ) -> PasskeyResult:
     limit = lm.max_positions
     fit = [n for n in lengths if limit is None or n <= limit]
-    filler = _filler_tokens(lm)
+    filler = filler_tokens(lm)
     step = progress_steps(progress, len(fit) * len(depths) * samples)
     cells = []
     with apply_mask(lm.arch, mask):

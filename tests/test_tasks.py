@@ -118,9 +118,10 @@ def test_passkey_counts_greedy_generations_and_skips_lengths_beyond_the_context(
     lengths, depths = (300, 500, 1024), (0.2, 0.8)
     result = tasks.passkey(lm, pruned(lm), lengths, depths, samples=2, seed=3)
     assert result.skipped_lengths == (1024,) and result.max_positions == MAX_POSITIONS
+    filler = tasks.filler_tokens(lm)
     assert [(c.context_tokens, c.depth) for c in result.cells] == [(n, d) for n in (300, 500) for d in depths]
     for cell in result.cells:
-        items = tasks.passkey_items(lm, cell.context_tokens, cell.depth, 2, 3)
+        items = tasks.passkey_items(lm, cell.context_tokens, cell.depth, 2, 3, filler)
         assert len({i.target for i in items}) == 2  # seeded keys differ between samples
         for item in items:
             key = item.target.strip()
