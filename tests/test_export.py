@@ -486,3 +486,33 @@ def test_export_page_writes_the_export_and_offers_the_mask(default_model, tmp_pa
     assert any(str(tmp_path / "page-export") in s.value for s in at.success)
     at.button(key="export_run").click().run()  # the folder exists now: refused, shown as an error
     assert "already exists" in at.error[0].value
+
+
+TOKENIZER_ONLY = r"""
+import sys, time
+from transformers import AutoTokenizer
+start = time.perf_counter()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+print(time.perf_counter() - start, tokenizer("a b").input_ids)
+"""
+
+
+def test_compact_export_tokenizer_loads_with_no_arguments_and_no_prompt(tmp_path):
+    """AutoTokenizer with no arguments, in a fresh process with no terminal and stdin closed: no remote-code prompt."""
+    lm = tiny_lm("llama")
+    export_model(lm, every_kind_of_pruning(lm), tmp_path / "export")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_MODULES_CACHE": str(tmp_path / "mods")}
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", TOKENIZER_ONLY, str(tmp_path / "export")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # no controlling terminal
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "custom code" not in done.stdout + done.stderr and "model of type" not in done.stderr
+    seconds, ids = done.stdout.strip().split(" ", 1)
+    assert ids == str(word_tokenizer()("a b").input_ids) and float(seconds) < 10

@@ -32,12 +32,19 @@ def _kv_sharing_modes(self) -> list[str | None] | None:
 
 
 def _config_class(family: str) -> type:
+    """The family's config class with ``headroom_layers``; its ``model_type`` stays the family's.
+
+    A known ``model_type`` in ``config.json`` lets ``AutoTokenizer.from_pretrained(export)`` (which
+    reads the config first) load the config without remote code, so it never stops on transformers'
+    "run the custom code? [y/N]" prompt; the model still comes from ``auto_map`` with
+    ``trust_remote_code=True``.
+    """
     base = CONFIG_MAPPING[family]
     return type(
         f"Headroom{base.__name__}",
         (base,),
         {
-            "model_type": f"headroom_{family}",
+            "model_type": family,
             "kv_sharing_modes": property(_kv_sharing_modes),
             "__doc__": f"{base.__name__} of a pruned model; ``headroom_layers`` says what each layer keeps.",
         },
