@@ -309,7 +309,7 @@ def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: 
 
 def block_influences(lm: LoadedModel, calib: Windows) -> dict[str, list[float]]:
     """ShortGPT Block Influence per layer of whole blocks and of attention branches (disk-cached)."""
-    parts = {"model": lm.fingerprint, **calib.cache_key()}
+    parts = {**lm.cache_key(), **calib.cache_key()}
 
     def compute() -> dict[str, list[float]]:
         return {
