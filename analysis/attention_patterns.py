@@ -111,7 +111,7 @@ def cached_attention_stats(
     lm: LoadedModel, windows: Windows, cache: DiskCache | None = None, progress: Progress | None = None
 ) -> AttentionStats:
     """``attention_stats`` through the disk cache."""
-    parts = {"model": lm.fingerprint, **windows.cache_key()}
+    parts = {**lm.cache_key(), **windows.cache_key()}
     value = (cache or DiskCache()).json(
         "attention_stats", parts, lambda: attention_stats(lm.arch, windows, progress).to_json()
     )

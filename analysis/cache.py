@@ -1,8 +1,10 @@
 """The on-disk result cache under ``cache/``.
 
-Keys are sha256 digests of JSON key parts: the kind of result, the model fingerprint, the text
-sha256 and the parameters. Nothing device- or path-dependent goes into a key, so a cache computed on
-a GPU machine can be copied next to the app on a laptop and read there.
+Keys are sha256 digests of JSON key parts: the kind of result, the model (its fingerprint and the
+dtype it was loaded in: :func:`model_key`), the text sha256 and the parameters. A key that names a
+model without its dtype is refused, so results of a bfloat16 and a float32 load never mix. Nothing
+device- or path-dependent goes into a key, so a cache computed on a GPU machine can be moved next
+to the app on a laptop (``analysis/cache_pack.py``) and read there.
 
 Entries are JSON or safetensors (never pickle), written atomically, and carry a checksum of their
 content and their own key parts. A truncated, corrupt or foreign entry is detected on read, removed
@@ -36,6 +38,11 @@ def default_root() -> Path:
     return Path(os.environ.get("HEADROOM_CACHE") or PROJECT_ROOT / "cache")
 
 
+def model_key(fingerprint: str, dtype: torch.dtype) -> dict[str, str]:
+    """The key parts naming a model: its fingerprint and the dtype its weights were loaded in."""
+    return {"model": fingerprint, "dtype": str(dtype).removeprefix("torch.")}
+
+
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -59,6 +66,11 @@ class DiskCache:
     def _path(self, kind: str, parts: dict[str, Any], suffix: str) -> Path:
         if not _KIND.fullmatch(kind):
             raise ValueError(f"cache kind {kind!r} must be a lowercase name such as 'perplexity'")
+        if "model" in parts and "dtype" not in parts:
+            raise ValueError(
+                f"cache key parts of {kind!r} name a model but not its dtype; build them with "
+                "LoadedModel.cache_key() or cache.model_key(), so that results of different dtypes never mix"
+            )
         digest = hashlib.sha256(_canonical({"kind": kind, **parts}).encode()).hexdigest()[:40]
         return self.root / "results" / kind / f"{digest}{suffix}"
 

@@ -25,7 +25,7 @@ from analysis.export import KINDS, check_destination, export_command, export_mod
 from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
-from analysis.loading import DEFAULT_MODEL, LoadedModel, load_model
+from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 
 
@@ -37,6 +37,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the model runs (default: cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="dtype of the weights (default auto: bfloat16 on a CUDA GPU, float32 on the CPU); "
+        "logits are upcast to float32 and sums kept in float64 whatever it is",
     )
     p.add_argument(
         "--device-map",
@@ -169,7 +176,11 @@ def _float_list(text: str) -> list[float]:
 
 def _load(args: argparse.Namespace) -> LoadedModel:
     return load_model(
-        args.model, device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code
+        args.model,
+        device=args.device,
+        device_map=args.device_map,
+        trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
     )
 
 
@@ -335,7 +346,16 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     mask = _mask(lm, args.mask)
     windows = _windows(lm, args, args.text)
     command = export_command(
-        args.model, args.mask, args.out, args.kind, args.text, args.seqlen, args.max_tokens, args.encoding, args.force
+        args.model,
+        args.mask,
+        args.out,
+        args.kind,
+        args.text,
+        args.seqlen,
+        args.max_tokens,
+        args.encoding,
+        args.force,
+        lm.dtype,
     )
     start = time.perf_counter()
     result = export_model(

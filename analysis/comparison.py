@@ -59,7 +59,7 @@ def cached_baselines(
     lm: LoadedModel, calib: Windows, reference: Mask, axis: str, seq_len: int, cache: DiskCache | None = None
 ) -> dict[str, Mask]:
     """:func:`matched_baselines`, cached under the model, calibration windows, reference and axis."""
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "reference": reference.cache_key(), "axis": axis}
+    parts = {**lm.cache_key(), **calib.cache_key(), "reference": reference.cache_key(), "axis": axis}
     parts |= {"seq_len": seq_len, "scorers": list(BASELINE_METRICS), "format": 2}  # 2: FLAP as its code, v2 masks
 
     def compute() -> dict[str, Any]:

@@ -258,7 +258,7 @@ def harp_drift(arch: Architecture, windows: Windows, harp_mask: Mask) -> dict[st
 
 
 def _drift_parts(lm: LoadedModel, windows: Windows, mask: Mask) -> dict[str, Any]:
-    return {"model": lm.fingerprint, **windows.cache_key(), "mask": mask.cache_key()}
+    return {**lm.cache_key(), **windows.cache_key(), "mask": mask.cache_key()}
 
 
 def _named(value: dict[str, Any], windows: Windows) -> DriftReport:

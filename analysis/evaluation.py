@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from analysis.architecture import Architecture
-from analysis.cache import DiskCache
+from analysis.cache import DiskCache, model_key
 from analysis.corpus import Windows
 from analysis.hooks import hidden_arg, hidden_of, observe
 from analysis.intervention import apply_mask
@@ -146,7 +146,7 @@ def cached_perplexity(
 ) -> PerplexityResult:
     """:func:`perplexity`, read from the disk cache when this model, text, windowing and mask were seen."""
     mask = mask or Mask.unpruned(arch.shape, "")
-    parts = {"model": fingerprint, **windows.cache_key(), "mask": mask.cache_key()}
+    parts = {**model_key(fingerprint, arch.model.dtype), **windows.cache_key(), "mask": mask.cache_key()}
     value = (cache or DiskCache()).json(
         "perplexity", parts, lambda: perplexity(arch, windows, mask, progress).to_json(), refresh
     )

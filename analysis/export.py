@@ -19,6 +19,7 @@ into its q, k and v rows and fused again from the kept rows (``Architecture.qkv_
 Every export is checked against the masked model (``apply_mask``) on a few tokens before it is
 moved into place, is built in a temporary folder next to its destination, and replaces an existing
 folder only when asked to, only if that folder is itself a Headroom export, and only at the very end.
+An export keeps the dtype the model was loaded in (its ``config.json`` and model card say which).
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ MASK_FILE = "headroom_mask.json"
 CARD_FILE = "README.md"
 CHECK_TOKENS = 64  # tokens of the evaluation text on which every export is compared with the masked model
 MAX_LOGIT_DIFFERENCE = 1e-4  # float32; an export further off than this is a bug and is not written
+# 16-bit exports: this many machine epsilons of the largest |logit|. The export folds alpha into weights
+# rounded to the dtype and multiplies matrices of other shapes, so the two round differently: measured up
+# to 1.7 eps on the default model in bfloat16 and 2.6 eps in float16, where one wrong head or a wrong
+# alpha step (0.1) is off by 60 to 120 eps.
+LOW_PRECISION_EPSILONS = 4
+
+
+def max_logit_difference(dtype: torch.dtype, largest_logit: float) -> float:
+    """The largest |logit difference| an export in ``dtype`` may have from the masked model."""
+    if dtype == torch.float32:
+        return MAX_LOGIT_DIFFERENCE
+    return LOW_PRECISION_EPSILONS * torch.finfo(dtype).eps * max(1.0, largest_logit)
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class ExportResult:
 
     path: str
     kind: str
+    dtype: str  # of the exported weights: the dtype the model was loaded in
     params_before: int
     params_after: int
     budget: Budget
@@ -71,6 +85,7 @@ class ExportResult:
         return {
             "path": self.path,
             "kind": self.kind,
+            "dtype": self.dtype,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "budget": self.budget.to_json(),
@@ -238,12 +253,15 @@ def _stock_model(arch: Architecture, mask: Mask) -> nn.Module:
 
 
 @torch.no_grad()
-def _logit_difference(arch: Architecture, mask: Mask, exported: nn.Module, input_ids: torch.Tensor) -> float:
-    """Max |logit difference| between the export and the masked model (float32 logits, with any soft-capping)."""
+def _logit_difference(
+    arch: Architecture, mask: Mask, exported: nn.Module, input_ids: torch.Tensor
+) -> tuple[float, float]:
+    """Max |logit difference| between the export and the masked model (float32 logits, with any soft-capping),
+    and the largest |logit| of the masked model."""
     with apply_mask(arch, mask):
         expected = arch.logits(arch.final_hidden(input_ids)).float().cpu()
     got = exported(input_ids=input_ids.cpu(), use_cache=False).logits.float()
-    return float((got - expected).abs().max())
+    return float((got - expected).abs().max()), float(expected.abs().max())
 
 
 # --- the destination --------------------------------------------------------------------------------
@@ -377,6 +395,7 @@ def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[d
         f"- Source model: `{lm.name}` ({lm.arch.family}, {lm.shape.num_layers} layers x {lm.shape.num_heads} query "
         f"heads, {lm.shape.num_kv_heads} KV heads), source `{lm.source}`, fingerprint `{lm.fingerprint}`",
         f"- Mask: `{MASK_FILE}` (Headroom mask v1): {json.dumps(mask.summary())}",
+        f"- Weights: {result.dtype}, the dtype the source was loaded in when this export was made",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -431,7 +450,8 @@ def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[d
     lines += [
         "",
         f"Checked before writing: the largest absolute logit difference between this export and the masked "
-        f"source model on {CHECK_TOKENS} tokens was {result.max_abs_logit_difference:.2e} (float32).",
+        f"source model on {CHECK_TOKENS} tokens was {result.max_abs_logit_difference:.2e} (logits in float32, "
+        f"weights in {result.dtype} in both).",
         "",
         "## Layers",
         "",
@@ -458,12 +478,14 @@ def export_command(
     max_tokens: int | None,
     encoding: str = "utf-8",
     force: bool = False,
+    dtype: str | None = None,
 ) -> str:
     """The ``python -m analysis export`` command line that makes this export (for the model card)."""
     words = ["python", "-m", "analysis", "export", "--model", model, "--mask", mask_file, "--out", out]
     words += ["--kind", kind, "--text", text, "--seqlen", str(seqlen)]
     words += ["--max-tokens", str(max_tokens)] if max_tokens else []
     words += ["--encoding", encoding] if encoding != "utf-8" else []
+    words += ["--dtype", dtype] if dtype else []
     words += ["--force"] if force else []
     return shlex.join(words)
 
@@ -507,14 +529,15 @@ def export_model(
         check = windows.input_ids[:1, :CHECK_TOKENS]
     else:
         check = (torch.arange(CHECK_TOKENS) % arch.config.vocab_size).unsqueeze(0)
-    difference = _logit_difference(arch, mask, exported, check)
-    if not difference <= MAX_LOGIT_DIFFERENCE:
+    difference, largest = _logit_difference(arch, mask, exported, check)
+    if not difference <= max_logit_difference(arch.model.dtype, largest):
         raise RuntimeError(f"the {kind} export differs from the masked model by {difference:.2e}; nothing was written")
     at(2 * n)(2, total)
     layers = layer_structure(mask, arch)
     result = ExportResult(
         path=str(path),
         kind=kind,
+        dtype=lm.dtype,
         params_before=arch.shape.total_params,
         params_after=count_parameters(exported),
         budget=budget(mask, arch.shape, windows.seqlen if windows is not None else 256),

@@ -248,7 +248,7 @@ def cached_harp(
     """:func:`harp`, read from the disk cache when this model, calibration text, layers and grid were seen."""
     layers = check_layers(layers, lm.shape.num_layers)
     grid = check_grid(grid)
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "layers": list(layers), "grid": list(grid)}
+    parts = {**lm.cache_key(), **calib.cache_key(), "layers": list(layers), "grid": list(grid)}
 
     def compute() -> dict[str, Any]:
         return harp(lm.arch, lm.name, calib, layers, grid, progress).to_json()

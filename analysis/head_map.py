@@ -159,7 +159,7 @@ def cached_head_map(
 ) -> HeadMap:
     """The head map of ``lm`` on ``windows``, read from the disk cache when seen."""
     cache = cache or DiskCache()
-    parts = {"model": lm.fingerprint, **windows.cache_key(), "metrics": list(metrics), "k": clusters, "seed": seed}
+    parts = {**lm.cache_key(), **windows.cache_key(), "metrics": list(metrics), "k": clusters, "seed": seed}
 
     def compute() -> dict[str, Any]:
         names, features = head_features(lm, windows, metrics, cache, progress)

@@ -522,7 +522,7 @@ def cached_head_result(
     if layers is not None and (not layers or any(not 0 <= i < num_layers for i in layers)):
         raise HeadroomError(f"--layers {list(layers)} must name layers in 0..{num_layers - 1}")
     chosen = sorted(set(layers)) if layers is not None else None
-    parts = {"model": lm.fingerprint, **windows.cache_key(), "metric": metric, "layers": chosen, "format": 2}
+    parts = {**lm.cache_key(), **windows.cache_key(), "metric": metric, "layers": chosen, "format": 2}
 
     def compute() -> dict[str, Any]:
         result = HEAD_METRICS[metric](lm.arch, windows, chosen, progress)

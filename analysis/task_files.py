@@ -185,7 +185,7 @@ def cached_user_task(
 ) -> UserTaskResult:
     """:func:`score_user_task`, keyed by the file's content (never its path) and the mask."""
     mask_key = (mask or Mask.unpruned(lm.shape, "")).cache_key()
-    parts = {"model": lm.fingerprint, "file_sha256": task.sha256, "version": TASK_VERSION, "mask": mask_key}
+    parts = {**lm.cache_key(), "file_sha256": task.sha256, "version": TASK_VERSION, "mask": mask_key}
     value = (cache or DiskCache()).json(
         "user_task", parts, lambda: score_user_task(lm, task, mask, progress).to_json(), refresh
     )

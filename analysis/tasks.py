@@ -572,7 +572,7 @@ def check_task_names(names: Sequence[str]) -> list[str]:
 
 def _key(lm: LoadedModel, name: str, mask: Mask | None, params: dict[str, Any]) -> dict[str, Any]:
     mask = mask or Mask.unpruned(lm.shape, "")
-    return {"model": lm.fingerprint, "task": name, "version": TASK_VERSION, "params": params, "mask": mask.cache_key()}
+    return {**lm.cache_key(), "task": name, "version": TASK_VERSION, "params": params, "mask": mask.cache_key()}
 
 
 def cached_task(

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.cache import PROJECT_ROOT, DiskCache, default_root
+from analysis.cache import PROJECT_ROOT, DiskCache, default_root, model_key
 from analysis.files import atomic_write, atomic_write_text
 
 KIND = "perplexity"
 PARTS = {
     "model": "fp-0123456789abcdef",
+    "dtype": "float32",
     "text_sha256": "ab" * 32,
     "seqlen": 256,
     "windows": 16,
@@ -124,6 +125,7 @@ def _variants() -> dict[str, tuple[str, dict]]:
     return {
         "kind": ("eval", PARTS),
         "model": (KIND, changed("model", "fp-other")),
+        "dtype": (KIND, changed("dtype", "bfloat16")),
         "text": (KIND, changed("text_sha256", "cd" * 32)),
         "seqlen": (KIND, changed("seqlen", 512)),
         "seqlen-type": (KIND, changed("seqlen", "256")),
@@ -147,6 +149,21 @@ def test_keys_differ_when_any_part_differs(tmp_path):
         assert cache.get_json(kind, parts) == {"variant": name}
     files = [p for kind in (KIND, "eval") for p in entries(tmp_path, kind)]
     assert len({p.name for p in files}) == len(files) == 1 + len(variants)
+
+
+@pytest.mark.parametrize("op", ["get_json", "put_json", "get_tensors", "put_tensors", "json"])
+def test_a_key_naming_a_model_without_its_dtype_is_refused(tmp_path, op):
+    cache = DiskCache(root=tmp_path)
+    parts = {k: v for k, v in PARTS.items() if k != "dtype"}
+    args = {"put_json": (VALUE,), "put_tensors": (tensors(),), "json": (lambda: VALUE,)}.get(op, ())
+    with pytest.raises(ValueError, match="name a model but not its dtype"):
+        getattr(cache, op)(KIND, parts, *args)
+    assert not (tmp_path / "results").exists()
+
+
+def test_model_key_names_the_dtype_without_the_torch_prefix():
+    assert model_key("fp", torch.bfloat16) == {"model": "fp", "dtype": "bfloat16"}
+    assert model_key("fp", torch.float32) != model_key("fp", torch.float16)
 
 
 def test_entries_hold_no_path_and_can_be_moved(tmp_path):

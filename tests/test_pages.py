@@ -165,7 +165,7 @@ def test_harp_page_runs_a_search_and_sends_it_to_the_editor(tiny, lm):
     calib = windows(lm, tiny[session.CALIB_TEXT])
     expected = harp(lm.arch, lm.name, calib, [2, 3], (0.0, 0.5, 1.0))
     assert shown(at, "Calibration perplexity, HARP (searched alpha)") == f"{expected.calib_perplexity:.3f}"
-    rate = measured_rate(DiskCache(), lm.fingerprint, "harp")  # the run measured its own speed
+    rate = measured_rate(DiskCache(), lm.cache_key(), "harp")  # the run measured its own speed
     assert (rate.runs, rate.last_units, rate.unit) == (1, 6, "candidates")
     ok(at.run())
     estimate = f"about {duration_text(rate.seconds(6))} for 6 candidates (measured here"

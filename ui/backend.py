@@ -110,7 +110,7 @@ def live_perplexity(lm: LoadedModel, evaluation: Windows, mask: Mask) -> Perplex
 
 def job(lm: LoadedModel, name: str, unit: str) -> Job:
     """A long job on ``lm`` whose measured speed the disk cache remembers for the next estimate."""
-    return Job(disk_cache(), lm.fingerprint, name, unit)
+    return Job(disk_cache(), lm.cache_key(), name, unit)
 
 
 def harp_job(lm: LoadedModel) -> Job:
@@ -152,7 +152,7 @@ def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: 
 
 def block_influences(lm: LoadedModel, calib: Windows) -> dict[str, list[float]]:
     """ShortGPT Block Influence per layer of whole blocks and of attention branches (disk-cached)."""
-    parts = {"model": lm.fingerprint, **calib.cache_key()}
+    parts = {**lm.cache_key(), **calib.cache_key()}
 
     def compute() -> dict[str, list[float]]:
         return {

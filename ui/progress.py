@@ -24,7 +24,7 @@ class Job:
     """A kind of long work on one model, whose speed is worth remembering."""
 
     cache: DiskCache
-    fingerprint: str
+    model: dict[str, str]  # LoadedModel.cache_key(): fingerprint and dtype
     name: str  # e.g. "harp", "head_metric:gradient"
     unit: str  # what one progress step is, plural: "windows", "heads", "candidates"
 
@@ -33,7 +33,7 @@ class Job:
 
         ``units`` defaults to the size of the last run, for jobs whose size is known only once they run.
         """
-        rate = measured_rate(self.cache, self.fingerprint, self.name)
+        rate = measured_rate(self.cache, self.model, self.name)
         if rate is None:
             size = f" ({units} {self.unit})" if units else ""
             return f"no estimate yet: the first run on this model and machine measures its speed{size}"
@@ -63,7 +63,7 @@ class ProgressBar:
         )
         if done == total and self.job is not None:
             job = self.job
-            record(job.cache, job.fingerprint, job.name, job.unit, total, elapsed)
+            record(job.cache, job.model, job.name, job.unit, total, elapsed)
 
     def done(self) -> None:
         self._bar.empty()
