@@ -22,11 +22,12 @@ from analysis.drift import cached_harp_drift, cached_layer_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
 from analysis.export import KINDS, check_destination, export_command, export_model
-from analysis.harp import DEFAULT_GRID, cached_harp, top_layers
+from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_rescale, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask, mask_warnings
+from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     hp = sub.add_parser("harp", help="HARP: drop-QK on the top layers with a greedy alpha search; writes the mask")
     _common(hp)
     _text_args(hp, "--calib", "default-calib", max_tokens=2048)
-    _layer_choice(hp)
+    _layer_choice(hp, choose=True)
     hp.add_argument("--out", default=None, help="write the resulting v1 mask JSON here")
     hp.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
     hp.set_defaults(func=cmd_harp)
@@ -146,13 +147,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--force", action="store_true", help="replace an existing folder (only once the export is done)")
     ex.set_defaults(func=cmd_export)
+
+    se = sub.add_parser("search", help="the mask of lowest calibration perplexity that saves at least a budget")
+    _common(se)
+    _text_args(se, "--calib", "default-calib", max_tokens=2048)
+    _eval_args(se)
+    se.add_argument(
+        "--save", action="append", required=True, help="AXIS:AMOUNT, e.g. kv:12288; repeat for several axes at once"
+    )
+    se.add_argument("--shortlist", type=int, default=SHORTLIST, help="moves rescored per step on the whole calib")
+    se.add_argument("--proxy-windows", type=int, default=PROXY_WINDOWS, help="windows of the first, cheap scoring")
+    se.add_argument("--out", default=None, help="write the mask found as JSON here")
+    se.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
+    se.set_defaults(func=cmd_search)
+
+    rs = sub.add_parser("rescale", help="per-layer alpha for every changed layer of a mask (closed form, then search)")
+    _common(rs)
+    _text_args(rs, "--calib", "default-calib", max_tokens=2048)
+    _eval_args(rs)
+    rs.add_argument("--mask", required=True, help="a mask JSON file")
+    rs.add_argument("--closed-form", action="store_true", help="only the norm-matching alphas, no search")
+    rs.add_argument("--out", default=None, help="write the rescaled mask JSON here")
+    rs.set_defaults(func=cmd_rescale)
     return parser
 
 
-def _layer_choice(p: argparse.ArgumentParser) -> None:
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", default="default-eval", help="held-out text: a file, default-eval or default-calib")
+    p.add_argument("--eval-max-tokens", type=int, default=2048, help="evaluation tokens (default 2048)")
+
+
+def _layer_choice(p: argparse.ArgumentParser, choose: bool = False) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--layers", type=int, help="prune the top N layers")
     which.add_argument("--layer-set", type=_int_list, help="prune these layers, e.g. 26,27")
+    if choose:
+        which.add_argument(
+            "--choose-layers", type=int, help="choose N layers by greedy selection on calibration perplexity"
+        )
     p.add_argument("--grid", type=_float_list, default=DEFAULT_GRID, help="alpha candidates (default 0,0.1,...,1)")
 
 
@@ -251,9 +283,13 @@ def cmd_harp(args: argparse.Namespace) -> dict[str, Any]:
     out = _check_output(args.out)
     lm = _load(args)
     calib = _windows(lm, args, args.calib)
-    layers = _layers(lm, args)
     start = time.perf_counter()
-    result = cached_harp(lm, calib, layers, args.grid, progress=_progress("alpha search"), refresh=args.no_cache)
+    if args.choose_layers:
+        bar = _progress("layer selection + alpha search")
+        result = cached_chosen_harp(lm, calib, args.choose_layers, None, args.grid, progress=bar, refresh=args.no_cache)
+    else:
+        bar = _progress("alpha search")
+        result = cached_harp(lm, calib, _layers(lm, args), args.grid, progress=bar, refresh=args.no_cache)
     if out is not None:
         result.mask.save(out)
     report = result.to_json()
@@ -279,6 +315,51 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
         "calib": calib.metadata(),
         "eval": evaluation.metadata(),
         "model": lm.card(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _held_out(lm: LoadedModel, args: argparse.Namespace, mask: Mask) -> dict[str, Any]:
+    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    result = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, progress=_progress("held-out eval"))
+    return {"eval_perplexity": result.perplexity, "eval": evaluation.metadata()}
+
+
+def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
+    out = _check_output(args.out)
+    targets = parse_targets(args.save)
+    lm = _load(args)
+    calib = _windows(lm, args, args.calib)
+    start = time.perf_counter()
+    result = cached_search(
+        lm, calib, targets, args.seqlen, args.shortlist, args.proxy_windows, None, _progress("search"), args.no_cache
+    )
+    if out is not None:
+        result.mask.save(out)
+    return {
+        **result.to_json(),
+        **_held_out(lm, args, result.mask),
+        "calib": calib.metadata(),
+        "model": lm.card(),
+        "mask_file": str(out) if out else None,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def cmd_rescale(args: argparse.Namespace) -> dict[str, Any]:
+    out = _check_output(args.out)
+    lm = _load(args)
+    mask = _mask(lm, args.mask)
+    calib = _windows(lm, args, args.calib)
+    start = time.perf_counter()
+    result = cached_rescale(lm, mask, calib, search=not args.closed_form, progress=_progress("alpha search"))
+    if out is not None:
+        result.mask.save(out)
+    return {
+        **result.to_json(),
+        **_held_out(lm, args, result.mask),
+        "budget": budget(result.mask, lm.shape, args.seqlen).to_json(),
+        "mask_file": str(out) if out else None,
         "seconds": round(time.perf_counter() - start, 3),
     }
 

@@ -19,8 +19,8 @@ only restored the residual norm, these alphas would match the searched ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -46,6 +46,17 @@ class SearchStep:
 
 
 @dataclass(frozen=True)
+class SelectionStep:
+    """One candidate of the greedy layer selection: drop-QK on ``layer`` at its closed-form alpha."""
+
+    step: int
+    layer: int
+    alpha: float
+    perplexity: float
+    chosen: bool
+
+
+@dataclass(frozen=True)
 class HarpResult:
     """The searched mask, how the search went, and the norm-matching comparison."""
 
@@ -59,6 +70,7 @@ class HarpResult:
     alpha1_perplexity: float  # the chosen layers in drop-QK mode before any rescaling
     norm_matching_alpha: dict[int, float]
     norm_matching_perplexity: float
+    selection: tuple[SelectionStep, ...] = ()  # the greedy layer selection, when the layers were chosen
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +85,7 @@ class HarpResult:
                 "alpha": {str(k): v for k, v in sorted(self.norm_matching_alpha.items())},
                 "calib_perplexity": self.norm_matching_perplexity,
             },
+            "selection": [asdict(s) for s in self.selection],
             "mask": self.mask.to_json(),
         }
 
@@ -90,6 +103,7 @@ class HarpResult:
             alpha1_perplexity=obj["alpha1_perplexity"],
             norm_matching_alpha={int(k): v for k, v in obj["norm_matching"]["alpha"].items()},
             norm_matching_perplexity=obj["norm_matching"]["calib_perplexity"],
+            selection=tuple(SelectionStep(**s) for s in obj.get("selection", [])),
         )
 
 
@@ -120,17 +134,22 @@ def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
 def greedy_alpha_search(
     start: Mask,
     layers: Sequence[int],
-    grid: Sequence[float],
+    grid: Sequence[float] | Mapping[int, Sequence[float]],
     evaluate: Callable[[Mask], float],
     progress: Progress | None = None,
 ) -> tuple[Mask, tuple[SearchStep, ...]]:
-    """The greedy search itself, for any perplexity function (cached or naive)."""
+    """The greedy search itself, for any perplexity function (cached or naive).
+
+    ``grid`` is one grid for every layer or a grid per layer (a head-pruned layer wants alphas near
+    and above 1, a drop-QK layer near 0).
+    """
+    grids = {layer: grid[layer] if isinstance(grid, Mapping) else grid for layer in layers}
     trace: list[SearchStep] = []
     mask = start
-    total, done = len(layers) * len(grid), 0
+    total, done = sum(len(g) for g in grids.values()), 0
     for layer in sorted(layers, reverse=True):
         best: tuple[float, float] | None = None  # (perplexity, alpha)
-        for alpha in sorted(grid):
+        for alpha in sorted(grids[layer]):
             ppl = evaluate(mask.with_layer(layer, alpha=alpha))
             trace.append(SearchStep(layer, alpha, ppl))
             if best is None or ppl < best[0]:  # strict: a tie keeps the smaller alpha
@@ -182,23 +201,111 @@ def _solve_norm_alpha(hh: float, hb: float, bb: float, target: float) -> float:
     return min(valid, key=lambda r: abs(r - 1.0))
 
 
+def norm_targets(evaluator: IncrementalEvaluator, layers: Sequence[int]) -> dict[int, float]:
+    """E||h + b||² right after each layer's attention branch joins, in the unpruned model."""
+    unpruned = Mask.unpruned(evaluator.arch.shape, "")
+    targets = {}
+    for layer in sorted(layers):
+        evaluator.advance(unpruned, layer)
+        hh, hb, bb = _branch_moments(evaluator, layer, unpruned)
+        targets[layer] = hh + 2 * hb + bb
+    return targets
+
+
+def closed_form_alpha(evaluator: IncrementalEvaluator, mask: Mask, layer: int, target: float) -> float:
+    """The alpha of ``layer`` under ``mask`` (any mask: drop-QK, pruned heads or both) that matches ``target``.
+
+    Brings the evaluator's residual stream up to date with ``mask`` below ``layer`` first, which costs
+    nothing when only layers at or above ``layer`` changed since its last call.
+    """
+    evaluator.advance(mask, layer)
+    hh, hb, bb = _branch_moments(evaluator, layer, mask.with_layer(layer, alpha=1.0))
+    return round(_solve_norm_alpha(hh, hb, bb, target), 6)
+
+
 def norm_matching_alpha(evaluator: IncrementalEvaluator, start: Mask, layers: Sequence[int]) -> Mask:
     """Closed-form alphas, lowest chosen layer first, each matching the unpruned residual norm.
 
     Bottom-up, so each layer's input already carries the corrections of the layers below it.
     """
-    unpruned = Mask.unpruned(evaluator.arch.shape, start.model_name)
-    targets = {}
-    for layer in layers:
-        evaluator.advance(unpruned, layer)
-        hh, hb, bb = _branch_moments(evaluator, layer, unpruned)
-        targets[layer] = hh + 2 * hb + bb  # E||h + b||² of the unpruned model
+    targets = norm_targets(evaluator, layers)
     mask = start
     for layer in sorted(layers):
-        evaluator.advance(mask, layer)
-        hh, hb, bb = _branch_moments(evaluator, layer, mask.with_layer(layer, alpha=1.0))
-        mask = mask.with_layer(layer, alpha=round(_solve_norm_alpha(hh, hb, bb, targets[layer]), 6))
+        mask = mask.with_layer(layer, alpha=closed_form_alpha(evaluator, mask, layer, targets[layer]))
     return mask
+
+
+def choose_layers(
+    evaluator: IncrementalEvaluator,
+    n: int,
+    candidates: Sequence[int],
+    progress: Progress | None = None,
+) -> tuple[tuple[int, ...], tuple[SelectionStep, ...]]:
+    """Greedy forward selection of ``n`` drop-QK layers on calibration perplexity.
+
+    Each step puts every remaining candidate layer in drop-QK mode with its closed-form
+    norm-matching alpha (the cheap stand-in for a search), evaluates the calibration perplexity, and
+    commits the lowest (ties: the lower layer). Candidates are tried highest layer first: each one
+    differs from the committed mask only at its own layer, so the evaluator reruns that layer and
+    those above it, and the closed-form alpha reuses the stored input of the layer.
+    """
+    if not 1 <= n <= len(candidates):
+        raise HeadroomError(f"cannot choose {n} layers out of {len(candidates)} candidates; give 1..{len(candidates)}")
+    targets = norm_targets(evaluator, candidates)
+    mask = Mask.unpruned(evaluator.arch.shape, "")
+    chosen: list[int] = []
+    trace: list[SelectionStep] = []
+    total = sum(len(candidates) - k for k in range(n))
+    for step in range(n):
+        scores = []
+        for layer in sorted(set(candidates) - set(chosen), reverse=True):
+            trial = mask.with_layer(layer, drop_qk=True)
+            alpha = closed_form_alpha(evaluator, trial, layer, targets[layer])
+            ppl = evaluator.perplexity(trial.with_layer(layer, alpha=alpha)).perplexity
+            scores.append((ppl, layer, alpha))
+            if progress:
+                progress(len(trace) + len(scores), total)
+        best = min(scores)
+        trace.extend(SelectionStep(step, layer, alpha, ppl, (ppl, layer) == best[:2]) for ppl, layer, alpha in scores)
+        chosen.append(best[1])
+        mask = mask.with_layer(best[1], drop_qk=True, alpha=best[2])
+    return tuple(sorted(chosen)), tuple(trace)
+
+
+def _search_layers(
+    evaluator: IncrementalEvaluator,
+    model_name: str,
+    layers: tuple[int, ...],
+    grid: tuple[float, ...],
+    from_norm_matching: bool,
+    progress: Progress | None,
+    selection: tuple[SelectionStep, ...] = (),
+) -> HarpResult:
+    """Drop-QK on ``layers`` and the greedy alpha search, from alpha = 1 (HARP) or the closed-form alphas."""
+    unpruned = Mask.unpruned(evaluator.arch.shape, model_name)
+    unpruned_ppl = evaluator.perplexity(unpruned).perplexity
+    start = unpruned.with_drop_qk(layers)
+    matched = norm_matching_alpha(evaluator, start, layers)
+    matched_ppl = evaluator.perplexity(matched).perplexity
+    alpha1_ppl = evaluator.perplexity(start).perplexity
+    first = matched if from_norm_matching else start
+    mask, trace = greedy_alpha_search(first, layers, grid, lambda m: evaluator.perplexity(m).perplexity, progress)
+    how = "chosen by greedy selection" if selection else ""
+    note = f"HARP: drop-QK on layers {list(layers)} {how}, alpha searched on grid {list(grid)}".replace("  ", " ")
+    mask = replace(mask, note=note)
+    return HarpResult(
+        mask=mask,
+        layers=layers,
+        grid=grid,
+        alpha={i: mask.alpha[i] for i in layers},
+        trace=trace,
+        calib_perplexity=evaluator.perplexity(mask).perplexity,
+        unpruned_perplexity=unpruned_ppl,
+        alpha1_perplexity=alpha1_ppl,
+        norm_matching_alpha={i: matched.alpha[i] for i in layers},
+        norm_matching_perplexity=matched_ppl,
+        selection=selection,
+    )
 
 
 def harp(
@@ -212,28 +319,39 @@ def harp(
     """Run HARP on ``layers`` with calibration windows ``calib``."""
     layers = check_layers(layers, arch.shape.num_layers)
     grid = check_grid(grid)
-    unpruned = Mask.unpruned(arch.shape, model_name)
+    return _search_layers(IncrementalEvaluator(arch, calib), model_name, layers, grid, False, progress)
+
+
+def chosen_harp(
+    arch: Architecture,
+    model_name: str,
+    calib: Windows,
+    n: int,
+    candidates: Sequence[int] | None = None,
+    grid: Sequence[float] = DEFAULT_GRID,
+    progress: Progress | None = None,
+) -> HarpResult:
+    """HARP on ``n`` layers chosen by :func:`choose_layers`, then the greedy alpha search on them.
+
+    The alpha search starts from the closed-form alphas of the chosen set (not alpha = 1), so the
+    layers below the one being searched are already near their final scale. ``candidates``
+    restricts the choice (e.g. the layers of lowest Block Influence); default every layer.
+    """
+    candidates = check_layers(candidates or range(arch.shape.num_layers), arch.shape.num_layers)
+    grid = check_grid(grid)
     evaluator = IncrementalEvaluator(arch, calib)
-    unpruned_ppl = evaluator.perplexity(unpruned).perplexity
-    start = unpruned.with_drop_qk(layers)
-    matched = norm_matching_alpha(evaluator, start, layers)
-    matched_ppl = evaluator.perplexity(matched).perplexity
-    alpha1_ppl = evaluator.perplexity(start).perplexity
-    mask, trace = greedy_alpha_search(start, layers, grid, lambda m: evaluator.perplexity(m).perplexity, progress)
-    note = f"HARP: drop-QK on layers {list(layers)}, alpha searched on grid {list(grid)}"
-    mask = replace(mask, note=note)
-    return HarpResult(
-        mask=mask,
-        layers=layers,
-        grid=grid,
-        alpha={i: mask.alpha[i] for i in layers},
-        trace=trace,
-        calib_perplexity=evaluator.perplexity(mask).perplexity,
-        unpruned_perplexity=unpruned_ppl,
-        alpha1_perplexity=alpha1_ppl,
-        norm_matching_alpha={i: matched.alpha[i] for i in layers},
-        norm_matching_perplexity=matched_ppl,
-    )
+    total = sum(len(candidates) - k for k in range(n)) + n * len(grid)
+
+    def selecting(done: int, _: int) -> None:
+        if progress:
+            progress(done, total)
+
+    def searching(done: int, _: int) -> None:
+        if progress:
+            progress(total - n * len(grid) + done, total)
+
+    layers, selection = choose_layers(evaluator, n, candidates, selecting)
+    return _search_layers(evaluator, model_name, layers, grid, True, searching, selection)
 
 
 def cached_harp(
@@ -255,3 +373,131 @@ def cached_harp(
 
     value = (cache or DiskCache()).json("harp", parts, compute, refresh)
     return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
+
+
+def cached_chosen_harp(
+    lm: LoadedModel,
+    calib: Windows,
+    n: int,
+    candidates: Sequence[int] | None = None,
+    grid: Sequence[float] = DEFAULT_GRID,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+    refresh: bool = False,
+) -> HarpResult:
+    """:func:`chosen_harp` through the disk cache."""
+    candidates = check_layers(candidates or range(lm.shape.num_layers), lm.shape.num_layers)
+    grid = check_grid(grid)
+    parts = {"model": lm.fingerprint, **calib.cache_key(), "choose": n, "candidates": list(candidates)}
+    parts["grid"] = list(grid)
+
+    def compute() -> dict[str, Any]:
+        return chosen_harp(lm.arch, lm.name, calib, n, candidates, grid, progress).to_json()
+
+    value = (cache or DiskCache()).json("harp_chosen", parts, compute, refresh)
+    return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
+
+
+HEAD_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5)  # fewer heads shrink the branch: alphas near and above 1
+
+
+def rescalable_layers(mask: Mask) -> tuple[int, ...]:
+    """Layers whose attention branch a mask changed but did not remove: drop-QK or pruned heads, alpha > 0."""
+    return tuple(
+        i
+        for i in range(mask.num_layers)
+        if (i in mask.drop_qk or not all(mask.heads[i])) and any(mask.heads[i]) and mask.alpha[i] > 0.0
+    )
+
+
+def alpha_grid(mask: Mask, layer: int) -> tuple[float, ...]:
+    """The alphas worth trying at ``layer``: HARP's grid for drop-QK, :data:`HEAD_GRID` for pruned heads."""
+    return DEFAULT_GRID if layer in mask.drop_qk else HEAD_GRID
+
+
+@dataclass(frozen=True)
+class RescaleResult:
+    """Per-layer alphas for any mask: the closed-form norm-matching ones, and the greedy search from them."""
+
+    mask: Mask  # the searched mask (the closed-form one when no search was asked for)
+    layers: tuple[int, ...]
+    start_perplexity: float  # calibration perplexity of the mask as given
+    norm_matching_alpha: dict[int, float]
+    norm_matching_perplexity: float
+    alpha: dict[int, float]
+    calib_perplexity: float
+    trace: tuple[SearchStep, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        obj = asdict(self)
+        obj["mask"] = self.mask.to_json()
+        for key in ("norm_matching_alpha", "alpha"):
+            obj[key] = {str(k): v for k, v in sorted(obj[key].items())}
+        return obj
+
+
+def rescale(
+    arch: Architecture,
+    mask: Mask,
+    calib: Windows,
+    layers: Sequence[int] | None = None,
+    search: bool = True,
+    progress: Progress | None = None,
+) -> RescaleResult:
+    """Rescale every changed layer of ``mask``: closed-form alphas bottom-up, then (``search``) the greedy search.
+
+    The search starts from the closed-form alphas and tries, per layer, :func:`alpha_grid` plus the
+    layer's closed-form alpha, highest layer first; a tie keeps the smaller alpha.
+    """
+    layers = check_layers(layers, mask.num_layers) if layers else rescalable_layers(mask)
+    if not layers:
+        raise HeadroomError(
+            "this mask changes no layer that can be rescaled (no drop-QK layer, no pruned head in a layer that keeps "
+            "some); prune something first"
+        )
+    evaluator = IncrementalEvaluator(arch, calib)
+    start_ppl = evaluator.perplexity(mask).perplexity
+    matched = norm_matching_alpha(evaluator, mask, layers)
+    matched_ppl = evaluator.perplexity(matched).perplexity
+    result, trace = matched, ()
+    if search:
+        grids = {i: tuple(sorted({*alpha_grid(mask, i), matched.alpha[i]})) for i in layers}
+        evaluate = lambda m: evaluator.perplexity(m).perplexity  # noqa: E731
+        result, trace = greedy_alpha_search(matched, layers, grids, evaluate, progress)
+    return RescaleResult(
+        mask=replace(result, note=(mask.note + " | rescaled").lstrip(" |")),
+        layers=layers,
+        start_perplexity=start_ppl,
+        norm_matching_alpha={i: matched.alpha[i] for i in layers},
+        norm_matching_perplexity=matched_ppl,
+        alpha={i: result.alpha[i] for i in layers},
+        calib_perplexity=evaluator.perplexity(result).perplexity,
+        trace=trace,
+    )
+
+
+def cached_rescale(
+    lm: LoadedModel,
+    mask: Mask,
+    calib: Windows,
+    search: bool = True,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+    refresh: bool = False,
+) -> RescaleResult:
+    """:func:`rescale` through the disk cache."""
+    parts = {"model": lm.fingerprint, **calib.cache_key(), "mask": mask.cache_key(), "search": search}
+    parts["grids"] = [list(DEFAULT_GRID), list(HEAD_GRID)]
+    value = (cache or DiskCache()).json(
+        "rescale", parts, lambda: rescale(lm.arch, mask, calib, search=search, progress=progress).to_json(), refresh
+    )
+    return RescaleResult(
+        mask=parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint),
+        layers=tuple(value["layers"]),
+        start_perplexity=value["start_perplexity"],
+        norm_matching_alpha={int(k): v for k, v in value["norm_matching_alpha"].items()},
+        norm_matching_perplexity=value["norm_matching_perplexity"],
+        alpha={int(k): v for k, v in value["alpha"].items()},
+        calib_perplexity=value["calib_perplexity"],
+        trace=tuple(SearchStep(**s) for s in value["trace"]),
+    )

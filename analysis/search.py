@@ -1,0 +1,394 @@
+"""Budgeted mask search: the mask of lowest calibration perplexity that saves at least a budget.
+
+A budget is one or more axes at once (``{"kv": 12288, "params": 3981312}``; see ``masks.budget``,
+exact per KV group). The search combines structural moves, each a change of one layer:
+
+- ``remove_attention``: the layer's attention branch is gone (alpha = 0; saves its KV, q/k/v/o);
+- ``drop_qk``: HARP's drop-QK at the layer's closed-form norm-matching alpha (saves its KV, q/k);
+- ``prune_group``: the query heads of one KV group (saves that group's KV, its q/k/v/o slices);
+- ``prune_head``: one query head (parameters and FLOPs; only when such an axis is asked for),
+
+then rescales every changed layer (per-layer alpha; a removed layer may come back as drop-QK with a
+small alpha when the budget still holds).
+
+**Structure phase, lazy greedy.** Every move is first scored once from the unpruned model on a
+*proxy* (the first ``proxy_windows`` calibration windows): its increase of mean NLL. Then, until the
+budget is met: rank the legal moves by efficiency, increase of NLL per unit of progress (the share
+of each axis' remaining need the move covers), rescore the ``shortlist`` best on the whole
+calibration set under the current mask, commit the best fresh one. Scores are computed highest
+layer first: a candidate differs from the current mask only at its layer, so the incremental
+evaluator reruns that layer, those above it and the head, never anything below.
+
+**Alpha phase.** Highest changed layer first, the layer's alpha grid (and its closed-form alpha)
+is tried on the whole calibration set and the best kept; a candidate that would miss the budget is
+never tried. So the result always meets the budget: the structure phase only stops once it is met,
+and the alpha phase never leaves it.
+
+A beam would multiply the cost by its width; on the default model the lazy greedy with rescoring
+already spends most of its time in the language-model head, so it is greedy only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from analysis.architecture import Architecture, ModelShape
+from analysis.baselines import AXES, saved
+from analysis.cache import DiskCache
+from analysis.corpus import Windows
+from analysis.errors import HeadroomError
+from analysis.evaluation import IncrementalEvaluator, Progress
+from analysis.harp import HEAD_GRID, closed_form_alpha, norm_targets
+from analysis.loading import LoadedModel
+from analysis.masks import Budget, Mask, budget, parse_mask
+
+MOVE_KINDS = ("remove_attention", "drop_qk", "prune_group", "prune_head")
+DROP_QK_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)  # HARP's alphas on this model are mostly 0-0.4
+SHORTLIST = 4
+PROXY_WINDOWS = 2
+
+
+@dataclass(frozen=True)
+class Move:
+    """One structural change at one layer; ``index`` is the KV group or query head where it applies."""
+
+    kind: str
+    layer: int
+    index: int = -1
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.layer}{'' if self.index < 0 else f', {self.index}'})"
+
+
+@dataclass(frozen=True)
+class TraceStep:
+    """One committed change: a move of the structure phase or an alpha of the alpha phase."""
+
+    phase: str  # "structure" or "alpha"
+    change: str
+    layer: int
+    alpha: float
+    calib_perplexity: float
+    candidates: int  # masks evaluated on the whole calibration set to decide it
+    saved: dict[str, int]  # every axis, after the change
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The mask found, what it saves, and how the search got there (all of it JSON via ``to_json``)."""
+
+    mask: Mask
+    targets: dict[str, int]
+    seq_len: int
+    budget: Budget
+    calib_perplexity: float | None  # None only when interrupted before any mask met the budget
+    unpruned_calib_perplexity: float
+    trace: tuple[TraceStep, ...]
+    proxy_evaluations: int
+    full_evaluations: int
+    interrupted: bool
+    seconds: float
+    settings: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        obj = asdict(self)
+        obj["mask"] = self.mask.to_json()
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], mask: Mask) -> SearchResult:
+        fields = {**obj, "mask": mask, "budget": Budget(**obj["budget"])}
+        fields["trace"] = tuple(TraceStep(**s) for s in obj["trace"])
+        return cls(**fields)
+
+
+def parse_targets(specs: Sequence[str]) -> dict[str, int]:
+    """``["kv:12288", "params:3981312"]`` -> ``{"kv": 12288, "params": 3981312}``."""
+    targets: dict[str, int] = {}
+    for spec in specs:
+        axis, _, amount = spec.partition(":")
+        if axis not in AXES or not amount.strip().isdigit() or int(amount) <= 0:
+            raise HeadroomError(
+                f"--save {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
+                "integer, e.g. --save kv:12288"
+            )
+        if axis in targets:
+            raise HeadroomError(f"--save names axis '{axis}' twice; give each axis once")
+        targets[axis] = int(amount)
+    if not targets:
+        raise HeadroomError("give at least one budget, e.g. --save kv:12288")
+    return targets
+
+
+def check_targets(targets: dict[str, int], shape: ModelShape, seq_len: int) -> None:
+    """Refuse a budget that even removing every layer's attention cannot save."""
+    everything = Mask.unpruned(shape, "")
+    for layer in range(shape.num_layers):
+        everything = everything.with_layer(layer, alpha=0.0)
+    most = budget(everything, shape, seq_len)
+    for axis, amount in targets.items():
+        if saved(most, axis) < amount:
+            raise HeadroomError(
+                f"no mask saves {amount:,} on '{axis}': removing all attention saves {saved(most, axis):,}. "
+                "Choose a smaller budget"
+            )
+
+
+def meets(b: Budget, targets: dict[str, int]) -> bool:
+    return all(saved(b, axis) >= amount for axis, amount in targets.items())
+
+
+def apply_move(mask: Mask, move: Move, shape: ModelShape) -> Mask:
+    """``mask`` with ``move`` made (drop-QK at alpha = 1; its alpha is set by the caller)."""
+    if move.kind == "remove_attention":
+        return mask.with_layer(move.layer, alpha=0.0)
+    if move.kind == "drop_qk":
+        return mask.with_layer(move.layer, drop_qk=True, alpha=1.0)
+    if move.kind == "prune_group":
+        heads = [h for h in range(shape.num_heads) if shape.kv_group(h) == move.index]
+        return mask.with_heads([(move.layer, h) for h in heads], keep=False)
+    return mask.with_heads([(move.layer, move.index)], keep=False)
+
+
+def all_moves(shape: ModelShape, head_moves: bool) -> list[Move]:
+    """Every move of the search, highest layer first (the order the incremental evaluator likes)."""
+    moves = []
+    for layer in reversed(range(shape.num_layers)):
+        moves += [Move("remove_attention", layer), Move("drop_qk", layer)]
+        moves += [Move("prune_group", layer, g) for g in range(shape.num_kv_heads)]
+        if head_moves:
+            moves += [Move("prune_head", layer, h) for h in range(shape.num_heads)]
+    return moves
+
+
+def _progress_of(before: Budget, after: Budget, targets: dict[str, int]) -> float:
+    """Share of each axis' remaining need that a change covers, summed over the axes."""
+    total = 0.0
+    for axis, amount in targets.items():
+        need = amount - saved(before, axis)
+        if need > 0:
+            total += min(saved(after, axis) - saved(before, axis), need) / amount
+    return total
+
+
+class _Scorer:
+    """Mean NLL of masks on one evaluator, with drop-QK moves at their closed-form alpha."""
+
+    def __init__(self, arch: Architecture, windows: Windows) -> None:
+        self.evaluator = IncrementalEvaluator(arch, windows)
+        self.targets = norm_targets(self.evaluator, range(arch.shape.num_layers))
+        self.calls = 0
+
+    def candidate(self, mask: Mask, move: Move) -> Mask:
+        trial = apply_move(mask, move, self.evaluator.arch.shape)
+        if move.kind != "drop_qk":
+            return trial
+        alpha = closed_form_alpha(self.evaluator, trial, move.layer, self.targets[move.layer])
+        return trial.with_layer(move.layer, alpha=alpha)
+
+    def nll(self, mask: Mask) -> float:
+        self.calls += 1
+        return self.evaluator.perplexity(mask).mean_nll
+
+
+def search(
+    arch: Architecture,
+    model_name: str,
+    calib: Windows,
+    targets: dict[str, int],
+    seq_len: int,
+    shortlist: int = SHORTLIST,
+    proxy_windows: int = PROXY_WINDOWS,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """The mask of lowest calibration perplexity found that saves at least ``targets`` at ``seq_len``.
+
+    Interruptible: a ``KeyboardInterrupt`` (Ctrl-C, or raised by ``progress``) returns the best mask
+    so far that meets the budget, marked ``interrupted``; if none met it yet, the remaining need is
+    filled with the best-scored moves without evaluating them (``calib_perplexity`` None).
+    """
+    shape = arch.shape
+    check_targets(targets, shape, seq_len)
+    if shortlist < 1 or proxy_windows < 1:
+        raise HeadroomError("shortlist and proxy windows must be at least 1")
+    started = time.perf_counter()
+    head_moves = any(axis != "kv" for axis in targets)
+    settings = {"shortlist": shortlist, "proxy_windows": proxy_windows, "head_moves": head_moves}
+    settings |= {"drop_qk_grid": list(DROP_QK_GRID), "head_grid": list(HEAD_GRID)}
+    unpruned = Mask.unpruned(shape, model_name)
+    moves = all_moves(shape, head_moves)
+    state: dict[str, Any] = {"mask": unpruned, "nll": math.nan, "best": None, "trace": [], "done": 0}
+    scores: dict[Move, float] = {}  # increase of mean NLL, stale once the mask changed
+    scorers: list[_Scorer] = []
+    expected = len(moves) + 8 * shortlist + 8 * len(DROP_QK_GRID)  # a guess for the progress bar
+
+    def tick() -> None:
+        state["done"] += 1
+        if progress:
+            progress(min(state["done"], expected - 1), expected)
+
+    try:
+        full = _Scorer(arch, calib)
+        scorers.append(full)
+        state["nll"] = state["unpruned"] = full.nll(unpruned)
+        proxy = full
+        if proxy_windows < calib.num_windows:
+            proxy = _Scorer(arch, replace(calib, input_ids=calib.input_ids[:proxy_windows]))
+            scorers.append(proxy)
+        base = proxy.nll(unpruned)
+        for move in moves:  # highest layer first
+            scores[move] = proxy.nll(proxy.candidate(unpruned, move)) - base
+            tick()
+        _structure_phase(full, moves, targets, seq_len, shortlist, scores, state, tick)
+        _alpha_phase(full, targets, seq_len, state, tick)
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+    if state["best"] is None:  # interrupted before the budget was met: fill it without evaluating
+        mask = state["mask"]
+        while not meets(budget(mask, shape, seq_len), targets):
+            mask = apply_move(mask, _ranked(mask, moves, scores, targets, shape, seq_len)[0][1], shape)
+        state["best"] = (None, mask)
+    nll, mask = state["best"]
+    if progress and not interrupted:
+        progress(state["done"], state["done"])
+    return SearchResult(
+        mask=replace(mask, note=f"search: saves at least {targets} at seq_len {seq_len}"),
+        targets=dict(targets),
+        seq_len=seq_len,
+        budget=budget(mask, shape, seq_len),
+        calib_perplexity=None if nll is None else math.exp(nll),
+        unpruned_calib_perplexity=math.exp(state.get("unpruned", math.nan)),
+        trace=tuple(state["trace"]),
+        proxy_evaluations=scorers[1].calls if len(scorers) > 1 else 0,
+        full_evaluations=scorers[0].calls if scorers else 0,
+        interrupted=interrupted,
+        seconds=round(time.perf_counter() - started, 3),
+        settings=settings,
+    )
+
+
+def _ranked(
+    mask: Mask,
+    moves: list[Move],
+    scores: dict[Move, float],
+    targets: dict[str, int],
+    shape: ModelShape,
+    seq_len: int,
+) -> list[tuple[float, Move, float]]:
+    """Legal moves that make progress and take nothing back, best first: (efficiency, move, progress).
+
+    Efficiency is the move's (possibly stale) NLL increase per unit of progress; an unscored move
+    ranks last. Ties keep the order of ``moves``.
+    """
+    before = budget(mask, shape, seq_len)
+    ranked = []
+    for move in moves:
+        after = budget(apply_move(mask, move, shape), shape, seq_len)
+        if any(saved(after, axis) < saved(before, axis) for axis in targets):
+            continue
+        step = _progress_of(before, after, targets)
+        if step > 0:
+            ranked.append((scores.get(move, math.inf) / step, move, step))
+    ranked.sort(key=lambda r: r[0])
+    return ranked
+
+
+def _structure_phase(
+    full: _Scorer,
+    moves: list[Move],
+    targets: dict[str, int],
+    seq_len: int,
+    shortlist: int,
+    scores: dict[Move, float],
+    state: dict[str, Any],
+    tick: Callable[[], None],
+) -> None:
+    """Commit moves until the budget is met; each decided on the whole calibration set among the shortlist."""
+    shape = full.evaluator.arch.shape
+    while not meets(budget(state["mask"], shape, seq_len), targets):
+        short = _ranked(state["mask"], moves, scores, targets, shape, seq_len)[:shortlist]
+        fresh = []
+        for _, move, step in sorted(short, key=lambda r: -r[1].layer):  # highest layer first
+            candidate = full.candidate(state["mask"], move)
+            nll = full.nll(candidate)
+            tick()
+            scores[move] = nll - state["nll"]
+            fresh.append((scores[move] / step, move, candidate, nll))
+        _, move, mask, nll = min(fresh, key=lambda r: r[0])
+        state["mask"], state["nll"] = mask, nll
+        b = budget(mask, shape, seq_len)
+        state["trace"].append(
+            TraceStep("structure", str(move), move.layer, mask.alpha[move.layer], math.exp(nll), len(fresh), _saved(b))
+        )
+        if meets(b, targets):
+            state["best"] = (nll, mask)
+
+
+def _layer_options(full: _Scorer, mask: Mask, layer: int) -> list[Mask]:
+    """The alternatives the alpha phase tries at a changed layer."""
+    if mask.alpha[layer] == 0.0 and layer not in mask.drop_qk:  # removed: back as drop-QK with a small alpha
+        return [mask.with_layer(layer, drop_qk=True, alpha=a) for a in DROP_QK_GRID if a > 0]
+    if not any(mask.heads[layer]):
+        return []
+    closed = closed_form_alpha(full.evaluator, mask, layer, full.targets[layer])
+    grid = DROP_QK_GRID if layer in mask.drop_qk else HEAD_GRID
+    return [mask.with_layer(layer, alpha=a) for a in sorted({*grid, closed})]
+
+
+def _alpha_phase(
+    full: _Scorer, targets: dict[str, int], seq_len: int, state: dict[str, Any], tick: Callable[[], None]
+) -> None:
+    """Per changed layer, highest first: the alpha (or drop-QK alpha) of lowest NLL that keeps the budget."""
+    shape = full.evaluator.arch.shape
+    mask, nll = state["mask"], state["nll"]
+    changed = [i for i in range(shape.num_layers) if mask.layer(i) != Mask.unpruned(shape, "").layer(i)]
+    for layer in sorted(changed, reverse=True):
+        tried = 0
+        best = (nll, mask)
+        for candidate in _layer_options(full, mask, layer):
+            if candidate.layer(layer) == mask.layer(layer) or not meets(budget(candidate, shape, seq_len), targets):
+                continue
+            value = full.nll(candidate)
+            tick()
+            tried += 1
+            if value < best[0]:  # strict: a tie keeps what is there
+                best = (value, candidate)
+        nll, mask = best
+        state["mask"], state["nll"], state["best"] = mask, nll, (nll, mask)
+        b = budget(mask, shape, seq_len)
+        change = f"alpha({layer})" + (" drop_qk" if layer in mask.drop_qk else "")
+        state["trace"].append(TraceStep("alpha", change, layer, mask.alpha[layer], math.exp(nll), tried, _saved(b)))
+
+
+def _saved(b: Budget) -> dict[str, int]:
+    return {axis: saved(b, axis) for axis in AXES}
+
+
+def cached_search(
+    lm: LoadedModel,
+    calib: Windows,
+    targets: dict[str, int],
+    seq_len: int,
+    shortlist: int = SHORTLIST,
+    proxy_windows: int = PROXY_WINDOWS,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+    refresh: bool = False,
+) -> SearchResult:
+    """:func:`search` through the disk cache; an interrupted search is returned but never stored."""
+    cache = cache or DiskCache()
+    parts = {"model": lm.fingerprint, **calib.cache_key(), "targets": targets, "seq_len": seq_len}
+    parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": list(MOVE_KINDS)}
+    value = None if refresh else cache.get_json("search", parts)
+    if value is None:
+        result = search(lm.arch, lm.name, calib, targets, seq_len, shortlist, proxy_windows, progress)
+        if result.interrupted:
+            return result
+        value = result.to_json()
+        cache.put_json("search", parts, value)
+    return SearchResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))

@@ -1,0 +1,95 @@
+"""The budgeted search on a tiny model: it always meets its budget, even when interrupted."""
+
+from __future__ import annotations
+
+import pytest
+
+from analysis.architecture import Architecture
+from analysis.baselines import saved
+from analysis.errors import HeadroomError
+from analysis.evaluation import perplexity
+from analysis.masks import Mask, budget
+from analysis.search import SearchResult, parse_targets, search
+from tests.conftest import random_windows, tiny_model
+
+SEQ = 24
+
+
+@pytest.fixture(scope="module")
+def arch() -> Architecture:
+    return Architecture(tiny_model("llama"))
+
+
+def independent_saving(mask: Mask, shape, axis: str) -> int:
+    """What a mask saves, counted by hand from the tiny shape (KV per group, q/o per head, k/v per group)."""
+    d, hd = shape.hidden_size, shape.head_dim
+    per_group = shape.num_heads // shape.num_kv_heads
+    total = 0
+    for i in range(mask.num_layers):
+        heads = mask.heads[i]
+        groups = {h // per_group for h, keep in enumerate(heads) if keep}
+        if mask.alpha[i] == 0.0:
+            kept = {"params": 0, "kv": 0, "flops": 0}
+        else:
+            q = sum(heads)
+            if i in mask.drop_qk:
+                kept = {"params": len(groups) * hd * d + q * hd * d, "kv": 0, "flops": 2 * (len(groups) + q) * hd * d}
+            else:
+                kept = {
+                    "params": 2 * q * hd * d + 2 * len(groups) * hd * d,
+                    "kv": 2 * len(groups) * hd * 4,
+                    "flops": 2 * (2 * q + 2 * len(groups)) * hd * d + 4 * q * hd * SEQ,
+                }
+        full = {
+            "params": 2 * shape.num_heads * hd * d + 2 * shape.num_kv_heads * hd * d,
+            "kv": 2 * shape.num_kv_heads * hd * 4,
+            "flops": 2 * (2 * shape.num_heads + 2 * shape.num_kv_heads) * hd * d + 4 * shape.num_heads * hd * SEQ,
+        }
+        total += full[axis] - kept[axis]
+    return total
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [{"kv": 64}, {"kv": 300}, {"params": 5000}, {"flops": 30000}, {"kv": 100, "params": 9000, "flops": 3000}],
+)
+def test_the_search_never_returns_a_mask_that_misses_its_budget(arch, targets):
+    windows = random_windows(n=3)
+    result = search(arch, "tiny", windows, targets, SEQ, shortlist=2, proxy_windows=1)
+    for axis, amount in targets.items():
+        assert independent_saving(result.mask, arch.shape, axis) >= amount
+        assert saved(result.budget, axis) == independent_saving(result.mask, arch.shape, axis)
+    assert not result.interrupted
+    assert result.calib_perplexity == pytest.approx(perplexity(arch, windows, result.mask).perplexity, rel=1e-6)
+    assert result.unpruned_calib_perplexity == pytest.approx(perplexity(arch, windows).perplexity, rel=1e-6)
+    # each committed step is what the trace says: its perplexity is the mask's after that step
+    assert result.trace[-1].calib_perplexity == pytest.approx(result.calib_perplexity, rel=1e-9)
+    assert SearchResult.from_json(result.to_json(), result.mask) == result
+
+
+@pytest.mark.parametrize("stop_after", [1, 20, 60, 75])  # proxy scoring, structure phase, alpha phase
+def test_an_interrupted_search_still_meets_its_budget(arch, stop_after):
+    windows = random_windows(n=3)
+    targets = {"kv": 300, "params": 9000}
+    calls = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) >= stop_after:
+            raise KeyboardInterrupt
+
+    result = search(arch, "tiny", windows, targets, SEQ, shortlist=2, proxy_windows=1, progress=progress)
+    assert result.interrupted
+    b = budget(result.mask, arch.shape, SEQ)
+    assert all(saved(b, axis) >= amount for axis, amount in targets.items())
+    if result.calib_perplexity is not None:  # a mask evaluated before the interruption: its number is right
+        assert result.calib_perplexity == pytest.approx(perplexity(arch, windows, result.mask).perplexity, rel=1e-6)
+
+
+def test_impossible_or_malformed_budgets_are_refused(arch):
+    with pytest.raises(HeadroomError, match="no mask saves"):
+        search(arch, "tiny", random_windows(n=2), {"kv": 10**6}, SEQ)
+    for bad in (["kv"], ["kv:-3"], ["memory:5"], ["kv:1", "kv:2"], []):
+        with pytest.raises(HeadroomError):
+            parse_targets(bad)
+    assert parse_targets(["kv:12288", "params:3981312"]) == {"kv": 12288, "params": 3981312}
