@@ -183,8 +183,6 @@ def test_streamlit_caps_uploads_at_the_documented_text_limit():
     import tomllib
 
     from analysis.corpus import MAX_TEXT_BYTES
-    from analysis.masks import MAX_MASK_BYTES
 
     config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] * 2**20 == MAX_TEXT_BYTES
-    assert MAX_MASK_BYTES < MAX_TEXT_BYTES
