@@ -26,7 +26,7 @@ demo: setup
 		--client.toolbarMode viewer
 
 test: setup browser
-	$(PY) -m ruff check analysis tests bench app.py ui.py pages
+	$(PY) -m ruff check analysis tests bench app.py ui app_pages
 	$(PY) -m pytest -q
 
 # The browser test drives Debian's chromium (no browser download); install it when it is missing.

@@ -153,19 +153,6 @@ def remove_attention_layers(
     return _first_reaching(walk(), shape, target, axis, seq_len, "attention layer removal", limit)
 
 
-def drop_qk_top(shape: ModelShape, model_name: str, n: int, alpha: float) -> Mask:
-    """The top ``n`` layers in drop-QK mode, all with branch scale ``alpha``.
-
-    With alpha = 1 this is HARP before its search; with alpha = 0 the top attention branches are gone.
-    """
-    if not 0 <= n <= shape.num_layers:
-        raise HeadroomError(f"cannot put {n} layers in drop-QK mode: the model has {shape.num_layers} layers")
-    mask = Mask.unpruned(shape, model_name)
-    for layer in range(shape.num_layers - n, shape.num_layers):
-        mask = mask.with_layer(layer, drop_qk=True, alpha=alpha)
-    return mask
-
-
 def matched_baselines(
     arch: Architecture,
     model_name: str,
@@ -217,5 +204,5 @@ def matched_baselines(
     if n:
         for alpha in (1, 0):
             note = f"top {n} layers drop-QK with alpha {alpha} (a reference point, not matched)"
-            found[f"drop_qk-alpha{alpha}"] = replace(drop_qk_top(shape, model_name, n, alpha), note=note)
+            found[f"drop_qk-alpha{alpha}"] = replace(Mask.drop_qk_top(shape, model_name, n, alpha), note=note)
     return {name: replace(mask, fingerprint=reference.fingerprint) for name, mask in found.items()}

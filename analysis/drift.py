@@ -35,7 +35,6 @@ from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import batches
-from analysis.harp import drop_qk_mask
 from analysis.hooks import hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
@@ -246,7 +245,7 @@ def position_drift(arch: Architecture, windows: Windows, mask: Mask, window: int
 
 def without_rescaling(mask: Mask) -> Mask:
     """The same mask with alpha = 1 on every drop-QK layer."""
-    return drop_qk_mask(mask, sorted(mask.drop_qk))
+    return mask.with_drop_qk(sorted(mask.drop_qk))
 
 
 def harp_drift(arch: Architecture, windows: Windows, harp_mask: Mask) -> dict[str, DriftReport]:

@@ -3,18 +3,18 @@
 Two kinds:
 
 * ``compact``: the pruned parts are physically gone. Query heads' q_proj rows and o_proj columns,
-  KV groups whose query heads are all pruned, q/k (and Gemma3's q/k norms) of drop-QK layers, and
-  the whole attention of alpha = 0 layers are removed; alpha is folded into the weights. Layers may
+  KV groups whose query heads are all pruned, q/k (and their q/k norms) of drop-QK layers, and
+  the whole attention of alpha = 0 layers are removed; alpha is folded into the weights. Where the q/k
+  norms span every head (OLMo2), pruned heads keep their q/k rows, which the norm reads. Layers may
   end with different head counts, so the directory ships its modeling code
   (``analysis/exported/``, loaded through ``auto_map`` with ``trust_remote_code=True``).
 * ``stock``: the source architecture with pruned heads zeroed and alpha folded: no remote code, but
   no smaller and no faster. A mask with drop-QK layers cannot be expressed this way.
 
-Alpha scales the branch where it joins the residual stream (``Architecture.branch_output``): for
-Llama/Mistral/Qwen2 that is the attention output, so alpha multiplies o_proj's weight and bias; for
-Gemma2/Gemma3 it is the output of ``post_attention_layernorm``, an RMSNorm that would undo any scale
-of its input, so alpha goes into the norm instead: Gemma's RMSNorm computes ``x_hat * (1 + w)``,
-hence ``w' = alpha * (1 + w) - 1``.
+Alpha scales the branch where it joins the residual stream (``Architecture.branch_output``); the adapter
+says which tensors carry it (``Architecture.branch_scale_state``: o_proj's weight and bias, or the weight of
+a post-attention norm, which would undo any scale of its input). A fused qkv projection (Phi-3) is sliced
+into its q, k and v rows and fused again from the kept rows (``Architecture.qkv_state``).
 
 Every export is checked against the masked model (``apply_mask``) on a few tokens before it is
 moved into place, is built in a temporary folder next to its destination, and replaces an existing
@@ -35,13 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.architecture import Architecture, count_parameters
+from analysis.architecture import Architecture, Projection, count_parameters
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import PerplexityResult, Progress, batches, cached_perplexity
-from analysis.exported import modeling_headroom
-from analysis.exported.configuration_headroom import ATTENTION, CONFIGS, DROP_QK, NONE
+from analysis.exported.configuration_headroom import ATTENTION, DROP_QK, NONE
 from analysis.files import atomic_directory, atomic_write_text
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
@@ -121,43 +120,53 @@ def _keep(t: torch.Tensor, dim: int, rows: torch.Tensor, compact: bool) -> torch
     return t * keep.view(-1, *([1] * (t.dim() - 1 - dim)))
 
 
-def _fold_into_norm(weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Gemma RMSNorm weight whose output is ``alpha`` times the original: ``alpha * (1 + w) - 1``."""
-    return alpha * (1.0 + weight) - 1.0
+def _keep_projection(
+    projection: Projection, heads: list[int], head_dim: int, compact: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) rows of ``heads`` of a q, k or v projection, on the CPU (see ``_keep``)."""
+    rows = _rows(heads, head_dim)
+    weight = _keep(projection.weight.detach().to("cpu"), 0, rows, compact)
+    bias = None if projection.bias is None else _keep(projection.bias.detach().to("cpu"), 0, rows, compact)
+    return weight, bias
 
 
 def _state_dict(arch: Architecture, mask: Mask, layers: list[dict[str, Any]], compact: bool) -> dict[str, torch.Tensor]:
-    """The export's tensors on the CPU: the source's, with each layer's attention pruned and alpha folded."""
+    """The export's tensors on the CPU: the source's, with alpha folded and each layer's attention pruned.
+
+    Alpha is folded first (``Architecture.branch_scale_state``), since scaling commutes with removing heads. Where
+    the q/k norms span every head (``ModelShape.qk_norm_spans_heads``) q and k keep every head's rows.
+    """
     names = {module: name for name, module in arch.model.named_modules()}
     # Unchanged tensors share storage with the source (never written); changed ones are new tensors.
     state = {name: t.detach().to("cpu") for name, t in arch.model.state_dict().items()}
-    hd = arch.shape.head_dim
+    shape = arch.shape
+    hd = shape.head_dim
     for i, layer in enumerate(layers):
-        alpha = mask.alpha[i]
+        if mask.alpha[i] != 1.0:
+            state.update(arch.branch_scale_state(i, mask.alpha[i]))
         prefix = names[arch.attention(i)]
         own = {k.removeprefix(prefix + "."): state.pop(k) for k in list(state) if k.startswith(prefix + ".")}
-        q_rows, kv_rows = _rows(layer["query_heads"], hd), _rows(layer["kv_heads"], hd)
-        o_scale = 1.0 if arch.has_post_attention_norm else alpha
+        query, kv = layer["query_heads"], layer["kv_heads"]
+        q_heads, k_heads = (
+            (range(shape.num_heads), range(shape.num_kv_heads)) if shape.qk_norm_spans_heads else (query, kv)
+        )
+        q, k, v = arch.query_key_value(i)
         kept: dict[str, torch.Tensor] = {}
         if layer["kind"] != NONE or not compact:
-            kept = {
-                "v_proj.weight": _keep(own["v_proj.weight"], 0, kv_rows, compact),
-                "o_proj.weight": _keep(own["o_proj.weight"], 1, q_rows, compact) * o_scale,
-            }
-            if "v_proj.bias" in own:
-                kept["v_proj.bias"] = _keep(own["v_proj.bias"], 0, kv_rows, compact)
+            kept["o_proj.weight"] = _keep(own["o_proj.weight"], 1, _rows(query, hd), compact)
             if "o_proj.bias" in own:
-                kept["o_proj.bias"] = own["o_proj.bias"] * (o_scale if layer["kind"] != NONE else 0.0)
+                kept["o_proj.bias"] = own["o_proj.bias"] * (1.0 if layer["kind"] != NONE else 0.0)
+            values = _keep_projection(v, kv, hd, compact)
         if layer["kind"] == ATTENTION or not compact:
-            for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows)):
-                kept[f"{proj}.weight"] = _keep(own[f"{proj}.weight"], 0, rows, compact)
-                if f"{proj}.bias" in own:
-                    kept[f"{proj}.bias"] = _keep(own[f"{proj}.bias"], 0, rows, compact)
-            kept.update({k: v for k, v in own.items() if k.startswith(("q_norm.", "k_norm."))})
-        state.update({f"{prefix}.{k}": v for k, v in kept.items()})
-        if arch.has_post_attention_norm and alpha != 1.0:
-            norm = names[arch.branch_output(i)] + ".weight"
-            state[norm] = _fold_into_norm(state[norm], alpha)
+            queries, keys = (
+                _keep_projection(q, list(q_heads), hd, compact),
+                _keep_projection(k, list(k_heads), hd, compact),
+            )
+            kept.update(arch.qkv_state(queries, keys, values))
+            kept.update({name: t for name, t in own.items() if name.startswith(("q_norm.", "k_norm."))})
+        elif layer["kind"] == DROP_QK:
+            kept.update(arch.qkv_state(None, None, values))
+        state.update({f"{prefix}.{name}": t for name, t in kept.items()})
     return state
 
 
@@ -182,17 +191,18 @@ def _build(cls: type, config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def _compact_model(arch: Architecture, mask: Mask) -> nn.Module:
     layers = layer_structure(mask, arch)
-    config = CONFIGS[arch.config.model_type](
+    config_class, model_class = arch.export_classes()
+    config = config_class(
         **{
             **_config_dict(arch),
             "head_dim": arch.shape.head_dim,
             "headroom_layers": layers,
             "headroom_qkv_bias": arch.shape.qkv_bias,
             "headroom_o_bias": arch.shape.o_bias,
+            "headroom_qk_norm_spans_heads": arch.shape.qk_norm_spans_heads,
         }
     )
-    cls = getattr(modeling_headroom, f"Headroom{type(arch.model).__name__}")
-    model = _build(cls, config, _state_dict(arch, mask, layers, compact=True))
+    model = _build(model_class, config, _state_dict(arch, mask, layers, compact=True))
     config.register_for_auto_class()  # save_pretrained copies the modeling files and writes auto_map
     model.register_for_auto_class("AutoModelForCausalLM")
     return model
@@ -233,7 +243,8 @@ def export_problem(path: Path) -> str | None:
     """Why ``path`` is not a Headroom export, or None when it is one: only such a folder is ever replaced.
 
     An export is a real folder (not a link) holding only files (no sub-folder, no link), among them
-    ``REQUIRED_FILES`` and ``*.safetensors`` weights, with a Headroom mask (JSON, ``format`` ``headroom.mask``) as its mask file.
+    ``REQUIRED_FILES`` and ``*.safetensors`` weights, with a Headroom mask (JSON, ``format`` ``headroom.mask``)
+    as its mask file.
     """
     if path.is_symlink():
         return "it is a symbolic link"

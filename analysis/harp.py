@@ -117,12 +117,6 @@ def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
     return tuple(sorted(set(grid)))
 
 
-def drop_qk_mask(base: Mask, layers: Sequence[int]) -> Mask:
-    for layer in layers:
-        base = base.with_layer(layer, drop_qk=True, alpha=1.0)
-    return base
-
-
 def greedy_alpha_search(
     start: Mask,
     layers: Sequence[int],
@@ -221,7 +215,7 @@ def harp(
     unpruned = Mask.unpruned(arch.shape, model_name)
     evaluator = IncrementalEvaluator(arch, calib)
     unpruned_ppl = evaluator.perplexity(unpruned).perplexity
-    start = drop_qk_mask(unpruned, layers)
+    start = unpruned.with_drop_qk(layers)
     matched = norm_matching_alpha(evaluator, start, layers)
     matched_ppl = evaluator.perplexity(matched).perplexity
     alpha1_ppl = evaluator.perplexity(start).perplexity

@@ -81,8 +81,7 @@ def o_proj_input_stats(arch: Architecture, windows: Windows) -> OProjStats:
 
         return hook
 
-    pre = [(arch.attention(layer).o_proj, record(layer)) for layer in range(shape.num_layers)]
-    _run_hooked(arch, windows, pre=pre)
+    _run_hooked(arch, windows, pre=arch.head_output_hooks(record))
     tokens = windows.input_ids.numel()
     mean = sums / tokens
     var = (sum_sq / tokens - mean.square()).clamp(min=0.0)
@@ -100,7 +99,7 @@ def output_norm(arch: Architecture, windows: Windows) -> torch.Tensor:
     sums = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
 
     def record(layer: int) -> PreHook:
-        o_heads = arch.attention(layer).o_proj.weight.detach().view(-1, shape.num_heads, shape.head_dim)
+        o_heads = arch.output_projection(layer).weight.detach().view(-1, shape.num_heads, shape.head_dim)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0].detach().flatten(0, -2).view(-1, shape.num_heads, shape.head_dim)
@@ -109,7 +108,7 @@ def output_norm(arch: Architecture, windows: Windows) -> torch.Tensor:
 
         return hook
 
-    _run_hooked(arch, windows, pre=[(arch.attention(layer).o_proj, record(layer)) for layer in range(shape.num_layers)])
+    _run_hooked(arch, windows, pre=arch.head_output_hooks(record))
     return sums / windows.input_ids.numel()
 
 
@@ -131,7 +130,7 @@ def wanda_sp(arch: Architecture, stats: OProjStats) -> torch.Tensor:
     """
     rows = []
     for layer in range(arch.shape.num_layers):
-        weight = arch.attention(layer).o_proj.weight.detach()
+        weight = arch.output_projection(layer).weight.detach()
         rows.append(weight.abs().mean(dim=0, dtype=torch.float64).cpu())
     return _per_head(arch, torch.stack(rows) * stats.norm)
 
@@ -147,9 +146,9 @@ def magnitude(arch: Architecture) -> torch.Tensor:
     shape = arch.shape
     rows = []
     for layer in range(shape.num_layers):
-        q, _, _, o = arch.projections(layer)
-        q_heads = q.weight.detach().view(shape.num_heads, shape.head_dim, -1)
-        o_heads = o.weight.detach().view(-1, shape.num_heads, shape.head_dim)
+        q, o = arch.query_key_value(layer)[0].weight, arch.output_projection(layer).weight
+        q_heads = q.detach().view(shape.num_heads, shape.head_dim, -1)
+        o_heads = o.detach().view(-1, shape.num_heads, shape.head_dim)
         q_norm = torch.linalg.vector_norm(q_heads, dim=(1, 2), dtype=torch.float64)
         o_norm = torch.linalg.vector_norm(o_heads, dim=(0, 2), dtype=torch.float64)
         rows.append((q_norm + o_norm).cpu())
@@ -173,7 +172,7 @@ def flap_wifv(arch: Architecture, stats: OProjStats) -> torch.Tensor:
     """
     rows = []
     for layer in range(arch.shape.num_layers):
-        weight = arch.attention(layer).o_proj.weight.detach()
+        weight = arch.output_projection(layer).weight.detach()
         rows.append(torch.linalg.vector_norm(weight, dim=0, dtype=torch.float64).square().cpu())
     heads = _per_head(arch, stats.var * torch.stack(rows))
     std = heads.std(dim=1, keepdim=True)
@@ -272,7 +271,7 @@ def _gate_hooks(arch: Architecture, gates: Callable[[], torch.Tensor]) -> list[t
 
         return hook
 
-    return [(arch.attention(i).o_proj, gate(i)) for i in range(arch.shape.num_layers)]
+    return arch.head_output_hooks(gate)
 
 
 def _loss(arch: Architecture, ids: torch.Tensor) -> torch.Tensor:
@@ -493,3 +492,29 @@ def metric_agreement(scores: dict[str, torch.Tensor], k: int) -> MetricAgreement
         rho.append(tuple(rho_row))
         overlap.append(tuple(overlap_row))
     return MetricAgreement(metrics=names, spearman=tuple(rho), top_k_overlap=tuple(overlap), k=k)
+
+
+# ---- head orders ----------------------------------------------------------------------------------
+
+
+def lowest_heads(scores: list[list[float | None]], k: int) -> list[tuple[int, int]]:
+    """The ``k`` lowest-scored (layer, head) pairs among the scored ones, ties by layer then head."""
+    scored = [
+        (s, layer, head) for layer, row in enumerate(scores) if row for head, s in enumerate(row) if s is not None
+    ]
+    return [(layer, head) for _, layer, head in sorted(scored)[:k]]
+
+
+def cheapest_heads(scores: list[list[float | None]], metric: str, k: int) -> list[tuple[int, int]]:
+    """The k heads ``metric``'s scores mark cheapest to remove: its lowest, or for pattern statistics its highest."""
+    if metric in DESCRIPTIVE_METRICS:
+        scores = [[None if v is None else -v for v in row] if row else row for row in scores]
+    return lowest_heads(scores, k)
+
+
+def ranks(rows: list[list[float | None]]) -> list[list[int | None]]:
+    """Rank of every scored head among all scored heads, 1 = lowest (the first a pruner removes)."""
+    width = max(len(row) for row in rows if row)
+    order = lowest_heads(rows, sum(s is not None for row in rows if row for s in row))
+    rank = {cell: i + 1 for i, cell in enumerate(order)}
+    return [[rank.get((layer, head)) for head in range(width)] for layer in range(len(rows))]

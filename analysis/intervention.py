@@ -12,6 +12,8 @@ Per layer the hooks do three things:
   same as removing that head's q_proj rows and o_proj columns;
 * drop-QK: the attention module's forward is replaced by the per-token map
   ``o_proj(repeat_kv(v_proj(x)))`` (each token attends only to itself, see method.md);
+* bias (mask v2): a vector added to o_proj's output, in drop-QK layers too, so before any
+  post-attention norm and before alpha;
 * alpha: the attention branch is scaled where it joins the residual stream, i.e. after Gemma's
   post-attention norm (``Architecture.branch_output``); alpha = 0 skips the branch entirely.
 """
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.architecture import Architecture, ModelShape
+from analysis.architecture import Architecture
 from analysis.hooks import hidden_arg
 from analysis.masks import Mask
 
@@ -40,6 +42,7 @@ class _Plan:
     gates: dict[int, torch.Tensor]  # layer -> multiplier for the o_proj input (num_heads * head_dim)
     drop_qk: frozenset[int]
     alpha: dict[int, float]  # layer -> alpha, only where alpha != 1
+    bias: dict[int, torch.Tensor]  # layer -> added to o_proj's output (hidden_size)
 
 
 _ACTIVE: ContextVar[dict[int, _Plan] | None] = ContextVar("headroom_active_plans", default=None)
@@ -61,22 +64,30 @@ def _make_plan(arch: Architecture, mask: Mask) -> _Plan:
     gates = {}
     for layer, row in enumerate(mask.heads):
         if not all(row):
-            weight = arch.attention(layer).o_proj.weight
+            weight = arch.output_projection(layer).weight
             gate = torch.tensor(row, dtype=weight.dtype, device=weight.device)
             gates[layer] = gate.repeat_interleave(shape.head_dim)
     alpha = {i: a for i, a in enumerate(mask.alpha) if a != 1.0}
-    return _Plan(gates=gates, drop_qk=frozenset(mask.drop_qk), alpha=alpha)
+    bias = {}
+    for layer, values in mask.bias:
+        if len(values) != shape.hidden_size:
+            raise ValueError(f"bias of layer {layer} has {len(values)} values, the hidden size is {shape.hidden_size}")
+        weight = arch.output_projection(layer).weight
+        bias[layer] = torch.tensor(values, dtype=weight.dtype, device=weight.device)
+    return _Plan(gates=gates, drop_qk=frozenset(mask.drop_qk), alpha=alpha, bias=bias)
 
 
-def drop_qk_attention(attn: nn.Module, hidden: torch.Tensor, shape: ModelShape) -> torch.Tensor:
-    """The drop-QK attention branch: ``o_proj(repeat_kv(v_proj(x)))``, per token.
+def drop_qk_attention(arch: Architecture, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The drop-QK attention branch of ``layer``: ``o_proj(repeat_kv(v_proj(x)))``, per token.
 
-    Query head h reads KV head ``h // group_size``, as in transformers' ``repeat_kv``.
+    Query head h reads KV head ``h // group_size``, as in transformers' ``repeat_kv``; a fused qkv projection
+    (Phi-3) computes only its value rows.
     """
-    values = attn.v_proj(hidden)
+    shape = arch.shape
+    values = arch.query_key_value(layer)[2](hidden)
     values = values.view(*hidden.shape[:-1], shape.num_kv_heads, shape.head_dim)
     values = values.repeat_interleave(shape.group_size, dim=-2)
-    return attn.o_proj(values.flatten(-2))
+    return arch.output_projection(layer)(values.flatten(-2))
 
 
 def _install(arch: Architecture) -> list[Any]:
@@ -90,6 +101,12 @@ def _install(arch: Architecture) -> list[Any]:
             if plan is None or layer not in plan.gates:
                 return None
             return (args[0] * plan.gates[layer], *args[1:])
+
+        def add_bias(module: nn.Module, args: tuple, output: torch.Tensor, layer: int = layer) -> torch.Tensor | None:
+            plan = _plan(arch)
+            if plan is None or layer not in plan.bias:
+                return None
+            return output + plan.bias[layer]
 
         def scale_branch(module: nn.Module, args: tuple, output: Any, layer: int = layer) -> Any:
             plan = _plan(arch)
@@ -111,9 +128,10 @@ def _install(arch: Architecture) -> list[Any]:
             hidden = hidden_arg(args, kwargs)
             if plan.alpha.get(layer) == 0.0:  # the branch is removed: compute nothing
                 return torch.zeros_like(hidden), None
-            return drop_qk_attention(attn, hidden, arch.shape), None
+            return drop_qk_attention(arch, layer, hidden), None
 
-        undo.append(attn.o_proj.register_forward_pre_hook(gate_input))
+        undo.append(arch.output_projection(layer).register_forward_pre_hook(gate_input))
+        undo.append(arch.output_projection(layer).register_forward_hook(add_bias))
         undo.append(arch.branch_output(layer).register_forward_hook(scale_branch))
         attn.forward = forward
         undo.append(attn)

@@ -15,7 +15,7 @@ import time
 
 from analysis.corpus import default_text, make_windows
 from analysis.evaluation import IncrementalEvaluator, perplexity
-from analysis.harp import DEFAULT_GRID, drop_qk_mask, greedy_alpha_search, harp, top_layers
+from analysis.harp import DEFAULT_GRID, greedy_alpha_search, harp, top_layers
 from analysis.loading import load_model
 from analysis.masks import Mask
 
@@ -30,7 +30,7 @@ def main() -> None:
     lm = load_model(args.model)
     calib = make_windows(lm.tokenizer, default_text("default-calib"), 256, args.max_tokens)
     layers = top_layers(lm.shape.num_layers, args.layers)
-    start = drop_qk_mask(Mask.unpruned(lm.shape, lm.name), layers)
+    start = Mask.unpruned(lm.shape, lm.name).with_drop_qk(layers)
     print(f"{lm.name}: top {args.layers} layers, {len(DEFAULT_GRID)} candidates each, {calib.predicted_tokens} tokens")
 
     t = time.perf_counter()

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from analysis.architecture import count_parameters
 from analysis.corpus import default_text
 from analysis.export import export_model
-from analysis.harp import drop_qk_mask, top_layers
+from analysis.harp import top_layers
 from analysis.loading import load_model, resolve
 from analysis.masks import Mask
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     lm = load_model("default")
     layers = top_layers(lm.shape.num_layers, len(HARP8_ALPHAS))
-    mask = drop_qk_mask(Mask.unpruned(lm.shape, lm.name, lm.fingerprint), layers)
+    mask = Mask.unpruned(lm.shape, lm.name, lm.fingerprint).with_drop_qk(layers)
     for layer, alpha in zip(layers, HARP8_ALPHAS, strict=True):
         mask = mask.with_layer(layer, alpha=alpha)
     with tempfile.TemporaryDirectory() as tmp:

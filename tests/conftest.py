@@ -16,7 +16,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from analysis.architecture import Architecture
 from analysis.corpus import Windows
 
-FAMILY_TYPES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text"]
+FAMILY_TYPES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2", "smollm3"]
 TINY = {
     "vocab_size": 96,
     "hidden_size": 48,  # != heads * head_dim, so shapes cannot be confused
@@ -28,6 +28,7 @@ TINY = {
     "max_position_embeddings": 128,
     "tie_word_embeddings": False,
 }
+SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # inside the tiny vocabulary
 EXTRA = {
     "mistral": {"sliding_window": 8},
     "gemma2": {
@@ -42,6 +43,10 @@ EXTRA = {
         "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         "query_pre_attn_scalar": 16,
     },
+    "qwen3": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},  # layers 2, 3 windowed
+    "phi3": {"sliding_window": 8, "partial_rotary_factor": 0.5, **SPECIAL_TOKENS},  # rotary on half of head_dim
+    "olmo2": SPECIAL_TOKENS,
+    "smollm3": {"no_rope_layers": [1, 0, 1, 0], **SPECIAL_TOKENS},  # layers 1, 3 without rotary embedding
 }
 
 
@@ -56,6 +61,16 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
             if "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval().requires_grad_(False)
+
+
+def qkv_weights(arch: Architecture, layer: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of q, k, v of ``layer`` read from the module names (Phi-3's fused ``qkv_proj`` cut by hand)."""
+    attn, s = arch.attention(layer), arch.shape
+    if not hasattr(attn, "qkv_proj"):
+        return [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    sizes = [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
+    biases = [None] * 3 if attn.qkv_proj.bias is None else attn.qkv_proj.bias.split(sizes)
+    return list(zip(attn.qkv_proj.weight.split(sizes), biases, strict=True))
 
 
 @pytest.fixture(params=FAMILY_TYPES)

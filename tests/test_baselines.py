@@ -11,7 +11,6 @@ import torch
 from analysis.architecture import Architecture, ModelShape
 from analysis.baselines import (
     AXES,
-    drop_qk_top,
     matched_baselines,
     prune_heads,
     remove_attention_layers,
@@ -78,7 +77,7 @@ def most_saved(axis: str) -> int:
 
 
 def test_saved_reads_the_budget_field_of_each_axis():
-    b = budget(drop_qk_top(SHAPE, "m", 1, 0.0), SHAPE, SEQ)
+    b = budget(Mask.drop_qk_top(SHAPE, "m", 1, 0.0), SHAPE, SEQ)
     assert saved(b, "params") == b.params_removed > 0
     assert saved(b, "kv") == b.kv_bytes_per_token_saved > 0
     assert saved(b, "flops") == b.attention_flops_per_token_saved > 0
@@ -195,11 +194,11 @@ def test_attention_layers_are_removed_from_the_lowest_influence_up():
 
 
 def test_drop_qk_top_puts_the_highest_layers_in_drop_qk_mode():
-    mask = drop_qk_top(SHAPE, "m", 2, 0.5)
+    mask = Mask.drop_qk_top(SHAPE, "m", 2, 0.5)
     assert mask.drop_qk == {2, 3} and mask.alpha == (1.0, 1.0, 0.5, 0.5)
-    assert drop_qk_top(SHAPE, "m", 0, 0.0).is_unpruned
+    assert Mask.drop_qk_top(SHAPE, "m", 0, 0.0).is_unpruned
     with pytest.raises(HeadroomError, match="cannot put 5 layers in drop-QK mode: the model has 4 layers"):
-        drop_qk_top(SHAPE, "m", 5, 1.0)
+        Mask.drop_qk_top(SHAPE, "m", 5, 1.0)
 
 
 @pytest.mark.parametrize("axis", AXES)
@@ -217,7 +216,7 @@ def test_matched_baselines_save_at_least_the_reference_and_leave_the_model_uncha
         assert f"matched on {axis}" in found[name].note
     for alpha in (1, 0):
         point = found[f"drop_qk-alpha{alpha}"]
-        assert replace(point, note="") == drop_qk_top(shape, "tiny", 2, alpha)
+        assert replace(point, note="") == Mask.drop_qk_top(shape, "tiny", 2, alpha)
         assert point.note == f"top 2 layers drop-QK with alpha {alpha} (a reference point, not matched)"
     assert {m.fingerprint for m in found.values()} == {"f00d"}
     after = tiny_arch.model.state_dict()
@@ -226,7 +225,7 @@ def test_matched_baselines_save_at_least_the_reference_and_leave_the_model_uncha
 
 def test_baselines_that_cannot_reach_the_target_are_left_out_with_a_warning(caplog):
     arch = Architecture(tiny_model("llama"))
-    everything = drop_qk_top(arch.shape, "tiny", arch.shape.num_layers, 0.0)  # no attention left at all
+    everything = Mask.drop_qk_top(arch.shape, "tiny", arch.shape.num_layers, 0.0)  # no attention left at all
     with caplog.at_level(logging.WARNING, logger="analysis.baselines"):
         found = matched_baselines(arch, "tiny", random_windows(n=2, length=8), everything, "kv", SEQ)
     assert list(found) == ["drop_qk-alpha1", "drop_qk-alpha0"]

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-import ui
 from analysis.corpus import default_text, make_windows
 from analysis.evaluation import perplexity
 from analysis.masks import Mask
+from ui import session
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,8 +100,8 @@ def _metric(page, label: str) -> str:
 
 
 def _pages() -> list[str]:
-    """URL paths of the multipage app: the home page and every file of pages/, in their numeric order."""
-    return [""] + [p.stem.split("_", 1)[1] for p in sorted((ROOT / "pages").glob("[0-9]*_*.py"))]
+    """URL paths of the multipage app: the home page and every file of app_pages/, in their numeric order."""
+    return [""] + [p.stem.split("_", 1)[1] for p in sorted((ROOT / "app_pages").glob("[0-9]*_*.py"))]
 
 
 def test_every_page_renders_and_an_editor_click_shows_the_backend_perplexity(app_url, default_model):
@@ -130,7 +130,7 @@ def test_every_page_renders_and_an_editor_click_shows_the_backend_perplexity(app
         page.screenshot(path=str(SCREENSHOTS / "Mask_editor-toggled.png"), full_page=True)
         shown = _metric(page, "Live perplexity")
         assert "pruned=29%3A4" in page.url or "pruned=29:4" in page.url  # the URL mirrors the mask
-        tokens = int(ui.DEFAULTS[ui.LIVE_TOKENS])
+        tokens = int(session.DEFAULTS[session.LIVE_TOKENS])
         evaluation = make_windows(default_model.tokenizer, default_text("default-eval"), 256, tokens)
         mask = Mask.unpruned(shape, default_model.name).with_head(layer, head, False)
         assert shown == f"{perplexity(default_model.arch, evaluation, mask).perplexity:.3f}"

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
-import ui
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.cli import main
@@ -28,12 +26,14 @@ from analysis.corpus import default_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.export import CARD_FILE, MASK_FILE, export_model, layer_structure
-from analysis.harp import drop_qk_mask, top_layers
+from analysis.harp import top_layers
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 from tests.conftest import FAMILY_TYPES, random_windows, tiny_model
+from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -362,7 +362,7 @@ def test_compact_export_of_a_harp_mask_round_trips_perplexity_and_saves_kv(defau
     lm = default_model
     alphas = (0.4, 0.1, 0.7, 0.7, 0.4, 0.3, 0.1, 0.0)
     layers = top_layers(lm.shape.num_layers, 8)
-    mask = drop_qk_mask(Mask.unpruned(lm.shape, lm.name, lm.fingerprint), layers)
+    mask = Mask.unpruned(lm.shape, lm.name, lm.fingerprint).with_drop_qk(layers)
     for layer, alpha in zip(layers, alphas, strict=True):
         mask = mask.with_layer(layer, alpha=alpha)
     windows = make_windows(lm.tokenizer, default_text("default-eval"), 256, 256)  # one window: keeps the test short
@@ -402,10 +402,8 @@ def test_compact_export_of_a_harp_mask_round_trips_perplexity_and_saves_kv(defau
 
 @pytest.mark.slow
 def test_export_page_writes_the_export_and_offers_the_mask(default_model, tmp_path):
-    mask = drop_qk_mask(Mask.unpruned(default_model.shape, default_model.name), [29]).with_layer(29, alpha=0.5)
-    at = AppTest.from_file(str(ROOT / "pages" / "7_Export.py"), default_timeout=300)
-    at.session_state[ui.MASK] = mask.to_json()
-    at.session_state[ui.MAX_TOKENS] = 512
+    mask = Mask.unpruned(default_model.shape, default_model.name).with_drop_qk([29]).with_layer(29, alpha=0.5)
+    at = open_page("app_pages/7_Export.py", {session.MASK: mask.to_json(), session.MAX_TOKENS: 512}, timeout_s=300)
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     at.text_input(key="export_folder").set_value(str(tmp_path / "page-export"))

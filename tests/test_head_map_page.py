@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import tests.test_pages as pages
-import ui
 from analysis.corpus import load_text, make_windows
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.masks import parse_mask
 from tests.test_pages import SEQLEN, TOKENS, ok, page
+from ui import session
 
 tiny, lm = pages.tiny, pages.lm  # the same module fixtures: a tiny Llama checkpoint and the session settings
 
 
 def test_head_map_page_prunes_and_keeps_a_whole_cluster(tiny, lm):
-    at = ok(page("pages/5_Head_map.py", tiny).run())
-    calib = make_windows(lm.tokenizer, load_text(tiny[ui.CALIB_TEXT]), SEQLEN, TOKENS, lm.max_positions)
+    at = ok(page("app_pages/5_Head_map.py", tiny).run())
+    calib = make_windows(lm.tokenizer, load_text(tiny[session.CALIB_TEXT]), SEQLEN, TOKENS, lm.max_positions)
     expected = cached_head_map(lm, calib, DEFAULT_METRICS, DEFAULT_CLUSTERS, 0)
     table = at.dataframe[0].value
     assert table["heads"].tolist() == [expected.clusters.count(k) for k in sorted(set(expected.clusters))]
@@ -22,7 +22,7 @@ def test_head_map_page_prunes_and_keeps_a_whole_cluster(tiny, lm):
 
     ok(at.multiselect(key="map_clusters").set_value([0]).run())
     ok(at.button[0].click().run())  # "Prune these heads"
-    mask = parse_mask(at.session_state[ui.MASK], lm.shape, lm.name)
+    mask = parse_mask(at.session_state[session.MASK], lm.shape, lm.name)
     pruned = [
         (layer, head)
         for layer in range(lm.shape.num_layers)
@@ -31,4 +31,4 @@ def test_head_map_page_prunes_and_keeps_a_whole_cluster(tiny, lm):
     ]
     assert pruned == members
     ok(at.button[1].click().run())  # "Keep these heads"
-    assert parse_mask(at.session_state[ui.MASK], lm.shape, lm.name).is_unpruned
+    assert parse_mask(at.session_state[session.MASK], lm.shape, lm.name).is_unpruned

@@ -15,12 +15,15 @@ from analysis.architecture import Architecture
 from analysis.importance import (
     attention_block_influence,
     block_influence,
+    cheapest_heads,
     flap_wifv,
+    lowest_heads,
     magnitude,
     o_proj_input_stats,
+    ranks,
     wanda_sp,
 )
-from tests.conftest import random_windows, tiny_model
+from tests.conftest import qkv_weights, random_windows, tiny_model
 
 HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
 
@@ -119,9 +122,9 @@ def test_magnitude_equals_direct_norms(tiny_arch):
     assert scores.dtype == torch.float64 and scores.shape == (4, 6)
     hd = tiny_arch.shape.head_dim
     for layer, head in HEADS:
-        q, _, _, o = tiny_arch.projections(layer)
-        rows = q.weight.double()[head * hd : (head + 1) * hd, :]
-        columns = o.weight.double()[:, head * hd : (head + 1) * hd]
+        q, o = qkv_weights(tiny_arch, layer)[0][0], tiny_arch.attention(layer).o_proj.weight
+        rows = q.double()[head * hd : (head + 1) * hd, :]
+        columns = o.double()[:, head * hd : (head + 1) * hd]
         expected = math.sqrt((rows**2).sum().item()) + math.sqrt((columns**2).sum().item())
         assert scores[layer, head].item() == pytest.approx(expected, rel=1e-9)
 
@@ -137,7 +140,7 @@ def test_zeroed_o_proj_columns_score_zero_in_wanda_sp_and_lower_in_magnitude(tin
     assert wanda_sp(tiny_arch, stats)[layer].count_nonzero() == 5
     after = magnitude(tiny_arch)
     assert after[layer, head] < before[layer, head]
-    q_rows = tiny_arch.attention(layer).q_proj.weight.double()[head * hd : (head + 1) * hd]
+    q_rows = qkv_weights(tiny_arch, layer)[0][0].double()[head * hd : (head + 1) * hd]
     assert after[layer, head].item() == pytest.approx(q_rows.norm().item(), rel=1e-9)
     assert flap_wifv(tiny_arch, stats)[layer].argmin().item() == head
     assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
@@ -373,3 +376,11 @@ def test_metric_agreement_spearman_and_top_k_overlap():
     assert rho["a"][3] == pytest.approx(1.0)  # over layer 1 only, where both scored
     assert overlap["a"][0] == 1.0 and overlap["a"][1] == 0.0 and overlap["a"][2] == 1.0
     assert agreement.to_json()["k"] == 2
+
+
+def test_head_orders_by_hand():
+    scores = [[0.5, None, 0.1], None, [0.1, 2.0, -1.0]]  # layer 1 not scored
+    assert lowest_heads(scores, 3) == [(2, 2), (0, 2), (2, 0)]  # the tie at 0.1 goes to the lower layer
+    assert ranks(scores) == [[4, None, 2], [None, None, None], [3, 5, 1]]
+    assert cheapest_heads(scores, "magnitude", 2) == [(2, 2), (0, 2)]
+    assert cheapest_heads(scores, "attention_entropy", 2) == [(2, 1), (0, 0)]  # pattern statistics: highest first

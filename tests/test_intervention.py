@@ -10,7 +10,7 @@ import torch
 from analysis.architecture import Architecture
 from analysis.intervention import apply_mask
 from analysis.masks import Mask
-from tests.conftest import random_windows
+from tests.conftest import qkv_weights, random_windows
 
 
 def logits(arch: Architecture, ids: torch.Tensor) -> torch.Tensor:
@@ -24,9 +24,10 @@ def unpruned(arch: Architecture) -> Mask:
 
 def fold_alpha(arch: Architecture, layer: int, alpha: float) -> None:
     """Physically scale a layer's attention branch where it joins the residual stream."""
-    if arch.has_post_attention_norm:  # Gemma RMSNorm multiplies by (1 + weight)
+    if arch.has_post_attention_norm:  # Gemma's RMSNorm multiplies by (1 + weight), OLMo2's by weight
         w = arch.layers[layer].post_attention_layernorm.weight
-        w.copy_(alpha * (1 + w) - 1)
+        offset = 1.0 if arch.config.model_type in ("gemma2", "gemma3_text") else 0.0
+        w.copy_(alpha * (offset + w) - offset)
     else:
         o = arch.attention(layer).o_proj
         o.weight.mul_(alpha)
@@ -93,7 +94,7 @@ def test_drop_qk_equals_the_formula_of_method_md(tiny_arch):
         h1.remove()
     x = seen["x"]
     with torch.no_grad():
-        v = attn.v_proj(x).view(*x.shape[:-1], s.num_kv_heads, s.head_dim)
+        v = torch.nn.functional.linear(x, *qkv_weights(arch, layer)[2]).view(*x.shape[:-1], s.num_kv_heads, s.head_dim)
         keep = torch.tensor(mask.heads[layer], dtype=x.dtype)
         per_head = v[..., [h // s.group_size for h in range(s.num_heads)], :] * keep[:, None]
         expected = attn.o_proj(per_head.flatten(-2))

@@ -16,7 +16,7 @@ import pytest
 
 from analysis.architecture import ModelShape
 from analysis.errors import HeadroomError
-from analysis.masks import Mask, budget, load_mask, parse_mask
+from analysis.masks import Mask, budget, load_mask, mask_from_query, mask_to_query, parse_mask
 
 NAME = "SmolLM2-135M-Instruct"
 SMOL = ModelShape(
@@ -182,8 +182,8 @@ def _delete_heads_row(obj):
 INVALID = {
     "format": (_set(("format",), "headroom.mask2"), "'format' must be \"headroom.mask\", got 'headroom.mask2'"),
     "format-missing": (lambda obj: obj.pop("format"), "'format' must be \"headroom.mask\", got None"),
-    "version": (_set(("version",), 2), "'version' must be 1, got 2"),
-    "version-string": (_set(("version",), "1"), "'version' must be 1, got '1'"),
+    "version": (_set(("version",), 3), "'version' must be 1 or 2, got 3"),
+    "version-string": (_set(("version",), "1"), "'version' must be 1 or 2, got '1'"),
     "unknown-key": (_set(("layers",), []), "unknown keys ['layers']; allowed keys are"),
     "heads-rows": (_delete_heads_row, "'heads' must have 30 rows (one per layer), got 29"),
     "heads-not-list": (_set(("heads",), {"0": [1] * 9}), "'heads' must have 30 rows (one per layer), got dict"),
@@ -271,7 +271,7 @@ def test_all_problems_are_listed_in_one_error():
     message = str(info.value)
     assert message.startswith("invalid mask: ")
     for part in (
-        "'version' must be 1, got 3",
+        "'version' must be 1 or 2, got 3",
         "unknown keys ['extra']",
         "heads[2] must have 9 entries (one per query head), got 8",
         "drop_qk entry 31 is not a layer index in 0..29",
@@ -606,3 +606,40 @@ def test_summary():
         "alpha": {"26": 0.2, "27": 0.8, "28": 0.4, "29": 0.5},
     }
     assert unpruned().with_layer(3, alpha=0.0).summary() == {"pruned_heads": 0, "drop_qk": [], "alpha": {"3": 0.0}}
+
+
+# --- the mask in a link ---------------------------------------------------------------------------
+
+
+def test_a_link_carries_every_digit_of_alpha_and_reads_back_the_same_mask():
+    third, many = 1 / 3, 0.123456789012345678
+    mask = unpruned().with_head(5, 0, False).with_head(5, 3, False).with_layer(26, drop_qk=True, alpha=third)
+    mask = mask.with_layer(27, alpha=many).with_layer(28, alpha=0.0).with_layer(29, alpha=0.5)
+    query = mask_to_query(mask)
+    assert query["pruned"] == "5:0.3" and query["drop_qk"] == "26"
+    assert query["alpha"] == f"26:{third!r},27:{many!r},28:0,29:0.5"  # short where short is exact
+    back = mask_from_query(query, SMOL, NAME)
+    assert back == mask and back.alpha[26] == third and back.alpha[27] == many
+    assert mask_to_query(unpruned()) == {}
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"pruned": "5"}, "the link's 'pruned' entry '5' is not 'layer:value'"),
+        ({"pruned": "30:1"}, "the link's mask does not fit this model"),
+        ({"alpha": "3:abc"}, "the link's mask does not fit this model"),
+        ({"alpha": "3:9"}, "the link's mask is invalid"),
+    ],
+)
+def test_a_bad_link_says_what_is_wrong(query, message):
+    with pytest.raises(HeadroomError, match=re.escape(message)):
+        mask_from_query(query, SMOL, NAME)
+
+
+def test_describe_says_what_the_mask_changes():
+    mask = unpruned().with_head(0, 1, False).with_layer(26, drop_qk=True, alpha=0.25).with_layer(3, alpha=0.0)
+    assert unpruned().describe() == "unpruned"
+    assert mask.describe() == (
+        "1 heads pruned; drop-QK on layers [26]; attention removed on layers [3]; alpha 26: 0.25"
+    )

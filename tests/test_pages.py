@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import ui
 from analysis.corpus import load_text, make_windows
 from analysis.drift import harp_drift
 from analysis.evaluation import perplexity
@@ -20,8 +19,10 @@ from analysis.generation import greedy_continuation
 from analysis.harp import harp
 from analysis.importance import HEAD_METRICS, block_influence
 from analysis.loading import load_model
-from analysis.masks import Mask, budget, parse_mask
+from analysis.masks import Mask, budget, mask_from_query, mask_to_query, parse_mask
+from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text
+from ui import plots, session
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN, TOKENS = 16, 64
@@ -35,18 +36,18 @@ def tiny(tmp_path_factory, session_cache) -> dict[str, str]:
     for name, seed in (("eval.txt", 1), ("calib.txt", 2)):
         (root / name).write_text(word_text(200, seed), encoding="utf-8")
     return {
-        ui.MODEL: str(root / "tiny-llama"),
-        ui.EVAL_TEXT: str(root / "eval.txt"),
-        ui.CALIB_TEXT: str(root / "calib.txt"),
-        ui.SEQLEN: SEQLEN,
-        ui.MAX_TOKENS: TOKENS,
-        ui.LIVE_TOKENS: TOKENS,
+        session.MODEL: str(root / "tiny-llama"),
+        session.EVAL_TEXT: str(root / "eval.txt"),
+        session.CALIB_TEXT: str(root / "calib.txt"),
+        session.SEQLEN: SEQLEN,
+        session.MAX_TOKENS: TOKENS,
+        session.LIVE_TOKENS: TOKENS,
     }
 
 
 @pytest.fixture(scope="module")
 def lm(tiny):
-    return load_model(tiny[ui.MODEL])
+    return load_model(tiny[session.MODEL])
 
 
 def windows(lm, spec: str):
@@ -55,12 +56,7 @@ def windows(lm, spec: str):
 
 def page(name: str, settings: dict[str, object], query: dict[str, str] | None = None) -> AppTest:
     """A page with the session already pointed at ``settings``; not run yet."""
-    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
-    for key, value in settings.items():
-        at.session_state[key] = value
-    for key, value in (query or {}).items():
-        at.query_params[key] = value
-    return at
+    return open_page(name, settings, query)
 
 
 def shown(at: AppTest, label: str) -> str:
@@ -73,7 +69,7 @@ def ok(at: AppTest) -> AppTest:
     return at
 
 
-EDITOR = "pages/4_Mask_editor.py"
+EDITOR = "app_pages/4_Mask_editor.py"
 
 
 def toggle(at: AppTest, layer: int, head: int) -> AppTest:
@@ -83,7 +79,7 @@ def toggle(at: AppTest, layer: int, head: int) -> AppTest:
 
 
 def test_editor_toggle_shows_backend_perplexity_and_undo_restores_it(tiny, lm):
-    evaluation = windows(lm, tiny[ui.EVAL_TEXT])
+    evaluation = windows(lm, tiny[session.EVAL_TEXT])
     unpruned = perplexity(lm.arch, evaluation).perplexity
     at = ok(page(EDITOR, tiny).run())
     assert shown(at, "Live perplexity") == f"{unpruned:.3f}"
@@ -92,7 +88,7 @@ def test_editor_toggle_shows_backend_perplexity_and_undo_restores_it(tiny, lm):
     pruned = perplexity(lm.arch, evaluation, mask).perplexity
     assert pruned != pytest.approx(unpruned, rel=1e-4)
     assert shown(at, "Live perplexity") == f"{pruned:.3f}"
-    assert ui.mask_from_query(dict(at.query_params), lm).heads == mask.heads  # the URL mirrors the mask
+    assert mask_from_query(dict(at.query_params), lm.shape, lm.name).heads == mask.heads  # the URL mirrors the mask
     ok(at.button[[b.label for b in at.button].index("Undo")].click().run())
     assert shown(at, "Live perplexity") == f"{unpruned:.3f}"
     assert not at.query_params.get("pruned")
@@ -101,17 +97,17 @@ def test_editor_toggle_shows_backend_perplexity_and_undo_restores_it(tiny, lm):
 def test_a_link_reproduces_the_mask_and_a_bad_link_starts_unpruned(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_head(1, 0, False).with_head(1, 5, False)
     mask = mask.with_layer(3, drop_qk=True, alpha=0.5).with_layer(2, alpha=0.0)
-    query = ui.mask_to_query(mask)
+    query = mask_to_query(mask)
     assert query == {"pruned": "1:0.5", "drop_qk": "3", "alpha": "2:0,3:0.5"}
     at = ok(page(EDITOR, tiny, query).run())
-    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask).perplexity
+    expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask).perplexity
     assert shown(at, "Live perplexity") == f"{expected:.3f}"
-    assert parse_mask(at.session_state[ui.MASK], lm.shape, lm.name) == mask
+    assert parse_mask(at.session_state[session.MASK], lm.shape, lm.name) == mask
 
     bad = page(EDITOR, tiny, {"pruned": "1:9"}).run()  # head 9 of a 6-head model
     assert not bad.exception
     assert "link" in bad.error[0].value and "unpruned" in bad.error[0].value
-    unpruned = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT])).perplexity
+    unpruned = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT])).perplexity
     assert shown(bad, "Live perplexity") == f"{unpruned:.3f}"
 
 
@@ -124,7 +120,7 @@ def test_a_bad_mask_file_is_an_error_and_a_good_one_applies(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_head(0, 1, False)
     at.file_uploader(key="mask_file").set_value(("mask.json", json.dumps(mask.to_json()).encode(), "application/json"))
     ok(at.run())
-    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask).perplexity
+    expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask).perplexity
     assert shown(at, "Live perplexity") == f"{expected:.3f}"
 
 
@@ -133,14 +129,14 @@ def test_all_heads_pruned_is_a_warning_with_an_exact_number(tiny, lm):
     for layer in range(lm.shape.num_layers):
         for head in range(lm.shape.num_heads):
             everything = everything.with_head(layer, head, False)
-    at = ok(page(EDITOR, tiny, ui.mask_to_query(everything)).run())
+    at = ok(page(EDITOR, tiny, mask_to_query(everything)).run())
     assert "Every query head is pruned" in at.warning[0].value
-    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), everything).perplexity
+    expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), everything).perplexity
     assert shown(at, "Live perplexity") == f"{expected:.3f}"
 
 
 def test_two_sessions_with_different_masks_see_their_own_numbers(tiny, lm):
-    evaluation = windows(lm, tiny[ui.EVAL_TEXT])
+    evaluation = windows(lm, tiny[session.EVAL_TEXT])
     first, second = ok(page(EDITOR, tiny).run()), ok(page(EDITOR, tiny).run())
     ok(toggle(first, 0, 0))
     ok(toggle(second, 2, 4))
@@ -154,39 +150,39 @@ def test_two_sessions_with_different_masks_see_their_own_numbers(tiny, lm):
         shown(second, "Live perplexity")
         == f"{perplexity(lm.arch, evaluation, base.with_head(2, 4, False)).perplexity:.3f}"
     )
-    assert first.session_state[ui.MASK] != second.session_state[ui.MASK]
+    assert first.session_state[session.MASK] != second.session_state[session.MASK]
 
 
 def test_harp_page_runs_a_search_and_sends_it_to_the_editor(tiny, lm):
     at = ok(page("app.py", tiny).run())
-    ok(at.switch_page("pages/2_HARP.py").run())
+    ok(at.switch_page("app_pages/2_HARP.py").run())
     at.number_input[0].set_value(2)  # N
     at.number_input[1].set_value(0.5)  # grid step: 0, 0.5, 1
     ok(at.button[0].click().run())
-    calib = windows(lm, tiny[ui.CALIB_TEXT])
+    calib = windows(lm, tiny[session.CALIB_TEXT])
     expected = harp(lm.arch, lm.name, calib, [2, 3], (0.0, 0.5, 1.0))
     assert shown(at, "Calibration perplexity, HARP (searched alpha)") == f"{expected.calib_perplexity:.3f}"
     ok(at.button[[b.label for b in at.button].index("Send to the mask editor")].click().run())
-    assert parse_mask(at.session_state[ui.MASK], lm.shape, lm.name) == expected.mask
-    evaluated = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), expected.mask).perplexity
+    assert parse_mask(at.session_state[session.MASK], lm.shape, lm.name) == expected.mask
+    evaluated = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), expected.mask).perplexity
     assert shown(at, "Live perplexity") == f"{evaluated:.3f}"  # now on the editor page
 
 
 def test_home_page_shows_the_tiny_card_and_its_backend_perplexity(tiny, lm):
     at = ok(page("app.py", tiny).run())
-    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT])).perplexity
+    expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT])).perplexity
     assert shown(at, "Unpruned perplexity") == f"{expected:.3f}"
     assert lm.fingerprint in at.table[0].value.to_string()
-    at.text_input(key=f"widget_{ui.EVAL_TEXT}").set_value(str(ROOT / "no-such-text.txt")).run()
+    at.text_input(key=f"widget_{session.EVAL_TEXT}").set_value(str(ROOT / "no-such-text.txt")).run()
     assert not at.exception
     assert "does not exist" in at.error[0].value
 
 
 def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
-    at = ok(page("pages/1_Importance.py", tiny).run())
+    at = ok(page("app_pages/1_Importance.py", tiny).run())
     ok(at.toggle(key="compare").set_value(True).run())
     ok(at.toggle(key="influence").set_value(True).run())
-    calib = windows(lm, tiny[ui.CALIB_TEXT])
+    calib = windows(lm, tiny[session.CALIB_TEXT])
     assert at.selectbox[0].options == list(HEAD_METRICS)  # every metric is offered; the cheap ones are checked here
     for metric in ("wanda_sp", "flap_wifv", "magnitude"):
         ok(at.selectbox[0].set_value(metric).run())
@@ -205,9 +201,9 @@ def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
 
 def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.5)
-    settings = tiny | {ui.MASK: mask.to_json()}
-    at = ok(page("pages/3_Norm_drift.py", settings).run())
-    reports = harp_drift(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask)
+    settings = tiny | {session.MASK: mask.to_json()}
+    at = ok(page("app_pages/3_Norm_drift.py", settings).run())
+    reports = harp_drift(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask)
     for key, label in (("pruned_with_rescaling", "with its alphas"), ("pruned_without_rescaling", "no rescaling")):
         metric = next(m for m in at.metric if label in m.label)
         assert metric.value == f"{reports[key].kl_nats_per_token:.4f} nats/token"
@@ -221,7 +217,7 @@ def test_editor_layer_mode_and_alpha_show_backend_perplexity_and_budget(tiny, lm
     at.number_input(key="mode_alpha").set_value(0.5)
     ok(at.button[[b.label for b in at.button].index("Apply to layer")].click().run())
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(2, drop_qk=True, alpha=0.5)
-    expected = perplexity(lm.arch, windows(lm, tiny[ui.EVAL_TEXT]), mask).perplexity
+    expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask).perplexity
     assert shown(at, "Live perplexity") == f"{expected:.3f}"
     assert shown(at, "KV cache saved") == f"{budget(mask, lm.shape, SEQLEN).kv_bytes_per_token_saved:,} bytes/token"
     assert at.query_params["drop_qk"] == "2" and at.query_params["alpha"] == "2:0.5"
@@ -229,7 +225,7 @@ def test_editor_layer_mode_and_alpha_show_backend_perplexity_and_budget(tiny, lm
 
 def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.0).with_head(0, 0, False)
-    at = ok(page(EDITOR, tiny, ui.mask_to_query(mask)).run())
+    at = ok(page(EDITOR, tiny, mask_to_query(mask)).run())
     prompt = word_text(5, seed=7)
     at.text_input[0].set_value(prompt)
     ok(at.button[[b.label for b in at.button].index("Generate")].click().run())
@@ -241,11 +237,11 @@ def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny,
 
 
 def test_a_clicked_grid_point_names_its_layer_and_head():
-    fig = ui.grid_figure([[0.0] * 3] * 2, [["x"] * 3] * 2, "t", None, "Viridis")
+    fig = plots.grid_figure([[0.0] * 3] * 2, [["x"] * 3] * 2, "t", None, "Viridis")
     data = fig.data[1].customdata
     point = {"selection": {"points": [{"x": 2, "y": 1, "customdata": list(data[5])}]}}  # layer-major: (1, 2)
-    assert ui.selected_head(point) == (1, 2)
-    assert ui.selected_head({"selection": {"points": []}}) is None and ui.selected_head(None) is None
+    assert plots.selected_head(point) == (1, 2)
+    assert plots.selected_head({"selection": {"points": []}}) is None and plots.selected_head(None) is None
 
 
 def test_a_mask_file_that_is_not_json_is_an_error_saying_so(tiny):
@@ -257,7 +253,8 @@ def test_a_mask_file_that_is_not_json_is_an_error_saying_so(tiny):
 
 def test_a_mask_chosen_on_other_weights_is_flagged_on_every_page(tiny, lm):
     foreign = Mask.unpruned(lm.shape, lm.name, "0" * 16).with_head(1, 2, False)
-    at = ok(page(EDITOR, {**tiny, ui.MASK: foreign.to_json()}).run())
+    at = ok(page(EDITOR, {**tiny, session.MASK: foreign.to_json()}).run())
     assert any("fingerprint 0000000000000000" in w.value for w in at.sidebar.warning)
-    at = ok(page(EDITOR, {**tiny, ui.MASK: foreign.with_head(1, 2, True).to_json()}).run())
+    at = ok(page(EDITOR, {**tiny, session.MASK: foreign.with_head(1, 2, True).to_json()}).run())
     assert any("fingerprint" in w.value for w in at.sidebar.warning)  # still foreign, though unpruned
+

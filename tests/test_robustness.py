@@ -27,7 +27,6 @@ from streamlit.testing.v1 import AppTest
 from transformers import GPT2Config
 
 import analysis.cli as cli
-import ui
 from analysis.cache import DiskCache
 from analysis.corpus import MAX_TEXT_BYTES
 from analysis.errors import HeadroomError
@@ -38,6 +37,7 @@ from analysis.masks import MAX_MASK_BYTES, Mask, decode_mask, mask_warnings
 from analysis.memory import MEMORY_LIMIT_ENV
 from tests.conftest import TINY, random_windows
 from tests.test_loading import save_checkpoint, word_text
+from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN = 16
@@ -147,8 +147,8 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
         return [*ev[:3], "--text", str(big)], "the limit is 64 MiB", "Use a shorter excerpt"
     if case == "mask-of-unknown-version":
         return (
-            with_mask(mask_obj(version=2)),
-            "'version' must be 1, got 2",
+            with_mask(mask_obj(version=3)),
+            "'version' must be 1 or 2, got 3",
             "Fix the file, or make the mask with Headroom",
         )
     if case == "mask-with-a-layer-out-of-range":
@@ -446,7 +446,7 @@ def _keyword(call: ast.Call, name: str) -> object:
 
 
 def test_no_module_unpickles_or_trusts_remote_code_on_its_own():
-    sources = [*ROOT.glob("analysis/**/*.py"), ROOT / "app.py", ROOT / "ui.py", *ROOT.glob("pages/*.py")]
+    sources = [*ROOT.glob("analysis/**/*.py"), ROOT / "app.py", *ROOT.glob("ui/*.py"), *ROOT.glob("app_pages/*.py")]
     assert len(sources) > 20
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -519,19 +519,19 @@ def test_the_home_page_shows_each_bad_input_as_an_error_and_keeps_working(tmp_pa
     latin = write(tmp_path / "latin.txt", "caf\xe9 w3".encode("latin-1"))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     for key, value in {
-        ui.MODEL: str(checkpoint),
-        ui.EVAL_TEXT: str(text_file),
-        ui.SEQLEN: 16,
-        ui.MAX_TOKENS: 64,
+        session.MODEL: str(checkpoint),
+        session.EVAL_TEXT: str(text_file),
+        session.SEQLEN: 16,
+        session.MAX_TOKENS: 64,
     }.items():
         at.session_state[key] = value
     at.run()
     good = at.metric[0].value
     bad_inputs = [
-        ("text_input", ui.MODEL, str(tmp_path / "nowhere"), str(checkpoint), "does not exist"),
-        ("text_input", ui.MODEL, str(tmp_path), str(checkpoint), "has no config.json"),
-        ("text_input", ui.EVAL_TEXT, str(latin), str(text_file), "is not valid utf-8: byte 0xe9 at offset 3"),
-        ("number_input", ui.MAX_TOKENS, 8, 64, "max-tokens 8 is smaller than one window of 16"),
+        ("text_input", session.MODEL, str(tmp_path / "nowhere"), str(checkpoint), "does not exist"),
+        ("text_input", session.MODEL, str(tmp_path), str(checkpoint), "has no config.json"),
+        ("text_input", session.EVAL_TEXT, str(latin), str(text_file), "is not valid utf-8: byte 0xe9 at offset 3"),
+        ("number_input", session.MAX_TOKENS, 8, 64, "max-tokens 8 is smaller than one window of 16"),
     ]
     for widget, key, bad, fixed, message in bad_inputs:
         getattr(at, widget)(key=f"widget_{key}").set_value(bad).run()
@@ -544,10 +544,10 @@ def test_the_home_page_shows_each_bad_input_as_an_error_and_keeps_working(tmp_pa
 
 @pytest.mark.parametrize("name", ["..", "../../escape.txt", "/etc/hostname", ".hidden", "a b\\c.txt"])
 def test_an_uploaded_file_name_cannot_place_the_text_outside_the_uploads_folder(name, tmp_path, monkeypatch):
-    import ui
+    from ui import backend
 
     monkeypatch.setenv("HEADROOM_CACHE", str(tmp_path))
-    path = Path(ui.save_upload(name, b"plain words for a text"))
+    path = Path(backend.save_upload(name, b"plain words for a text"))
     assert path.is_file() and path.read_bytes() == b"plain words for a text"
     assert path.resolve().is_relative_to((tmp_path / "uploads").resolve())
     assert not path.name.startswith(".")

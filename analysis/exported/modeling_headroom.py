@@ -18,7 +18,6 @@ Only torch and transformers are imported: this file travels inside the export.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -80,17 +79,53 @@ class _KeptHeads:
         return super().forward(*args, past_key_values=past_key_values, **kwargs)
 
 
+class _LayerConfig:
+    """The model's config as one pruned layer's attention sees it: that layer's head counts, everything else read
+    from the model's config (so a later change of the attention implementation reaches this layer too). Attention
+    code reads head counts from ``self.config`` in its forward as well (Phi-3 splits its fused projection so)."""
+
+    def __init__(self, config: Any, num_attention_heads: int, num_key_value_heads: int) -> None:
+        self.__dict__.update(
+            _model_config=config, num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_model_config"], name)
+
+
+class _KeptRows:
+    """Mixin over a norm class: normalise every row, then keep only ``rows`` (a norm spanning every head)."""
+
+    rows: _Index
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states).index_select(-1, self.rows.on(hidden_states.device))
+
+
+def _norm_every_head(attn: nn.Module, config: Any, layer: dict[str, Any]) -> None:
+    """q/k norms spanning every head (OLMo2): q_proj and k_proj keep every head's rows, and their norms pass on
+    only the kept heads' rows, so the kept heads are normalised exactly as in the source model."""
+    hd = config.head_dim
+    for name, heads, total in (
+        ("q", layer["query_heads"], config.num_attention_heads),
+        ("k", layer["kv_heads"], config.num_key_value_heads),
+    ):
+        proj, norm = getattr(attn, f"{name}_proj"), getattr(attn, f"{name}_norm")
+        setattr(attn, f"{name}_proj", nn.Linear(proj.in_features, total * hd, bias=proj.bias is not None))
+        kept = type(f"Headroom{type(norm).__name__}", (_KeptRows, type(norm)), {})(total * hd, norm.variance_epsilon)
+        kept.rows = _Index([h * hd + j for h in heads for j in range(hd)])
+        setattr(attn, f"{name}_norm", kept)
+
+
 def _attention(family_attention: type, config: Any, layer_idx: int, layer: dict[str, Any]) -> nn.Module:
     """The family's attention module sized to the kept heads."""
     group_size = config.num_attention_heads // config.num_key_value_heads
-    sized = copy.copy(config)
-    sized.num_attention_heads = len(layer["query_heads"])
-    sized.num_key_value_heads = len(layer["kv_heads"])
-    sized.head_dim = config.head_dim
-    attn = type(f"Headroom{family_attention.__name__}", (_KeptHeads, family_attention), {})(sized, layer_idx)
-    attn.config = config  # the model's config, so attention-implementation changes reach this layer too
     index = kv_of_query(layer, group_size)
     n_q, n_kv = len(index), len(layer["kv_heads"])
+    cls = type(f"Headroom{family_attention.__name__}", (_KeptHeads, family_attention), {})
+    attn = cls(_LayerConfig(config, n_q, n_kv), layer_idx)
+    if getattr(config, "headroom_qk_norm_spans_heads", False):
+        _norm_every_head(attn, config, layer)
     if n_q % n_kv == 0 and index == [i // (n_q // n_kv) for i in range(n_q)]:
         attn.num_key_value_groups = n_q // n_kv  # even groups: the family's own repeat_kv path
     else:
@@ -149,3 +184,7 @@ HeadroomMistralForCausalLM = _causal_lm_class("mistral")
 HeadroomQwen2ForCausalLM = _causal_lm_class("qwen2")
 HeadroomGemma2ForCausalLM = _causal_lm_class("gemma2")
 HeadroomGemma3ForCausalLM = _causal_lm_class("gemma3_text")
+HeadroomQwen3ForCausalLM = _causal_lm_class("qwen3")
+HeadroomPhi3ForCausalLM = _causal_lm_class("phi3")
+HeadroomOlmo2ForCausalLM = _causal_lm_class("olmo2")
+HeadroomSmolLM3ForCausalLM = _causal_lm_class("smollm3")

@@ -5,15 +5,9 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-import ui
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, HeadMap
 from analysis.importance import HEAD_METRICS
-
-ui.page(
-    "Head map",
-    "Each point is a query head, placed by its attention pattern, output norm and importance scores. "
-    "Select points (box or lasso) or whole clusters, then prune or keep them in the editor's mask.",
-)
+from ui import backend, plots, scaffold, session
 
 
 def scatter(head_map: HeadMap, projection: str, colour_by: str) -> go.Figure:
@@ -70,60 +64,62 @@ def scatter(head_map: HeadMap, projection: str, colour_by: str) -> go.Figure:
         yaxis={"title": axes[1]},
         height=560,
         dragmode="lasso",
-        **ui.LAYOUT,
+        **plots.LAYOUT,
     )
     return fig
 
 
 def chosen_heads(event: object, head_map: HeadMap, clusters: list[int]) -> list[tuple[int, int]]:
     """Heads selected on the chart plus every head of the chosen clusters, each once, in layer order."""
-    points = ui.selection_points(event)
+    points = plots.selection_points(event)
     picked = {(int(p["customdata"][0]), int(p["customdata"][1])) for p in points if p.get("customdata")}
     picked |= {h for h, c in zip(head_map.heads, head_map.clusters, strict=True) if c in clusters}
     return sorted(picked)
 
 
-with ui.guard():
-    lm = ui.model()
-    ui.sidebar_summary(lm)
-    calib = ui.windows(lm, ui.CALIB_TEXT)
-    a, b, c = st.columns([3, 1, 1])
-    metrics = a.multiselect(
-        "Importance metrics among the features (ablation is slow: a pass per head)",
-        list(HEAD_METRICS),
-        default=list(DEFAULT_METRICS),
-    )
-    clusters = b.number_input("Clusters (k-means)", 2, 20, DEFAULT_CLUSTERS)
-    seed = c.number_input("Seed", 0, 2**31 - 1, 0, help="UMAP and k-means use it: the same seed draws the same map")
-    head_map = ui.head_map(lm, calib, metrics, int(clusters), int(seed))
+lm = backend.model()
+calib = backend.windows(lm, session.CALIB_TEXT)
+a, b, c = st.columns([3, 1, 1])
+metrics = a.multiselect(
+    "Importance metrics among the features (ablation is slow: a pass per head)",
+    list(HEAD_METRICS),
+    default=list(DEFAULT_METRICS),
+)
+clusters = b.number_input("Clusters (k-means)", 2, 20, DEFAULT_CLUSTERS)
+seed = c.number_input("Seed", 0, 2**31 - 1, 0, help="UMAP and k-means use it: the same seed draws the same map")
+head_map = backend.head_map(lm, calib, metrics, int(clusters), int(seed))
 
-    a, b = st.columns([1, 2])
-    projection = a.radio("Projection", ["UMAP", "PCA"], horizontal=True)
-    colour_by = b.selectbox("Colour by", ["cluster", *head_map.feature_names])
-    figure = scatter(head_map, projection, colour_by)
-    event = st.plotly_chart(figure, key="head_map", on_select="rerun", selection_mode=("points", "box", "lasso"))
-    labels = [[None] * lm.shape.num_heads for _ in range(lm.shape.num_layers)]
-    for (layer, head), cluster in zip(head_map.heads, head_map.clusters, strict=True):
-        labels[layer][head] = cluster
-    st.plotly_chart(ui.head_heatmap(labels, "Cluster of every head", "cluster", "value", lm.shape.num_heads))
+a, b = st.columns([1, 2])
+projection = a.radio("Projection", ["UMAP", "PCA"], horizontal=True)
+colour_by = b.selectbox("Colour by", ["cluster", *head_map.feature_names])
+figure = scatter(head_map, projection, colour_by)
+event = st.plotly_chart(figure, key="head_map", on_select="rerun", selection_mode=("points", "box", "lasso"))
+labels = [[None] * lm.shape.num_heads for _ in range(lm.shape.num_layers)]
+for (layer, head), cluster in zip(head_map.heads, head_map.clusters, strict=True):
+    labels[layer][head] = cluster
+st.plotly_chart(plots.head_heatmap(labels, "Cluster of every head", "cluster", "value", lm.shape.num_heads))
 
-    st.subheader("Clusters")
-    st.dataframe(head_map.cluster_means())
+st.subheader("Clusters")
+st.dataframe(head_map.cluster_means())
 
-    st.subheader("Edit the mask")
-    whole = st.multiselect("Whole clusters", sorted(set(head_map.clusters)), key="map_clusters")
-    heads = chosen_heads(event, head_map, whole)
-    st.caption(
-        f"{len(heads)} heads chosen: "
-        + (", ".join(f"L{layer}.H{head}" for layer, head in heads[:40]) or "none")
-        + (" …" if len(heads) > 40 else "")
-    )
-    prune, keep = st.columns(2)
-    mask = ui.current_mask(lm)
-    prune.button(
-        "Prune these heads", disabled=not heads, on_click=ui.safe(ui.change_mask, lm, mask.with_heads(heads, False))
-    )
-    keep.button(
-        "Keep these heads", disabled=not heads, on_click=ui.safe(ui.change_mask, lm, mask.with_heads(heads, True))
-    )
-    st.caption(f"Editor's mask now: {ui.describe(mask)}")
+st.subheader("Edit the mask")
+whole = st.multiselect("Whole clusters", sorted(set(head_map.clusters)), key="map_clusters")
+heads = chosen_heads(event, head_map, whole)
+st.caption(
+    f"{len(heads)} heads chosen: "
+    + (", ".join(f"L{layer}.H{head}" for layer, head in heads[:40]) or "none")
+    + (" …" if len(heads) > 40 else "")
+)
+prune, keep = st.columns(2)
+mask = session.current_mask(lm)
+prune.button(
+    "Prune these heads",
+    disabled=not heads,
+    on_click=scaffold.safe(session.change_mask, lm, mask.with_heads(heads, False)),
+)
+keep.button(
+    "Keep these heads",
+    disabled=not heads,
+    on_click=scaffold.safe(session.change_mask, lm, mask.with_heads(heads, True)),
+)
+st.caption(f"Editor's mask now: {mask.describe()}")

@@ -1,0 +1,71 @@
+"""Export: the session's mask applied to the model, written as a Hugging Face folder with a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.export import CARD_FILE, KINDS, MASK_FILE, export_command, export_model
+from analysis.masks import budget
+from ui import backend, progress, session
+
+KIND_HELP = {
+    "compact": "pruned weights removed: smaller and faster; loads with trust_remote_code=True (code ships inside)",
+    "stock": "source architecture, pruned heads zeroed: no remote code, but no smaller or faster; no drop-QK",
+}
+
+
+lm = backend.model()
+mask = session.current_mask(lm)
+st.markdown(f"**Mask** {mask.describe()}")
+b = budget(mask, lm.shape, int(session.choice(session.SEQLEN)))
+params, kv, flops = st.columns(3)
+params.metric("Parameters", f"{b.params_total - b.params_removed:,}", f"-{b.params_removed_pct:.2f}%")
+kv.metric("KV cache bytes per token", f"{b.kv_bytes_per_token:,}", f"-{b.kv_bytes_per_token_saved:,}")
+flops.metric(
+    f"Attention FLOPs per token at {b.seq_len}",
+    f"{b.attention_flops_per_token:,}",
+    f"-{b.attention_flops_per_token_saved:,}",
+)
+st.download_button(
+    "Download the mask (JSON)",
+    json.dumps(mask.to_json(), indent=2) + "\n",
+    file_name=MASK_FILE,
+    mime="application/json",
+    key="export_mask_download",
+)
+
+st.subheader("Write a Hugging Face folder")
+folder = st.text_input("Output folder", key="export_folder", placeholder="exports/my-pruned-model")
+kind = st.radio("Kind", KINDS, horizontal=True, key="export_kind", captions=[KIND_HELP[k] for k in KINDS])
+force = st.checkbox("Replace the folder if it exists (once the new export is complete)", key="export_force")
+if st.button("Export", key="export_run", type="primary"):
+    evaluation = backend.windows(lm)
+    command = export_command(
+        str(session.choice(session.MODEL)),
+        MASK_FILE,
+        folder,
+        kind,
+        str(session.choice(session.EVAL_TEXT)),
+        evaluation.seqlen,
+        int(session.choice(session.MAX_TOKENS)),
+        force=force,
+    )
+    with progress.progress_bar("Evaluating, building, checking and writing the export") as bar:
+        result = export_model(
+            lm,
+            mask,
+            folder,
+            kind,
+            force=force,
+            windows=evaluation,
+            cache=backend.disk_cache(),
+            command=f"{command}  # from the app's Export page, with the mask saved as {MASK_FILE}",
+            progress=bar,
+        )
+    st.success(f"Written to {result.path}")
+    card = (Path(result.path) / CARD_FILE).read_text(encoding="utf-8")
+    with st.expander("Model card (README.md)", expanded=True):
+        st.markdown(card.split("---\n", 2)[-1])  # without the YAML header

@@ -1,0 +1,10 @@
+"""The Streamlit layer of Headroom: what the pages share, and nothing that computes a number.
+
+- :mod:`ui.session`  the user's choices and mask in ``st.session_state``, and the mask in the URL
+- :mod:`ui.backend`  the backend's calls as the pages make them: cached per process or on disk, with progress
+- :mod:`ui.progress` progress bars for long work
+- :mod:`ui.scaffold` what every page shows around its own content (title, errors, sidebar summary)
+- :mod:`ui.plots`    plot builders shared by the pages
+
+Numbers come from ``analysis/``; this package caches, routes and draws.
+"""
