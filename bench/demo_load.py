@@ -36,13 +36,14 @@ from unittest.mock import MagicMock, patch
 import torch
 from streamlit.testing.v1 import AppTest
 
-import ui
 from analysis.corpus import load_text, make_windows
 from analysis.evaluation import perplexity
 from analysis.masks import Mask
+from ui import backend, session
 
 ROOT = Path(__file__).resolve().parent.parent
-EDITOR = ROOT / "pages" / "4_Mask_editor.py"
+APP = ROOT / "app.py"
+EDITOR = "app_pages/4_Mask_editor.py"
 LIVE = "Live perplexity"  # the editor's metric label
 SCRIPT_THREAD = "ScriptRunner.scriptThread"  # Streamlit's name for the thread that runs a page
 GIB = 2**30
@@ -97,9 +98,11 @@ def session_cells(shape, session: int, sessions: int) -> list[tuple[int, int]]:
 
 
 def open_editor(settings: dict[str, object], timeout_s: float) -> AppTest:
-    at = AppTest.from_file(str(EDITOR), default_timeout=timeout_s)
+    """A new visitor: the app opened on the editor page, with ``settings`` as the session's choices."""
+    at = AppTest.from_file(str(APP), default_timeout=timeout_s)
     for key, value in settings.items():
         at.session_state[key] = value
+    at.switch_page(EDITOR)
     return at.run()
 
 
@@ -151,8 +154,8 @@ def run_load(
     page_timeout_s: float = 600.0,
     log: Callable[[str], None] = lambda line: None,
 ) -> LoadReport:
-    """Run ``sessions`` editor sessions for ``seconds`` on ``settings`` (``ui`` session-state keys); check them."""
-    lm = ui.shared_model(str(settings.get(ui.MODEL, ui.DEFAULTS[ui.MODEL])))
+    """Run ``sessions`` editor sessions for ``seconds`` on ``settings`` (``ui.session`` keys); check them."""
+    lm = backend.shared_model(str(settings.get(session.MODEL, session.DEFAULTS[session.MODEL])))
     weights = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
     rss_before = rss_bytes()
     peak = [rss_before]
@@ -231,9 +234,9 @@ def run_load(
 
     evaluation = make_windows(
         lm.tokenizer,
-        load_text(str(settings.get(ui.EVAL_TEXT, ui.DEFAULTS[ui.EVAL_TEXT]))),
-        int(settings.get(ui.SEQLEN, ui.DEFAULTS[ui.SEQLEN])),
-        int(settings.get(ui.LIVE_TOKENS, ui.DEFAULTS[ui.LIVE_TOKENS])),
+        load_text(str(settings.get(session.EVAL_TEXT, session.DEFAULTS[session.EVAL_TEXT]))),
+        int(settings.get(session.SEQLEN, session.DEFAULTS[session.SEQLEN])),
+        int(settings.get(session.LIVE_TOKENS, session.DEFAULTS[session.LIVE_TOKENS])),
         lm.max_positions,
     )
     base = Mask.unpruned(lm.shape, lm.name)
@@ -292,15 +295,20 @@ def print_report(report: LoadReport, rss_bound_bytes: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=ui.DEFAULTS[ui.MODEL])
-    parser.add_argument("--text", default=ui.DEFAULTS[ui.EVAL_TEXT])
+    parser.add_argument("--model", default=session.DEFAULTS[session.MODEL])
+    parser.add_argument("--text", default=session.DEFAULTS[session.EVAL_TEXT])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--seqlen", type=int, default=ui.DEFAULTS[ui.SEQLEN])
-    parser.add_argument("--live-tokens", type=int, default=ui.DEFAULTS[ui.LIVE_TOKENS])
+    parser.add_argument("--seqlen", type=int, default=session.DEFAULTS[session.SEQLEN])
+    parser.add_argument("--live-tokens", type=int, default=session.DEFAULTS[session.LIVE_TOKENS])
     parser.add_argument("--rss-bound-gib", type=float, default=3.0)
     args = parser.parse_args()
-    settings = {ui.MODEL: args.model, ui.EVAL_TEXT: args.text, ui.SEQLEN: args.seqlen, ui.LIVE_TOKENS: args.live_tokens}
+    settings = {
+        session.MODEL: args.model,
+        session.EVAL_TEXT: args.text,
+        session.SEQLEN: args.seqlen,
+        session.LIVE_TOKENS: args.live_tokens,
+    }
     bound = int(args.rss_bound_gib * GIB)
     report = run_load(settings, args.sessions, args.seconds, bound, log=print)
     print_report(report, bound)

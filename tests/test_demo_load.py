@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-import ui
 from bench.demo_load import GIB, print_report, rss_bytes, run_load
 from tests.test_loading import save_checkpoint, word_text
+from ui import session
 
 RSS_GROWTH_BOUND = GIB // 2  # 8 sessions on a tiny model: the pages and the evaluator's stored layers
 
@@ -22,12 +22,12 @@ def tiny_settings(tmp_path, session_cache) -> dict[str, object]:
     save_checkpoint(tmp_path / "tiny-llama")
     (tmp_path / "eval.txt").write_text(word_text(400, 1), encoding="utf-8")
     return {
-        ui.MODEL: str(tmp_path / "tiny-llama"),
-        ui.EVAL_TEXT: str(tmp_path / "eval.txt"),
-        ui.CALIB_TEXT: str(tmp_path / "eval.txt"),
-        ui.SEQLEN: 16,
-        ui.MAX_TOKENS: 64,
-        ui.LIVE_TOKENS: 64,
+        session.MODEL: str(tmp_path / "tiny-llama"),
+        session.EVAL_TEXT: str(tmp_path / "eval.txt"),
+        session.CALIB_TEXT: str(tmp_path / "eval.txt"),
+        session.SEQLEN: 16,
+        session.MAX_TOKENS: 64,
+        session.LIVE_TOKENS: 64,
     }
 
 
