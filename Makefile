@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test lint bench browser
+.PHONY: setup run demo test lint bench browser
 setup: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -18,6 +18,12 @@ $(STAMP): requirements.txt
 
 run: setup
 	$(PY) -m streamlit run app.py --server.headless true
+
+# A demo on a shared server (README, "Demo mode"): visitors pick models and texts from lists and name
+# exports; the operator may set HEADROOM_DEMO_MODELS (comma-separated specs) and HEADROOM_EXPORTS (a folder).
+demo: setup
+	HEADROOM_DEMO=1 $(PY) -m streamlit run app.py --server.headless true --server.fileWatcherType none \
+		--client.toolbarMode viewer
 
 test: setup browser
 	$(PY) -m ruff check analysis tests bench app.py ui app_pages

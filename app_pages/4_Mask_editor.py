@@ -11,7 +11,7 @@ import streamlit as st
 from analysis.errors import HeadroomError
 from analysis.generation import greedy_continuation
 from analysis.importance import HEAD_METRICS
-from analysis.masks import Mask, budget, decode_mask
+from analysis.masks import MAX_MASK_BYTES, Mask, budget, decode_mask
 from ui import backend, plots, scaffold, session
 
 MODES = ("full", "drop-QK", "attention removed")
@@ -164,8 +164,9 @@ metric = b_col.selectbox("Metric", list(HEAD_METRICS), index=list(HEAD_METRICS).
 k = c.number_input("k heads", 1, lm.shape.num_layers * lm.shape.num_heads, lm.shape.num_heads)
 d.button("Apply preset", on_click=scaffold.safe(preset), args=(name, metric, int(k)))
 st.file_uploader(
-    "…or upload a mask file (headroom.mask v1 JSON)",
+    f"…or upload a mask file (headroom.mask v1 JSON, at most {MAX_MASK_BYTES // 2**20} MiB)",
     type=["json"],
+    max_upload_size=MAX_MASK_BYTES // 2**20,  # Streamlit's megabytes are MiB; decode_mask checks the bytes too
     key="mask_file",
     on_change=scaffold.safe(upload),
     args=("mask_file",),

@@ -1,4 +1,8 @@
-"""Export: the session's mask applied to the model, written as a Hugging Face folder with a model card."""
+"""Export: the session's mask applied to the model, written as a Hugging Face folder with a model card.
+
+In a demo (``make demo``) the visitor gives a name, and the folder is that name in the demo's exports
+folder (``analysis.access``); anywhere, only an earlier export is ever replaced.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from analysis.access import MAX_NAME_CHARS
 from analysis.export import CARD_FILE, KINDS, MASK_FILE, export_command, export_model
 from analysis.masks import budget
 from ui import backend, progress, session
@@ -38,15 +43,27 @@ st.download_button(
 )
 
 st.subheader("Write a Hugging Face folder")
-folder = st.text_input("Output folder", key="export_folder", placeholder="exports/my-pruned-model")
+policy = backend.access()
+if policy.demo:
+    name = st.text_input(
+        "Export name",
+        key="export_name",
+        placeholder="my-pruned-model",
+        help=f"Letters, digits, '.', '_' and '-', at most {MAX_NAME_CHARS}; it goes in this demo's exports folder",
+    )
+    replace = "Replace an earlier export of that name (once the new export is complete)"
+else:
+    folder = st.text_input("Output folder", key="export_folder", placeholder="exports/my-pruned-model")
+    replace = "Replace the folder if it is an earlier Headroom export (once the new export is complete)"
 kind = st.radio("Kind", KINDS, horizontal=True, key="export_kind", captions=[KIND_HELP[k] for k in KINDS])
-force = st.checkbox("Replace the folder if it exists (once the new export is complete)", key="export_force")
+force = st.checkbox(replace, key="export_force", help="Only a folder an earlier export wrote is ever replaced.")
 if st.button("Export", key="export_run", type="primary"):
+    out = str(policy.export_path(name)) if policy.demo else folder
     evaluation = backend.windows(lm)
     command = export_command(
         str(session.choice(session.MODEL)),
         MASK_FILE,
-        folder,
+        out,
         kind,
         str(session.choice(session.EVAL_TEXT)),
         evaluation.seqlen,
@@ -57,7 +74,7 @@ if st.button("Export", key="export_run", type="primary"):
         result = export_model(
             lm,
             mask,
-            folder,
+            out,
             kind,
             force=force,
             windows=evaluation,
@@ -65,7 +82,7 @@ if st.button("Export", key="export_run", type="primary"):
             command=f"{command}  # from the app's Export page, with the mask saved as {MASK_FILE}",
             progress=bar,
         )
-    st.success(f"Written to {result.path}")
+    st.success(f"Written as {name} in the exports folder" if policy.demo else f"Written to {result.path}")
     card = (Path(result.path) / CARD_FILE).read_text(encoding="utf-8")
     with st.expander("Model card (README.md)", expanded=True):
         st.markdown(card.split("---\n", 2)[-1])  # without the YAML header

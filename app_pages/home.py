@@ -2,33 +2,56 @@
 
 The choices made here carry to every page (``st.session_state`` through ``ui.session``). The model
 is a cached resource shared read-only by every session; masks reach it only through
-``analysis.intervention.apply_mask``.
+``analysis.intervention.apply_mask``. In a demo (``make demo``) models and texts are picked from
+lists (``analysis.access``): nothing typed here names a file on the server.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
+from analysis.corpus import DEFAULT_TEXTS, MAX_TEXT_BYTES
 from analysis.evaluation import cached_perplexity
 from ui import backend, progress, scaffold, session
 
+policy = backend.access()
 with st.sidebar:
     st.header("Model and texts")
-    session.setting(
-        st.text_input,
-        "Model",
-        session.MODEL,
-        help="`default` (the embedded SmolLM2-135M-Instruct), a local Hugging Face directory, a .gguf file or a hub id",
-    )
+    if policy.demo:
+        st.info(
+            "Demo: pick a model and texts from the lists, or upload your own text. Nothing you type names a file "
+            "on this server."
+        )
+        session.setting(st.selectbox, "Model", session.MODEL, options=policy.models)
+    else:
+        session.setting(
+            st.text_input,
+            "Model",
+            session.MODEL,
+            help="`default` (the embedded SmolLM2-135M-Instruct), a local Hugging Face directory, a .gguf file or a "
+            "hub id",
+        )
     with scaffold.guard():
-        uploaded = st.file_uploader("Upload an evaluation text (UTF-8)", type=["txt", "md"])
+        uploaded = st.file_uploader(
+            f"Upload an evaluation text (UTF-8, at most {MAX_TEXT_BYTES // 2**20} MiB)", type=["txt", "md"]
+        )
         if uploaded is not None and st.session_state.get("uploaded_text") != uploaded.file_id:
             path = backend.save_upload(uploaded.name, uploaded.getvalue())
             st.session_state["uploaded_text"] = uploaded.file_id
+            st.session_state[session.UPLOADS] = list(dict.fromkeys([*st.session_state.get(session.UPLOADS, []), path]))
             st.session_state[session.EVAL_TEXT] = st.session_state[f"widget_{session.EVAL_TEXT}"] = path
-    texts = "`default-eval` / `default-calib` (the Lee corpus split) or the path of a local text file"
-    session.setting(st.text_input, "Evaluation text", session.EVAL_TEXT, help=texts)
-    session.setting(st.text_input, "Calibration text", session.CALIB_TEXT, help=texts)
+    if policy.demo:
+        texts = [*DEFAULT_TEXTS, *st.session_state.get(session.UPLOADS, [])]
+        for label, key in (("Evaluation text", session.EVAL_TEXT), ("Calibration text", session.CALIB_TEXT)):
+            chosen = str(session.choice(key))  # listed even if not allowed, so that the error below can say why
+            options = texts if chosen in texts else [*texts, chosen]
+            session.setting(st.selectbox, label, key, options=options, format_func=lambda spec: Path(spec).name)
+    else:
+        texts = "`default-eval` / `default-calib` (the Lee corpus split) or the path of a local text file"
+        session.setting(st.text_input, "Evaluation text", session.EVAL_TEXT, help=texts)
+        session.setting(st.text_input, "Calibration text", session.CALIB_TEXT, help=texts)
     session.setting(st.number_input, "Window (tokens)", session.SEQLEN, min_value=2, max_value=8192, step=16)
     session.setting(st.number_input, "Evaluation tokens", session.MAX_TOKENS, min_value=2, max_value=1 << 20, step=256)
 

@@ -176,3 +176,13 @@ def test_an_upload_name_becomes_a_plain_file_name_inside_the_uploads_folder(serv
     assert all(c.isalnum() or c in "._-" for c in path.name)
     path.parent.mkdir(parents=True)
     path.write_text("words")  # a real file system takes the name
+
+
+def test_streamlit_caps_uploads_at_the_documented_text_limit():
+    """The server's own upload limit (MiB) is the text limit; the smaller mask limit is checked in code."""
+    import tomllib
+
+    from analysis.corpus import MAX_TEXT_BYTES
+
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] * 2**20 == MAX_TEXT_BYTES

@@ -8,7 +8,6 @@ seen before and are computed with a progress bar otherwise.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis import importance
+from analysis.access import Access
 from analysis.cache import DiskCache, default_root
 from analysis.comparison import Comparison, compare
 from analysis.corpus import Windows, decode_text, load_text, make_windows
@@ -38,9 +38,14 @@ def shared_model(spec: str) -> LoadedModel:
     return load_model(spec)
 
 
+def access() -> Access:
+    """What this app lets a session open and write: the workbench's trust, or a demo's limits (``make demo``)."""
+    return Access.from_env()
+
+
 def model() -> LoadedModel:
-    """The model the user picked on the home page (raises HeadroomError for a bad spec)."""
-    return shared_model(str(choice(MODEL)))
+    """The model the user picked on the home page (HeadroomError for a bad spec or, in a demo, an unlisted one)."""
+    return shared_model(access().model(str(choice(MODEL))))
 
 
 def disk_cache() -> DiskCache:
@@ -59,7 +64,7 @@ def windows(lm: LoadedModel, which: str = EVAL_TEXT, max_tokens: int | None = No
     ``max_tokens`` overrides the session's token count (the editor's live evaluation, HARP's calibration).
     """
     tokens = int(choice(MAX_TOKENS)) if max_tokens is None else int(max_tokens)
-    return _windows(lm.name, lm.fingerprint, str(choice(which)), int(choice(SEQLEN)), tokens)
+    return _windows(lm.name, lm.fingerprint, access().text(str(choice(which))), int(choice(SEQLEN)), tokens)
 
 
 @st.cache_resource(max_entries=16)
@@ -70,11 +75,9 @@ def _windows(name: str, fingerprint: str, text_spec: str, seqlen: int, max_token
 
 
 def save_upload(name: str, data: bytes) -> str:
-    """Validate an uploaded text and keep it under the cache root; returns the path to use as a text spec."""
+    """Validate an uploaded text and keep it in the uploads folder; returns the path to use as a text spec."""
     text = decode_text(name, data)
-    # The browser supplies the name: keep a plain file name of it, never a folder or a path out of uploads/.
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".") or "upload.txt"
-    path = default_root() / "uploads" / text.sha256[:16] / safe
+    path = access().upload_path(name, text.sha256)  # the browser's name made a plain file name, never a path
     if not path.is_file():
         atomic_write_bytes(path, text.text.encode("utf-8"))
     return str(path)
