@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from analysis.cache import DiskCache
 from analysis.cli import main
 from analysis.errors import HeadroomError
-from analysis.evaluation import IncrementalEvaluator, cached_perplexity, head_nll, perplexity
+from analysis.evaluation import IncrementalEvaluator, cached_perplexity, head_token_nll, perplexity
 from analysis.export import CARD_FILE, export_model, max_logit_difference
 from analysis.harp import cached_harp
 from analysis.importance import cached_head_result
@@ -90,7 +90,7 @@ def test_the_fingerprint_does_not_depend_on_the_dtype(loaded):
 
 @pytest.mark.parametrize("dtype", LOW)
 def test_nll_sums_are_float64_of_float32_logits_whatever_the_weights(loaded, dtype):
-    """head_nll on 16-bit hidden states equals a float64 cross-entropy of the same 16-bit logits."""
+    """head_token_nll on 16-bit hidden states equals a float64 cross-entropy of the same 16-bit logits."""
     lm = loaded[dtype]
     windows = random_windows(vocab=lm.model.config.vocab_size, n=6, length=40)
     ids = windows.input_ids
@@ -98,7 +98,7 @@ def test_nll_sums_are_float64_of_float32_logits_whatever_the_weights(loaded, dty
         hidden = lm.arch.final_hidden(ids)
         logits = lm.model.lm_head(hidden)
         assert hidden.dtype == logits.dtype == getattr(torch, dtype)
-        got = head_nll(lm.arch, hidden, ids)
+        got = head_token_nll(lm.arch, hidden, ids).sum()
     reference = F.cross_entropy(logits[:, :-1].double().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(reference.item(), rel=1e-6)
