@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except HeadroomError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_options(e, args)}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing partial was written", file=sys.stderr)
@@ -156,6 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         for line in as_text(out, args.command.text):
             print(line)
     return 0
+
+
+OPTION_OF = {"targets": "save"}
+"""The option of a backend setting whose name is not the option's (the rest: ``max_tokens`` is --max-tokens)."""
+
+
+def _options(e: HeadroomError, args: argparse.Namespace) -> str:
+    """argparse's wording, ``argument --seqlen: ``, for the settings of ``e`` that are options of this command."""
+    names = [OPTION_OF.get(s, s) for s in e.settings]
+    flags = ["--" + name.replace("_", "-") for name in names if name in vars(args)]
+    return f"argument{'s' * (len(flags) > 1)} {', '.join(flags)}: " if flags else ""
 
 
 def as_text(out: Result, special: Mapping[str, Lines]) -> Iterator[str]:
@@ -249,10 +260,16 @@ def _mask(lm: LoadedModel, path: str) -> Mask:
     return mask
 
 
-def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str, max_tokens: int | None = None) -> Windows:
-    """Windows of text ``spec``; ``max_tokens`` defaults to ``--max-tokens``."""
-    text = load_text(spec, args.encoding)
-    return make_windows(lm.tokenizer, text, args.seqlen, max_tokens or args.max_tokens, lm.max_positions)
+def _windows(lm: LoadedModel, args: argparse.Namespace, which: str = "text") -> Windows:
+    """Windows of the text of option ``which`` (text, calib or eval; eval has its own --eval-max-tokens)."""
+    max_tokens = args.eval_max_tokens if which == "eval" else args.max_tokens
+    try:
+        text = load_text(getattr(args, which), args.encoding)
+        return make_windows(lm.tokenizer, text, args.seqlen, max_tokens, lm.max_positions)
+    except HeadroomError as e:
+        if which == "eval":
+            e.settings = tuple("eval_max_tokens" if s == "max_tokens" else s for s in e.settings)
+        raise
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -294,7 +311,7 @@ def _layers(lm: LoadedModel, args: argparse.Namespace) -> list[int]:
 
 
 def _held_out(lm: LoadedModel, args: argparse.Namespace, mask: Mask) -> Result:
-    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    evaluation = _windows(lm, args, "eval")
     result = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, progress=_progress("held-out eval"))
     return {"eval_perplexity": result.perplexity, "eval": evaluation.metadata()}
 
@@ -349,7 +366,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "protocol perplexity of a model, optionally under a mask, with its budget", _eval_arguments)
 def cmd_eval(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     mask = _mask(lm, args.mask) if args.mask else Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
     result = cached_perplexity(
         lm.arch, lm.fingerprint, windows, mask, progress=_progress("eval"), refresh=args.no_cache
@@ -372,7 +389,7 @@ def _harp_arguments(p: argparse.ArgumentParser) -> None:
     before_load=_check_output,
 )
 def cmd_harp(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     if args.choose_layers:
         bar = _progress("layer selection + alpha search")
         result = cached_chosen_harp(lm, calib, args.choose_layers, None, args.grid, progress=bar, refresh=args.no_cache)
@@ -403,8 +420,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     text={"rows": _comparison_table},
 )
 def cmd_compare(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
-    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    calib = _windows(lm, args, "calib")
+    evaluation = _windows(lm, args, "eval")
     result = compare(lm, calib, evaluation, _layers(lm, args), args.match, args.grid, _progress("evaluations"))
     return {**result.to_json(), "calib": calib.metadata(), "eval": evaluation.metadata()}
 
@@ -422,7 +439,7 @@ def _importance_arguments(p: argparse.ArgumentParser) -> None:
     text={"scores": _score_rows},
 )
 def cmd_importance(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     result = cached_head_result(lm, windows, args.metric, args.layers, progress=_progress(args.metric))
     return {**result.to_json(), "windows": windows.metadata()}
 
@@ -446,7 +463,7 @@ def _head_map_arguments(p: argparse.ArgumentParser) -> None:
     text={"map": _map_summary},
 )
 def cmd_head_map(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     head_map = cached_head_map(lm, windows, args.metrics, args.clusters, args.seed, progress=_progress("head map"))
     return {"map": head_map.to_json(), "cluster_members": head_map.cluster_members(), "windows": windows.metadata()}
 
@@ -464,7 +481,7 @@ def _drift_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_drift(args: argparse.Namespace, lm: LoadedModel) -> Result:
     """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     mask = _mask(lm, args.mask)
     if mask.drop_qk:
         pair = cached_harp_drift(lm, windows, mask)
@@ -496,7 +513,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_export(args: argparse.Namespace, lm: LoadedModel) -> Result:
     mask = _mask(lm, args.mask)
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     command = export_command(
         args.model,
         args.mask,
@@ -539,7 +556,7 @@ def _check_search(args: argparse.Namespace) -> None:
     before_load=_check_search,
 )
 def cmd_search(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     targets = parse_targets(args.save)
     result = cached_search(
         lm, calib, targets, args.seqlen, args.shortlist, args.proxy_windows, None, _progress("search"), args.no_cache
@@ -568,7 +585,7 @@ def _rescale_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_rescale(args: argparse.Namespace, lm: LoadedModel) -> Result:
     mask = _mask(lm, args.mask)
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     result = cached_rescale(lm, mask, calib, search=not args.closed_form, progress=_progress("alpha search"))
     return {
         **result.to_json(),

@@ -236,13 +236,15 @@ def _check_stock(mask: Mask, shape: ModelShape) -> None:
     if mask.bias and not shape.o_bias:
         raise HeadroomError(
             f"a stock export cannot express the mask's o_proj bias (layers {[i for i, _ in mask.bias]}): this "
-            "family's o_proj has no bias. Use --kind compact (loads with trust_remote_code=True), which adds one"
+            "family's o_proj has no bias. Use the compact kind (loads with trust_remote_code=True), which adds one",
+            settings=("kind",),
         )
     if mask.drop_qk:
         raise HeadroomError(
             f"a stock export cannot express drop-QK (layers {sorted(mask.drop_qk)}): the source architecture always "
-            "computes queries and keys. Use --kind compact (loads with trust_remote_code=True), or remove the "
-            "drop-QK layers from the mask"
+            "computes queries and keys. Use the compact kind (loads with trust_remote_code=True), or remove the "
+            "drop-QK layers from the mask",
+            settings=("kind",),
         )
 
 
@@ -332,7 +334,8 @@ def check_destination(out: str | Path, force: bool) -> Path:
     if path.is_dir() and any(path.iterdir()):
         if not force:
             raise HeadroomError(
-                f"{path} already exists and is not empty; pick another folder, or ask to replace it (--force)"
+                f"{path} already exists and is not empty; pick another folder, or ask to replace it",
+                settings=("force",),
             )
         if problem := export_problem(path):
             raise _refuse_to_replace(path, problem)
