@@ -26,7 +26,7 @@ from tqdm import tqdm
 from analysis.baselines import AXES
 from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
-from analysis.drift import cached_harp_drift, cached_layer_drift
+from analysis.drift import cached_mask_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
 from analysis.export import KINDS, check_destination, export_command, export_model
@@ -481,14 +481,7 @@ def _drift_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_drift(args: argparse.Namespace, lm: LoadedModel) -> Result:
     """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
-    windows = _windows(lm, args)
-    mask = _mask(lm, args.mask)
-    if mask.drop_qk:
-        pair = cached_harp_drift(lm, windows, mask)
-        reports = {"mask": pair["pruned_with_rescaling"], "without_rescaling": pair["pruned_without_rescaling"]}
-    else:
-        reports = {"mask": cached_layer_drift(lm, windows, mask)}
-    return {name: report.to_json() for name, report in reports.items()}
+    return cached_mask_drift(lm, _windows(lm, args), _mask(lm, args.mask)).to_json()
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ class PerplexityResult:
     mask: Any  # Mask.summary()
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def _result(nll_sum: float, windows: Windows, mask: Mask | None) -> PerplexityResult:

@@ -77,7 +77,7 @@ class HarpResult:
             "layers": list(self.layers),
             "grid": list(self.grid),
             "alpha": {str(k): v for k, v in sorted(self.alpha.items())},
-            "trace": [s.__dict__ for s in self.trace],
+            "trace": [asdict(s) for s in self.trace],
             "calib_perplexity": self.calib_perplexity,
             "unpruned_perplexity": self.unpruned_perplexity,
             "alpha1_perplexity": self.alpha1_perplexity,

@@ -7,11 +7,6 @@ import streamlit as st
 
 from ui import backend, plots, session
 
-NAMES = {
-    "pruned_without_rescaling": "pruned, alpha = 1 (no rescaling)",
-    "pruned_with_rescaling": "pruned, with its alphas",
-}
-
 lm = backend.model()
 sources = ["the editor's mask"] + (["the last HARP result"] if st.session_state.get(session.HARP_RUN) else [])
 source = st.radio("Mask", sources, horizontal=True)
@@ -25,13 +20,16 @@ if mask.is_unpruned:
     st.info("This mask is unpruned, so nothing drifts. Prune heads in the Mask editor or run HARP first.")
     st.stop()
 evaluation = backend.windows(lm)
-reports = backend.drift_reports(lm, evaluation, mask)
-names = NAMES if mask.drop_qk else {"pruned_with_rescaling": "pruned"}
-first = next(iter(reports.values()))
+drift = backend.drift_reports(lm, evaluation, mask)
+if drift.without_rescaling is None:
+    reports = {"pruned": drift.mask}
+else:
+    reports = {"pruned, alpha = 1 (no rescaling)": drift.without_rescaling, "pruned, with its alphas": drift.mask}
+first = drift.mask
 series = {"unpruned": [d.unpruned.l2_mean for d in first.layers]}
 bands = {"unpruned": ([d.unpruned.l2_q10 for d in first.layers], [d.unpruned.l2_q90 for d in first.layers])}
-for key, name in names.items():
-    layers = reports[key].layers
+for name, report in reports.items():
+    layers = report.layers
     series[name] = [d.masked.l2_mean for d in layers]
     bands[name] = ([d.masked.l2_q10 for d in layers], [d.masked.l2_q90 for d in layers])
 st.plotly_chart(
@@ -42,10 +40,10 @@ st.plotly_chart(
         bands,
     )
 )
-cosine = {name: [d.cosine_mean for d in reports[key].layers] for key, name in names.items()}
+cosine = {name: [d.cosine_mean for d in report.layers] for name, report in reports.items()}
 st.plotly_chart(plots.layer_lines(cosine, "Cosine to the unpruned residual stream (mean over tokens)", "cosine"))
-for col, (key, name) in zip(st.columns(len(names)), names.items(), strict=True):
-    col.metric(f"Final KL(unpruned || {name})", f"{reports[key].kl_nats_per_token:.4f} nats/token")
+for col, (name, report) in zip(st.columns(len(reports)), reports.items(), strict=True):
+    col.metric(f"Final KL(unpruned || {name})", f"{report.kl_nats_per_token:.4f} nats/token")
 
 st.subheader("Per position")
 a, b = st.columns(2)

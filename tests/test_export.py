@@ -132,7 +132,7 @@ def test_compact_export_loads_in_a_fresh_process_and_matches_the_masked_model(co
 def test_compact_export_keeps_only_kept_kv_heads_in_the_cache_and_the_budgets_parameters(compact_exports, model_type):
     lm, mask, result, got = compact_exports[model_type]
     layers = layer_structure(mask, lm.arch)
-    assert [layer["kind"] for layer in layers] == ["attention", "attention", "drop_qk", "none"]
+    assert [layer.kind for layer in layers] == ["attention", "attention", "drop_qk", "none"]
     assert got["cache_heads"] == [1, 2, None, None]  # kept KV heads only; no cache without attention
     removed = budget(mask, lm.shape, 20).params_removed
     assert got["params"] == result.params_after == lm.shape.total_params - removed

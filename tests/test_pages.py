@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.cache import DiskCache
 from analysis.corpus import load_text, make_windows
-from analysis.drift import harp_drift
+from analysis.drift import mask_drift
 from analysis.evaluation import perplexity
 from analysis.generation import greedy_continuation
 from analysis.harp import harp
@@ -211,10 +211,10 @@ def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, l
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.5)
     settings = tiny | {session.MASK: mask.to_json()}
     at = ok(page("app_pages/3_Norm_drift.py", settings).run())
-    reports = harp_drift(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask)
-    for key, label in (("pruned_with_rescaling", "with its alphas"), ("pruned_without_rescaling", "no rescaling")):
+    drift = mask_drift(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask)
+    for report, label in ((drift.mask, "with its alphas"), (drift.without_rescaling, "no rescaling")):
         metric = next(m for m in at.metric if label in m.label)
-        assert metric.value == f"{reports[key].kl_nats_per_token:.4f} nats/token"
+        assert metric.value == f"{report.kl_nats_per_token:.4f} nats/token"
     assert len(at.get("plotly_chart")) == 4
 
 

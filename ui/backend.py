@@ -20,7 +20,7 @@ from analysis.access import Access
 from analysis.cache import DiskCache, default_root
 from analysis.comparison import Comparison, compare
 from analysis.corpus import Windows, decode_text, load_text, make_windows
-from analysis.drift import DriftReport, PositionDrift, cached_harp_drift, cached_layer_drift, position_drift
+from analysis.drift import MaskDrift, PositionDrift, cached_mask_drift, position_drift
 from analysis.evaluation import IncrementalEvaluator, PerplexityResult
 from analysis.files import atomic_write_bytes
 from analysis.harp import HarpResult, cached_harp
@@ -190,12 +190,10 @@ def comparison(lm: LoadedModel, run: HarpRun, axis: str) -> Comparison:
         return compare(lm, calib, windows(lm), run.layers, axis, run.grid, bar)
 
 
-def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> dict[str, DriftReport]:
-    """Drift of ``mask`` (``pruned_with_rescaling``) and, with drop-QK layers, of it at alpha = 1 (disk-cached)."""
+def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> MaskDrift:
+    """Drift of ``mask`` and, with drop-QK layers, of it at alpha = 1 (disk-cached)."""
     with st.spinner("Measuring residual-stream drift (cached after the first time)…"):
-        if mask.drop_qk:
-            return cached_harp_drift(lm, evaluation, mask, disk_cache())
-        return {"pruned_with_rescaling": cached_layer_drift(lm, evaluation, mask, disk_cache())}
+        return cached_mask_drift(lm, evaluation, mask, disk_cache())
 
 
 def window_drift(lm: LoadedModel, evaluation: Windows, mask: Mask, window: int) -> PositionDrift:
