@@ -22,7 +22,7 @@ from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.masks import Mask, parse_mask
 from tests.conftest import TINY
-from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+from tests.helpers import save_checkpoint, word_text, word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN = 16

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from bench.demo_load import GIB, print_report, rss_bytes, run_load
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import save_checkpoint, word_text
 from ui import session
 
 RSS_GROWTH_BOUND = GIB // 2  # 8 sessions on a tiny model: the pages and the evaluator's stored layers

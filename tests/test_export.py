@@ -32,8 +32,7 @@ from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 from tests.conftest import FAMILY_TYPES, TINY, random_windows, tiny_model
-from tests.helpers import open_page
-from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+from tests.helpers import open_page, save_checkpoint, word_text, word_tokenizer
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent

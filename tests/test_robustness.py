@@ -36,7 +36,7 @@ from analysis.loading import load_model
 from analysis.masks import MAX_MASK_BYTES, Mask, decode_mask, mask_warnings
 from analysis.memory import MEMORY_LIMIT_ENV
 from tests.conftest import TINY, random_windows
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import save_checkpoint, word_text
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
