@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -14,6 +15,19 @@ from tests.conftest import TINY, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = "app.py"
+
+
+def forbid(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
+    """Make ``target.name`` fail when called, so a result said to come from the cache cannot be recomputed.
+
+    A deterministic recompute returns the same numbers as a cache hit; only a compute that cannot run
+    tells the two apart.
+    """
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{name} ran although its result was cached")
+
+    monkeypatch.setattr(target, name, fail)
 
 
 def open_page(

@@ -16,13 +16,15 @@ import transformers.utils.logging as hf_logging
 
 import analysis.cli as cli
 import analysis.evaluation as evaluation
+import analysis.harp as harp
+import analysis.head_map as head_map
 from analysis.corpus import Windows, load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.masks import Mask, parse_mask
 from tests.conftest import TINY
-from tests.helpers import save_checkpoint, word_text, word_tokenizer
+from tests.helpers import forbid, save_checkpoint, word_text, word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN = 16
@@ -471,7 +473,9 @@ def run_harp(capsys, *args: str) -> tuple[int, dict | None, str]:
     return code, (json.loads(out) if code == 0 else None), err
 
 
-def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(capsys, tmp_path, checkpoint, text_file):
+def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(
+    capsys, monkeypatch, tmp_path, checkpoint, text_file
+):
     out_file = tmp_path / "harp.json"
     args = ["--model", str(checkpoint), "--calib", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
     code, out, err = run_harp(capsys, *args, "--layers", "2", "--grid", "0,0.5,1", "--out", str(out_file))
@@ -495,6 +499,7 @@ def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(capsys, tmp_
     assert out["budget"]["kv_bytes_per_token_saved"] == out["budget"]["kv_bytes_per_token_unpruned"] // 2
 
     # The same search again comes from the cache, with the same numbers.
+    forbid(monkeypatch, harp, "harp")
     code, again, _ = run_harp(capsys, *args, "--layer-set", "2,3", "--grid", "1,0.5,0")
     assert code == 0 and again["alpha"] == out["alpha"] and again["calib_perplexity"] == out["calib_perplexity"]
 
@@ -626,7 +631,7 @@ def test_drift_reports_the_mask_and_for_drop_qk_the_unrescaled_variant(capsys, t
 # --- head map ------------------------------------------------------------------------------------------
 
 
-def test_head_map_lists_every_head_once_and_a_second_run_is_the_same_map(capsys, checkpoint, text_file):
+def test_head_map_lists_every_head_once_and_a_second_run_is_the_same_map(capsys, monkeypatch, checkpoint, text_file):
     args = ["--model", str(checkpoint), "--text", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
     code = cli.main(["head-map", *args, "--metrics", "magnitude,wanda_sp", "--clusters", "3", "--json"])
     out, err = capsys.readouterr()
@@ -636,6 +641,7 @@ def test_head_map_lists_every_head_once_and_a_second_run_is_the_same_map(capsys,
     members = [h for group in result["cluster_members"].values() for h in group]
     assert len(members) == len(set(members)) == heads and len(result["cluster_members"]) == 3
     assert result["map"]["feature_names"][-2:] == ["magnitude", "wanda_sp"]
+    forbid(monkeypatch, head_map, "project")  # the second run comes from the cache
     assert cli.main(["head-map", *args, "--metrics", "magnitude,wanda_sp", "--clusters", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["map"] == result["map"]
     code = cli.main(["head-map", *args, "--metrics", "magnitude,bogus"])
