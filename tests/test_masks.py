@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import re
 from dataclasses import replace
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 
@@ -621,6 +623,21 @@ def test_a_link_carries_every_digit_of_alpha_and_reads_back_the_same_mask():
     back = mask_from_query(query, SMOL, NAME)
     assert back == mask and back.alpha[26] == third and back.alpha[27] == many
     assert mask_to_query(unpruned()) == {}
+
+
+def test_alphas_of_every_kind_survive_a_real_url_bit_for_bit():
+    """Random doubles and the awkward ones (just below 1, the smallest subnormal, 4) through urlencode and back."""
+    rng = random.Random(0)
+    awkward = [1 - 2**-53, 5e-324, 4.0, 2**-30, 0.1 + 0.2, 3.999999999999999]
+    for trial in range(100):
+        alphas = awkward if trial == 0 else [rng.uniform(0.0, 4.0) for _ in range(6)]
+        mask = unpruned()
+        for layer, alpha in zip(rng.sample(range(SMOL.num_layers), len(alphas)), alphas, strict=True):
+            mask = mask.with_layer(layer, alpha=alpha)
+        url = "http://localhost:8501/Mask_editor?" + urlencode(mask_to_query(mask))
+        back = mask_from_query(dict(parse_qsl(urlsplit(url).query, strict_parsing=True)), SMOL, NAME)
+        assert back == mask
+        assert [a.hex() for a in back.alpha] == [a.hex() for a in mask.alpha]  # every bit, not only ==
 
 
 @pytest.mark.parametrize(
