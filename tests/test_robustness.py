@@ -570,3 +570,38 @@ def test_an_uploaded_file_name_cannot_place_the_text_outside_the_uploads_folder(
     assert path.is_file() and path.read_bytes() == b"plain words for a text"
     assert path.resolve().is_relative_to((tmp_path / "uploads").resolve())
     assert not path.name.startswith(".")
+
+
+# --- 6. the test run leaves the environment as it found it ---------------------------------------------
+
+_RUN_AND_CHECK_ENV = """
+import json, os
+import pytest
+
+seen = set()
+
+
+class Record:
+    def pytest_runtest_call(self, item):
+        seen.add(os.environ.get("HEADROOM_CACHE"))
+
+
+code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_memory.py", "-k", "sizes"], plugins=[Record()])
+assert code == 0, code
+print(json.dumps({"during": sorted(seen), "after": os.environ.get("HEADROOM_CACHE")}))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "/somewhere/the/user/keeps/it"])
+def test_a_test_run_uses_a_cache_of_its_own_and_restores_headroom_cache(preset):
+    env = {k: v for k, v in os.environ.items() if k != "HEADROOM_CACHE"}
+    if preset is not None:
+        env["HEADROOM_CACHE"] = preset
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_RUN_AND_CHECK_ENV)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout.splitlines()[-1])
+    (during,) = report["during"]  # one temporary cache for the whole run, never the user's or the project's
+    assert during != preset and not Path(during).resolve().is_relative_to(ROOT)
+    assert report["after"] == preset
