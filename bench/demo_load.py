@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest.mock import MagicMock, patch
@@ -120,30 +120,47 @@ def shown_problems(at: AppTest) -> list[str]:
 
 @contextmanager
 def one_runtime() -> Iterator[None]:
-    """One Streamlit runtime for every test-client session, as a real server has.
+    """One Streamlit runtime, configuration and script cache for every test-client session, as a real server has.
 
-    ``AppTest`` installs a runtime of its own for each run and removes it when the run ends, which
-    is fine one session at a time; with sessions in threads one session's end would pull the runtime
-    from under another's start. This gives them all one (built like ``AppTest``'s) and puts back the
-    config getter ``AppTest`` patches per run.
+    ``AppTest`` sets each of these up for one run and takes it down when the run ends, which is fine
+    one session at a time; with sessions in threads, one session's end would pull them from under
+    another that is still running:
+
+    - the runtime: a session starting while another ends would find none;
+    - the ``global.appTest`` option, which ``AppTest`` turns on by patching ``config.get_option`` for
+      the run: restored by one session mid-way through another's run, that run's widgets stop
+      recording what the test client reads back (a KeyError on ``$$ID-...`` in the test thread);
+    - the script cache, new per run, so every click of every session would parse the page again, in
+      threads at once. Under CPython 3.11 a parse interrupted by another thread (garbage collection
+      can switch threads inside ``ast.parse``) fails with ``SystemError: AST constructor recursion
+      depth mismatch``, a counter being shared by all threads. A server compiles each page once.
+
+    Errors from those would be artefacts of the harness, never something a visitor sees.
     """
-    from streamlit import config, runtime
+    from streamlit import runtime
     from streamlit.runtime import Runtime
     from streamlit.runtime.caching.storage.dummy_cache_storage import MemoryCacheStorageManager
     from streamlit.runtime.dataframe_source_manager import DataframeSourceManager
     from streamlit.runtime.media_file_manager import MediaFileManager
     from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+    from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+    from streamlit.testing.v1 import app_test, local_script_runner
+    from streamlit.testing.v1.util import patch_config_options
 
     shared = MagicMock(spec=Runtime)
     shared.media_file_mgr = MediaFileManager(MemoryMediaFileStorage("/mock/media"))
     shared.cache_storage_manager = MemoryCacheStorageManager()
     shared.dataframe_source_mgr = DataframeSourceManager()
-    get_option = config.get_option
-    with patch.object(runtime, "get_instance", return_value=shared), patch.object(runtime, "exists", return_value=True):
-        try:
-            yield
-        finally:
-            config.get_option = get_option
+    scripts = ScriptCache()
+    with (
+        patch.object(runtime, "get_instance", return_value=shared),
+        patch.object(runtime, "exists", return_value=True),
+        patch_config_options({"global.appTest": True}),  # for the whole load, not per run
+        patch.object(app_test, "patch_config_options", lambda overrides: nullcontext()),
+        patch.object(app_test, "ScriptCache", return_value=scripts),
+        patch.object(local_script_runner, "ScriptCache", return_value=scripts),
+    ):
+        yield
 
 
 def run_load(
