@@ -78,15 +78,18 @@ def compare(
     axis: str,
     grid: Sequence[float] = DEFAULT_GRID,
     progress: Progress | None = None,
+    result: HarpResult | None = None,
 ) -> Comparison:
     """HARP on ``layers`` and every baseline matched on ``axis``, evaluated on ``evaluation``.
 
-    Budgets are reported at the evaluation window length.
+    ``result`` is a HARP result already at hand for ``layers`` (e.g. with layers it chose itself);
+    without it the plain HARP search on ``layers`` is run or read from the cache. Budgets are reported
+    at the evaluation window length.
     """
     if axis not in AXES:
         raise HeadroomError(f"unknown budget axis '{axis}'; use one of {', '.join(AXES)}")
     seq_len = evaluation.seqlen
-    result = cached_harp(lm, calib, layers, grid)
+    result = result or cached_harp(lm, calib, layers, grid)
     norm_matched = result.mask
     for layer, alpha in result.norm_matching_alpha.items():
         norm_matched = norm_matched.with_layer(layer, alpha=alpha)

@@ -34,7 +34,7 @@ from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
-from analysis.evaluation import batches
+from analysis.evaluation import Progress, batches
 from analysis.hooks import hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
@@ -181,12 +181,15 @@ def _kl_sum(arch: Architecture, unpruned: torch.Tensor, masked: torch.Tensor) ->
 
 
 @torch.no_grad()
-def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> list[DriftReport]:
-    """Drift of each mask against one unpruned pass per batch."""
+def _reports(
+    arch: Architecture, windows: Windows, masks: Sequence[Mask], progress: Progress | None = None
+) -> list[DriftReport]:
+    """Drift of each mask against one unpruned pass per batch; ``progress`` counts windows done."""
     unpruned_l2: list[torch.Tensor] = []  # per batch, [num_layers, tokens of the batch]
     masked_l2: list[list[torch.Tensor]] = [[] for _ in masks]
     cosine: list[list[torch.Tensor]] = [[] for _ in masks]
     kl = [0.0 for _ in masks]
+    done = 0
     for ids in batches(windows):
         reference, last = _unpruned_pass(arch, ids)
         unpruned_l2.append(_l2(reference).flatten(1))
@@ -196,6 +199,9 @@ def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> lis
             cosine[k].append(cos.flatten(1))
             kl[k] += _kl_sum(arch, last, masked_last)
         del reference, last  # free this batch before the next one is captured
+        done += ids.shape[0]
+        if progress:
+            progress(done, windows.num_windows)
 
     tokens = windows.input_ids.numel()
     base = torch.cat(unpruned_l2, dim=1)
@@ -220,9 +226,9 @@ def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> lis
     return reports
 
 
-def layer_drift(arch: Architecture, windows: Windows, mask: Mask) -> DriftReport:
+def layer_drift(arch: Architecture, windows: Windows, mask: Mask, progress: Progress | None = None) -> DriftReport:
     """Residual-stream norm and cosine drift of ``mask`` at every layer over all tokens of ``windows``."""
-    return _reports(arch, windows, [mask])[0]
+    return _reports(arch, windows, [mask], progress)[0]
 
 
 @torch.no_grad()
@@ -248,12 +254,14 @@ def without_rescaling(mask: Mask) -> Mask:
     return mask.with_drop_qk(sorted(mask.drop_qk))
 
 
-def harp_drift(arch: Architecture, windows: Windows, harp_mask: Mask) -> dict[str, DriftReport]:
+def harp_drift(
+    arch: Architecture, windows: Windows, harp_mask: Mask, progress: Progress | None = None
+) -> dict[str, DriftReport]:
     """Drift of a HARP mask with its searched alphas, and of the same mask with alpha = 1 on every drop-QK layer.
 
     The two differ only by the rescaling, so comparing them shows what the alphas do to the norm.
     """
-    rescaled, unscaled = _reports(arch, windows, [harp_mask, without_rescaling(harp_mask)])
+    rescaled, unscaled = _reports(arch, windows, [harp_mask, without_rescaling(harp_mask)], progress)
     return {"pruned_with_rescaling": rescaled, "pruned_without_rescaling": unscaled}
 
 
@@ -266,16 +274,29 @@ def _named(value: dict[str, Any], windows: Windows) -> DriftReport:
 
 
 def cached_layer_drift(
-    lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None, refresh: bool = False
+    lm: LoadedModel,
+    windows: Windows,
+    mask: Mask,
+    cache: DiskCache | None = None,
+    refresh: bool = False,
+    progress: Progress | None = None,
 ) -> DriftReport:
     """:func:`layer_drift`, read from the disk cache when this model, text, windowing and mask were seen."""
     parts = _drift_parts(lm, windows, mask)
-    value = (cache or DiskCache()).json("drift", parts, lambda: layer_drift(lm.arch, windows, mask).to_json(), refresh)
+
+    def compute() -> dict[str, Any]:
+        return layer_drift(lm.arch, windows, mask, progress).to_json()
+
+    value = (cache or DiskCache()).json("drift", parts, compute, refresh)
     return _named(value, windows)
 
 
 def cached_harp_drift(
-    lm: LoadedModel, windows: Windows, harp_mask: Mask, cache: DiskCache | None = None
+    lm: LoadedModel,
+    windows: Windows,
+    harp_mask: Mask,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, DriftReport]:
     """:func:`harp_drift` through the same cache entries as :func:`cached_layer_drift`.
 
@@ -286,7 +307,7 @@ def cached_harp_drift(
     parts = {name: _drift_parts(lm, windows, mask) for name, mask in masks.items()}
     values = {name: cache.get_json("drift", p) for name, p in parts.items()}
     if any(v is None for v in values.values()):
-        for name, report in harp_drift(lm.arch, windows, harp_mask).items():
+        for name, report in harp_drift(lm.arch, windows, harp_mask, progress).items():
             cache.put_json("drift", parts[name], report.to_json())
             values[name] = cache.get_json("drift", parts[name])
     return {name: _named(value, windows) for name, value in values.items()}

@@ -23,7 +23,7 @@ from analysis.corpus import Windows, decode_text, load_text, make_windows
 from analysis.drift import DriftReport, PositionDrift, cached_harp_drift, cached_layer_drift, position_drift
 from analysis.evaluation import IncrementalEvaluator, PerplexityResult
 from analysis.files import atomic_write_bytes
-from analysis.harp import HarpResult, cached_harp
+from analysis.harp import HarpResult, cached_chosen_harp, cached_harp
 from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import HeadScores, attention_block_influence, block_influence, cached_head_result
 from analysis.loading import LoadedModel, load_model
@@ -169,33 +169,53 @@ def block_influences(lm: LoadedModel, calib: Windows) -> dict[str, list[float]]:
 
 @dataclass(frozen=True)
 class HarpRun:
-    """What the HARP page asked for: the drop-QK layers, the alpha grid and the calibration tokens."""
+    """What the HARP page asked for: the drop-QK layers, the alpha grid and the calibration tokens.
+
+    ``choose`` > 0 asks HARP to choose that many layers itself (greedy on calibration perplexity,
+    ``analysis.harp.chosen_harp``); ``layers`` is then ignored.
+    """
 
     layers: tuple[int, ...]
     grid: tuple[float, ...]
     calib_tokens: int
+    choose: int = 0
+
+    def candidates(self, num_layers: int) -> int:
+        """How many masks the run evaluates (the unit of its progress and of its time estimate)."""
+        if self.choose:
+            return sum(num_layers - k for k in range(self.choose)) + self.choose * len(self.grid)
+        return len(self.layers) * len(self.grid)
 
 
 def harp_result(lm: LoadedModel, run: HarpRun) -> HarpResult:
     """HARP for ``run``: from the disk cache when seen, else searched with progress."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
+    if run.choose:
+        with progress_bar(f"HARP: choosing {run.choose} layers, then searching alpha", harp_job(lm)) as bar:
+            return cached_chosen_harp(lm, calib, run.choose, None, run.grid, disk_cache(), bar)
     with progress_bar(f"HARP: searching alpha on layers {list(run.layers)}", harp_job(lm)) as bar:
         return cached_harp(lm, calib, run.layers, run.grid, disk_cache(), bar)
 
 
 def comparison(lm: LoadedModel, run: HarpRun, axis: str) -> Comparison:
-    """HARP against the baselines matched on ``axis``, on the session's evaluation windows."""
+    """HARP (the run's own result) against the baselines matched on ``axis``, on the evaluation windows."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
+    result = harp_result(lm, run)
     with progress_bar(f"Building and evaluating baselines matched on {axis}", compare_job(lm)) as bar:
-        return compare(lm, calib, windows(lm), run.layers, axis, run.grid, bar)
+        return compare(lm, calib, windows(lm), result.layers, axis, run.grid, bar, result)
 
 
 def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> dict[str, DriftReport]:
     """Drift of ``mask`` (``pruned_with_rescaling``) and, with drop-QK layers, of it at alpha = 1 (disk-cached)."""
-    with st.spinner("Measuring residual-stream drift (cached after the first time)…"):
+    with progress_bar("Measuring residual-stream drift", drift_job(lm, mask)) as bar:
         if mask.drop_qk:
-            return cached_harp_drift(lm, evaluation, mask, disk_cache())
-        return {"pruned_with_rescaling": cached_layer_drift(lm, evaluation, mask, disk_cache())}
+            return cached_harp_drift(lm, evaluation, mask, disk_cache(), bar)
+        return {"pruned_with_rescaling": cached_layer_drift(lm, evaluation, mask, disk_cache(), progress=bar)}
+
+
+def drift_job(lm: LoadedModel, mask: Mask) -> Job:
+    """Drift runs one unpruned pass per window plus one per mask: twice the masks with drop-QK layers."""
+    return job(lm, "drift_harp" if mask.drop_qk else "drift", "windows")
 
 
 def window_drift(lm: LoadedModel, evaluation: Windows, mask: Mask, window: int) -> PositionDrift:
