@@ -15,8 +15,9 @@ import torch
 from streamlit.proto.Metric_pb2 import Metric
 from streamlit.testing.v1 import AppTest
 
+from analysis.baselines import matched_baselines
 from analysis.cache import DiskCache
-from analysis.comparison import compare
+from analysis.comparison import cached_baselines, compare
 from analysis.corpus import load_text, make_windows
 from analysis.drift import harp_drift, position_drift
 from analysis.evaluation import perplexity
@@ -24,7 +25,7 @@ from analysis.export import MASK_FILE, export_command
 from analysis.generation import greedy_continuation
 from analysis.harp import chosen_harp, harp
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
-from analysis.importance import HEAD_METRICS, block_influence
+from analysis.importance import HEAD_METRICS, block_influence, cached_head_result
 from analysis.loading import load_model
 from analysis.masks import Mask, budget, mask_from_query, mask_to_query, parse_mask
 from analysis.throughput import duration_text, measured_rate
@@ -412,3 +413,21 @@ def test_plain_text_shows_model_output_as_generated():
     escaped = scaffold.plain(text)
     assert escaped.replace("\\", "") == text.replace("\\", "")  # only backslashes were added
     assert all(escaped[i - 1] == "\\" for i, c in enumerate(escaped) if c in "_*[]()." and i)
+
+
+def test_comparison_reads_the_gradient_the_importance_page_cached_and_builds_the_same_baselines(tiny, lm, tmp_path):
+    calib = windows(lm, tiny[session.CALIB_TEXT])
+    reference = Mask.drop_qk_top(lm.shape, lm.name, 1, 0.5)
+    fresh = matched_baselines(lm.arch, lm.name, calib, reference, "params", SEQLEN)  # measures every score itself
+    cache, reported = DiskCache(tmp_path / "cache"), []
+    cached_head_result(lm, calib, "gradient", None, cache)  # what the Importance page leaves in the cache
+    found = cached_baselines(lm, calib, reference, "params", SEQLEN, cache, lambda done, total: reported.append(done))
+    assert reported == []  # no gradient pass: the scores came from the importance entry
+    assert {name: mask.heads for name, mask in found.items()} == {name: m.heads for name, m in fresh.items()}
+
+    cold, reported = DiskCache(tmp_path / "cold"), []
+    cached_baselines(lm, calib, reference, "params", SEQLEN, cold, lambda done, total: reported.append((done, total)))
+    assert reported[-1] == (calib.num_windows, calib.num_windows)  # scored here, in windows, and now cached
+    assert cached_head_result(lm, calib, "gradient", None, cold, lambda *_: reported.append("again")) and (
+        reported[-1] != "again"  # the importance entry is there for the Importance page
+    )

@@ -18,7 +18,7 @@ import streamlit as st
 from analysis import importance
 from analysis.access import Access
 from analysis.cache import DiskCache, default_root
-from analysis.comparison import Comparison, compare
+from analysis.comparison import SHARED_SCORES, Comparison, compare
 from analysis.corpus import Windows, decode_text, load_text, make_windows
 from analysis.drift import DriftReport, PositionDrift, cached_harp_drift, cached_layer_drift, position_drift
 from analysis.evaluation import IncrementalEvaluator, PerplexityResult
@@ -121,7 +121,8 @@ def harp_job(lm: LoadedModel) -> Job:
 
 
 def compare_job(lm: LoadedModel) -> Job:
-    return job(lm, "compare", "masks")
+    """Evaluating every compared mask: its unit is a window of evaluation text under one mask."""
+    return job(lm, "compare_evaluation", "windows")
 
 
 def metric_job(lm: LoadedModel, metric: str) -> Job:
@@ -201,8 +202,10 @@ def comparison(lm: LoadedModel, run: HarpRun, axis: str) -> Comparison:
     """HARP (the run's own result) against the baselines matched on ``axis``, on the evaluation windows."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
     result = harp_result(lm, run)
-    with progress_bar(f"Building and evaluating baselines matched on {axis}", compare_job(lm)) as bar:
-        return compare(lm, calib, windows(lm), result.layers, axis, run.grid, bar, result)
+    for metric in SHARED_SCORES:  # the Importance page's cache entries: scored once for both pages
+        head_result(lm, calib, metric)
+    with progress_bar(f"Building the baselines matched on {axis} and evaluating every mask", compare_job(lm)) as bar:
+        return compare(lm, calib, windows(lm), result.layers, axis, run.grid, bar, result, disk_cache())
 
 
 def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> dict[str, DriftReport]:
