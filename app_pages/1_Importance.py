@@ -45,7 +45,7 @@ if metric == "integrated_gradients":
     )
 
 layer, head = int(st.session_state[LAYER]), int(st.session_state[HEAD])
-grid, bars, details = st.columns([5, 2, 3])
+grid, bars, details = st.columns([6, 2, 3])
 with grid:
     fig = plots.head_heatmap(
         scores,
@@ -62,7 +62,7 @@ with grid:
     )
 with bars:
     means = [sum(row) / len(row) if row else None for row in scores]
-    st.plotly_chart(plots.layer_bars(means, "mean per layer", f"mean {metric}"))
+    st.plotly_chart(plots.layer_bars(means, "layer mean", f"mean {metric}"))
 st.subheader("Agreement between metrics")
 chosen = st.multiselect(
     "Metrics to compare", list(HEAD_METRICS), default=[m for m in HEAD_METRICS if m in CHEAP_METRICS or m == metric]
