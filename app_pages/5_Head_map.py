@@ -87,6 +87,9 @@ metrics = a.multiselect(
 )
 clusters = b.number_input("Clusters (k-means)", 2, 20, DEFAULT_CLUSTERS)
 seed = c.number_input("Seed", 0, 2**31 - 1, 0, help="UMAP and k-means use it: the same seed draws the same map")
+st.caption(
+    "Head features, once per choice of metrics (then from the disk cache): " + backend.head_map_job(lm).expected()
+)
 head_map = backend.head_map(lm, calib, metrics, int(clusters), int(seed))
 
 a, b = st.columns([1, 2])

@@ -371,6 +371,10 @@ def test_drift_page_colours_span_the_data_and_the_unpruned_line_is_drawn_on_top(
     assert heatmap["zmin"] == pytest.approx(drift.cosine.min().item()) and heatmap["zmax"] == 1
     assert heatmap["zmin"] > -1  # not the fixed -1..1 that flattened values near 1
     assert_titles_clear_of_the_toolbar(at)
+    evaluation, calls = windows(lm, tiny[session.EVAL_TEXT]), []
+    harp_drift(lm.arch, evaluation, mask, lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (evaluation.num_windows, evaluation.num_windows)  # drift reports progress in windows
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls})
 
 
 def test_head_map_clusters_have_the_same_discrete_colour_in_the_map_and_the_grid(tiny, lm):

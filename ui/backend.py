@@ -148,9 +148,13 @@ def cheapest_heads(lm: LoadedModel, calib: Windows, metric: str, k: int) -> list
     return importance.cheapest_heads(head_scores(lm, calib, metric), metric, k)
 
 
+def head_map_job(lm: LoadedModel) -> Job:
+    return job(lm, "head_map", "batches")
+
+
 def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: int, seed: int) -> HeadMap:
     """The head map on the calibration windows (disk-cached; the first UMAP run also compiles numba code)."""
-    with progress_bar("Measuring head features and projecting them", job(lm, "head_map", "batches")) as bar:
+    with progress_bar("Measuring head features and projecting them", head_map_job(lm)) as bar:
         return cached_head_map(lm, calib, metrics, clusters, seed, disk_cache(), bar)
 
 
