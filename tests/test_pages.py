@@ -318,10 +318,11 @@ def test_harp_page_chooses_layers_fits_its_log_axis_and_loads_any_compared_row_i
     harp_ppl = perplexity(lm.arch, evaluation, expected.mask).perplexity
     dots = chart(at, "Held-out perplexity at HARP's budget")
     (star,) = [d for d in dots["data"] if d["name"] == "HARP"]
-    assert star["y"] == ["harp"] and star["x"] == [pytest.approx(harp_ppl, rel=1e-6)]
+    assert star["customdata"] == ["harp"] and star["x"] == [pytest.approx(harp_ppl, rel=1e-6)]
+    assert star["y"] == [f"harp · saves {plots.compact(budget(expected.mask, lm.shape, SEQLEN).params_removed)}"]
     assert star["marker"]["symbol"] == "star" and star["marker"]["color"] == [plots.HIGHLIGHT]
     others = next(d for d in dots["data"] if d["name"] != "HARP")
-    assert others["marker"]["color"] == [plots.method_colour(m) for m in others["y"]]
+    assert others["marker"]["color"] == [plots.method_colour(m) for m in others["customdata"]]
     table = at.dataframe[0].value
     comparison = compare(lm, calib, evaluation, expected.layers, "params", (0.0, 0.5, 1.0), result=expected)
     rows = {r.method: r for r in comparison.rows}

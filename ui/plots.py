@@ -15,6 +15,7 @@ import plotly.colors
 import plotly.graph_objects as go
 import torch
 
+from analysis.baselines import saved
 from analysis.comparison import ComparisonRow
 from analysis.errors import HeadroomError
 from analysis.importance import ranks
@@ -334,23 +335,36 @@ def table_height(rows: int) -> int:
     return 35 * (rows + 1) + 3
 
 
-def matched_budget(rows: Sequence[ComparisonRow], axis_label: str, seq_len: int) -> go.Figure:
+def compact(n: float) -> str:
+    """A count as people read it on a chart: 950, 12.3 k, 1.77 M, 2.1 G."""
+    for size, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{suffix}"
+    return f"{n:g}"
+
+
+def matched_budget(rows: Sequence[ComparisonRow], axis: str, axis_label: str, seq_len: int) -> go.Figure:
     """Held-out perplexity of every method at HARP's budget: one row per method, best at the top, HARP a red star.
 
-    The baselines are matched on one budget axis, so they share (nearly) one x on a perplexity-vs-budget
-    scatter and their labels pile up; a dot per method on a log perplexity axis shows the ranking instead.
-    The unpruned model is the dotted line.
+    The baselines are matched on one budget axis, so most share one x on a perplexity-vs-budget scatter
+    and their labels pile up; a dot per method on a log perplexity axis shows the ranking instead, and
+    each row's label says what the method saves on ``axis`` (matching saves at least HARP's saving, some
+    methods more). The unpruned model is the dotted line.
     """
     ordered = sorted((r for r in rows if r.method != "unpruned"), key=lambda r: r.eval_perplexity)
     unpruned = next((r.eval_perplexity for r in rows if r.method == "unpruned"), None)
-    names = [r.method for r in ordered]
+
+    def label(r: ComparisonRow) -> str:
+        return f"{r.method} · saves {compact(saved(r.budget, axis))}"
+
     fig = go.Figure()
     for highlighted in (False, True):
         chosen = [r for r in ordered if (r.method == "harp") == highlighted]
         fig.add_trace(
             go.Scatter(
                 x=[r.eval_perplexity for r in chosen],
-                y=[r.method for r in chosen],
+                y=[label(r) for r in chosen],
+                customdata=[r.method for r in chosen],
                 mode="markers",
                 name="HARP" if highlighted else "other methods",
                 marker={
@@ -378,24 +392,9 @@ def matched_budget(rows: Sequence[ComparisonRow], axis_label: str, seq_len: int)
     fig.update_layout(
         title=title(f"Held-out perplexity at HARP's budget ({axis_label}, sequence length {seq_len:,})"),
         xaxis=log_axis(values, "evaluation perplexity (log scale; lower is better)"),
-        yaxis={"title": "", "categoryorder": "array", "categoryarray": names[::-1], "automargin": True},
-        height=max(320, 34 * len(names) + 140),
+        yaxis={"title": "", "categoryorder": "array", "categoryarray": [label(r) for r in ordered][::-1]},
+        height=max(320, 34 * len(ordered) + 140),
         **LAYOUT,
     )
-    return fig
-
-
-def cluster_grid(
-    heads: Sequence[tuple[int, int]], clusters: Sequence[int], num_layers: int, num_heads: int
-) -> go.Figure:
-    """Layers x heads grid of k-means clusters in the discrete colours of :func:`cluster_colour` (as the map's)."""
-    labels: list[list[int | None]] = [[None] * num_heads for _ in range(num_layers)]
-    for (layer, head), cluster in zip(heads, clusters, strict=True):
-        labels[layer][head] = cluster
-    k = max(clusters) + 1
-    hover = [
-        [f"layer {layer}, head {head}<br>cluster {c}" for head, c in enumerate(row)] for layer, row in enumerate(labels)
-    ]
-    fig = grid_figure(labels, hover, "Cluster of every head", "cluster", cluster_scale(k), -0.5, k - 0.5)
-    fig.update_traces(colorbar={"tickvals": list(range(k)), "ticktext": [str(c) for c in range(k)]}, selector=0)
+    fig.update_layout(margin={"l": 260})  # room for the method names
     return fig
