@@ -69,6 +69,7 @@ def app_url(default_model, session_cache) -> Iterator[str]:
     env = os.environ | {"HEADROOM_CACHE": str(session_cache)}
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
     command += ["--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    command += ["--server.fileWatcherType", "none"]  # an edit during the run must not show "source changed" prompts
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
