@@ -436,3 +436,13 @@ def test_comparison_reads_the_gradient_the_importance_page_cached_and_builds_the
     assert cached_head_result(lm, calib, "gradient", None, cold, lambda *_: reported.append("again")) and (
         reported[-1] != "again"  # the importance entry is there for the Importance page
     )
+
+
+@pytest.mark.parametrize("values", [(14.2, 310.0), (27.0, 31.0), (1.3, 2.0e6), (0.004, 0.09)])
+def test_log_axis_fits_its_values_and_writes_each_tick_in_full(values):
+    axis = plots.log_axis(values, "perplexity")
+    low, high = axis["range"]
+    assert low < math.log10(min(values)) and math.log10(max(values)) < high
+    assert len(axis["tickvals"]) >= 4 and all(low <= math.log10(t) <= high for t in axis["tickvals"])
+    for tick, text in zip(axis["tickvals"], axis["ticktext"], strict=True):
+        assert float(text.replace(",", "")) == pytest.approx(tick)  # "300", never a bare "3" for 300

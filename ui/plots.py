@@ -84,24 +84,32 @@ def cluster_scale(clusters: int) -> list[list[Any]]:
 
 
 def log_axis(values: Sequence[float], label: str) -> dict[str, Any]:
-    """A log axis fitted to ``values`` (5 % margin) with ticks at 1, 2, 5 x 10^k written in full.
+    """A log axis fitted to ``values`` (5 % margin), ticks at 1, 2, 5 x 10^k (finer if fewer than 4) in full.
 
     Plotly's own minor log ticks read "2, 5, 100, 2" and leave the reader to guess the decade.
     """
     lo, hi = math.log10(min(values)), math.log10(max(values))
     pad = max(0.05 * (hi - lo), 0.02)
     lo, hi = lo - pad, hi + pad
-    ticks = [m * 10**k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5)]
-    ticks = [t for t in ticks if lo <= math.log10(t) <= hi]
-    if len(ticks) < 3:  # a narrow range: finer steps
-        ticks = [m * 10**k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in range(1, 10)]
+    ticks: list[float] = []
+    for mantissas in ((1, 2, 5), (1, 2, 3, 5), tuple(range(1, 10))):  # finer steps until at least 4 ticks show
+        ticks = [m * 10**k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in mantissas]
         ticks = [t for t in ticks if lo <= math.log10(t) <= hi]
+        if len(ticks) >= 4:
+            break
+    step = min(ticks) if ticks else 10**lo
+    if len(ticks) < 4:  # a fraction of a decade: evenly spaced round values
+        a, b = 10**lo, 10**hi
+        unit = 10 ** math.floor(math.log10((b - a) / 4))
+        step = next(unit * m for m in (5, 2, 1) if (b - a) / (unit * m) >= 4)
+        ticks = [k * step for k in range(math.ceil(a / step), math.floor(b / step) + 1)]
+    decimals = max(0, -math.floor(math.log10(step)))
     return {
         "title": label,
         "type": "log",
         "range": [lo, hi],  # a log axis's range is in log10 units
         "tickvals": ticks,
-        "ticktext": [f"{t:,.{max(0, -math.floor(math.log10(t)))}f}" for t in ticks],
+        "ticktext": [f"{t:,.{decimals}f}" for t in ticks],
     }
 
 
@@ -387,11 +395,21 @@ def matched_budget(rows: Sequence[ComparisonRow], axis: str, axis_label: str, se
     if unpruned:
         fig.add_vline(x=unpruned, line_dash="dot", line_color=METHOD_COLOURS["unpruned"])
         fig.add_annotation(
-            x=math.log10(unpruned), xref="x", y=1, yref="paper", yanchor="bottom", text="unpruned", showarrow=False
+            x=math.log10(unpruned),  # log10 units on a log axis
+            xref="x",
+            xanchor="left",
+            y=0,
+            yref="paper",
+            yanchor="bottom",
+            text=" unpruned",
+            showarrow=False,
         )
     fig.update_layout(
-        title=title(f"Held-out perplexity at HARP's budget ({axis_label}, sequence length {seq_len:,})"),
-        xaxis=log_axis(values, "evaluation perplexity (log scale; lower is better)"),
+        title=title("Held-out perplexity at HARP's budget"),
+        xaxis=log_axis(
+            values,
+            f"evaluation perplexity (log scale; lower is better); matched on {axis_label}, sequence length {seq_len:,}",
+        ),
         yaxis={"title": "", "categoryorder": "array", "categoryarray": [label(r) for r in ordered][::-1]},
         height=max(320, 34 * len(ordered) + 140),
         **LAYOUT,
