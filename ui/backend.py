@@ -18,12 +18,12 @@ import streamlit as st
 from analysis import importance
 from analysis.access import Access
 from analysis.cache import DiskCache, default_root
-from analysis.comparison import Comparison, compare
+from analysis.comparison import SHARED_SCORES, Comparison, compare
 from analysis.corpus import Windows, decode_text, load_text, make_windows
 from analysis.drift import MaskDrift, PositionDrift, cached_mask_drift, position_drift
 from analysis.evaluation import IncrementalEvaluator, PerplexityResult
 from analysis.files import atomic_write_bytes
-from analysis.harp import HarpResult, cached_harp
+from analysis.harp import HarpResult, cached_chosen_harp, cached_harp
 from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import HeadScores, attention_block_influence, block_influence, cached_head_result
 from analysis.loading import LoadedModel, load_model
@@ -121,7 +121,8 @@ def harp_job(lm: LoadedModel) -> Job:
 
 
 def compare_job(lm: LoadedModel) -> Job:
-    return job(lm, "compare", "masks")
+    """Evaluating every compared mask: its unit is a window of evaluation text under one mask."""
+    return job(lm, "compare_evaluation", "windows")
 
 
 def metric_job(lm: LoadedModel, metric: str) -> Job:
@@ -147,9 +148,13 @@ def cheapest_heads(lm: LoadedModel, calib: Windows, metric: str, k: int) -> list
     return importance.cheapest_heads(head_scores(lm, calib, metric), metric, k)
 
 
+def head_map_job(lm: LoadedModel) -> Job:
+    return job(lm, "head_map", "batches")
+
+
 def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: int, seed: int) -> HeadMap:
     """The head map on the calibration windows (disk-cached; the first UMAP run also compiles numba code)."""
-    with progress_bar("Measuring head features and projecting them", job(lm, "head_map", "batches")) as bar:
+    with progress_bar("Measuring head features and projecting them", head_map_job(lm)) as bar:
         return cached_head_map(lm, calib, metrics, clusters, seed, disk_cache(), bar)
 
 
@@ -169,31 +174,53 @@ def block_influences(lm: LoadedModel, calib: Windows) -> dict[str, list[float]]:
 
 @dataclass(frozen=True)
 class HarpRun:
-    """What the HARP page asked for: the drop-QK layers, the alpha grid and the calibration tokens."""
+    """What the HARP page asked for: the drop-QK layers, the alpha grid and the calibration tokens.
+
+    ``choose`` > 0 asks HARP to choose that many layers itself (greedy on calibration perplexity,
+    ``analysis.harp.chosen_harp``); ``layers`` is then ignored.
+    """
 
     layers: tuple[int, ...]
     grid: tuple[float, ...]
     calib_tokens: int
+    choose: int = 0
+
+    def candidates(self, num_layers: int) -> int:
+        """How many masks the run evaluates (the unit of its progress and of its time estimate)."""
+        if self.choose:
+            return sum(num_layers - k for k in range(self.choose)) + self.choose * len(self.grid)
+        return len(self.layers) * len(self.grid)
 
 
 def harp_result(lm: LoadedModel, run: HarpRun) -> HarpResult:
     """HARP for ``run``: from the disk cache when seen, else searched with progress."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
+    if run.choose:
+        with progress_bar(f"HARP: choosing {run.choose} layers, then searching alpha", harp_job(lm)) as bar:
+            return cached_chosen_harp(lm, calib, run.choose, None, run.grid, disk_cache(), bar)
     with progress_bar(f"HARP: searching alpha on layers {list(run.layers)}", harp_job(lm)) as bar:
         return cached_harp(lm, calib, run.layers, run.grid, disk_cache(), bar)
 
 
 def comparison(lm: LoadedModel, run: HarpRun, axis: str) -> Comparison:
-    """HARP against the baselines matched on ``axis``, on the session's evaluation windows."""
+    """HARP (the run's own result) against the baselines matched on ``axis``, on the evaluation windows."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
-    with progress_bar(f"Building and evaluating baselines matched on {axis}", compare_job(lm)) as bar:
-        return compare(lm, calib, windows(lm), run.layers, axis, run.grid, bar)
+    result = harp_result(lm, run)
+    for metric in SHARED_SCORES:  # the Importance page's cache entries: scored once for both pages
+        head_result(lm, calib, metric)
+    with progress_bar(f"Building the baselines matched on {axis} and evaluating every mask", compare_job(lm)) as bar:
+        return compare(lm, calib, windows(lm), result.layers, axis, run.grid, bar, result, disk_cache())
 
 
 def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> MaskDrift:
     """Drift of ``mask`` and, with drop-QK layers, of it at alpha = 1 (disk-cached)."""
-    with st.spinner("Measuring residual-stream drift (cached after the first time)…"):
-        return cached_mask_drift(lm, evaluation, mask, disk_cache())
+    with progress_bar("Measuring residual-stream drift", drift_job(lm, mask)) as bar:
+        return cached_mask_drift(lm, evaluation, mask, disk_cache(), bar)
+
+
+def drift_job(lm: LoadedModel, mask: Mask) -> Job:
+    """Drift runs one unpruned pass per window plus one per mask: twice the masks with drop-QK layers."""
+    return job(lm, "drift_harp" if mask.drop_qk else "drift", "windows")
 
 
 def window_drift(lm: LoadedModel, evaluation: Windows, mask: Mask, window: int) -> PositionDrift:
