@@ -18,6 +18,8 @@ from analysis.masks import MAX_MASK_BYTES, Mask, budget, decode_mask
 from ui import backend, editor, plots, session
 from ui.editor import MODES, guarded
 
+PRESETS = ("unpruned", "HARP result", "lowest heads of a metric")
+
 
 def toggle(layer: int, head: int) -> None:
     lm = backend.model()
@@ -57,6 +59,11 @@ def preset(name: str, metric: str, k: int) -> None:
         mask = mask.with_heads(backend.cheapest_heads(lm, backend.windows(lm, session.CALIB_TEXT), metric, k), False)
         name = f"the {k} lowest heads of {metric}"
     editor.change(lm, mask, f"preset: {name}")
+
+
+def preset_from_form() -> None:
+    state = st.session_state
+    preset(state.preset_name, state.preset_metric, int(state.preset_k))
 
 
 def upload(key: str) -> None:
@@ -111,7 +118,7 @@ with right:
     editor.budget_meters(budget(mask, shape, int(seq)), targets)
     undo_col, reset_col = st.columns(2)
     undo_col.button("Undo", on_click=editor.undo, args=(lm,), disabled=not st.session_state.get(session.HISTORY))
-    reset_col.button("Reset", on_click=guarded("reset", preset), args=("unpruned", "", 0), disabled=mask.is_unpruned)
+    reset_col.button("Reset", on_click=guarded("reset", preset), args=(PRESETS[0], "", 0), disabled=mask.is_unpruned)
     editor.errors_at("reset")
 
 with left:
@@ -165,10 +172,10 @@ with left:
 
 st.subheader("Presets")
 a, b_col, c, d = st.columns(4)
-name = a.selectbox("Preset", ("unpruned", "HARP result", "lowest heads of a metric"))
-metric = b_col.selectbox("Metric", list(HEAD_METRICS), index=list(HEAD_METRICS).index("magnitude"))
-k = c.number_input("k heads", 1, shape.num_layers * shape.num_heads, shape.num_heads)
-d.button("Apply preset", on_click=guarded("preset", preset), args=(name, metric, int(k)))
+a.selectbox("Preset", PRESETS, key="preset_name")
+b_col.selectbox("Metric", list(HEAD_METRICS), index=list(HEAD_METRICS).index("magnitude"), key="preset_metric")
+c.number_input("k heads", 1, shape.num_layers * shape.num_heads, shape.num_heads, key="preset_k")
+d.button("Apply preset", on_click=guarded("preset", preset_from_form))
 editor.errors_at("preset")
 st.file_uploader(
     f"…or upload a mask file (headroom.mask JSON, at most {MAX_MASK_BYTES // 2**20} MiB)",

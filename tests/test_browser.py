@@ -130,7 +130,7 @@ def test_every_page_renders_and_an_editor_click_shows_the_backend_perplexity(app
         page.screenshot(path=str(SCREENSHOTS / "Mask_editor-toggled.png"), full_page=True)
         shown = _metric(page, "Live perplexity")
         assert "pruned=29%3A4" in page.url or "pruned=29:4" in page.url  # the URL mirrors the mask
-        tokens = int(session.DEFAULTS[session.LIVE_TOKENS])
+        tokens = int(session.DEFAULTS[session.MAX_TOKENS])
         evaluation = make_windows(default_model.tokenizer, default_text("default-eval"), 256, tokens)
         mask = Mask.unpruned(shape, default_model.name).with_head(layer, head, False)
         assert shown == f"{perplexity(default_model.arch, evaluation, mask).perplexity:.3f}"

@@ -162,7 +162,7 @@ AXES = (  # label, unit, budget fields (saved, whole); parameters are a share of
         "Attention FLOPs saved",
         " FLOPs/token",
         ("attention_flops_per_token_saved", "attention_flops_per_token_unpruned"),
-    ),  # noqa: E501
+    ),
 )
 
 
