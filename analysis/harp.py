@@ -486,7 +486,7 @@ def cached_rescale(
     refresh: bool = False,
 ) -> RescaleResult:
     """:func:`rescale` through the disk cache."""
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "mask": mask.cache_key(), "search": search}
+    parts = {**lm.cache_key(), **calib.cache_key(), "mask": mask.cache_key(), "search": search}
     parts["grids"] = [list(DEFAULT_GRID), list(HEAD_GRID)]
     value = (cache or DiskCache()).json(
         "rescale", parts, lambda: rescale(lm.arch, mask, calib, search=search, progress=progress).to_json(), refresh

@@ -163,12 +163,14 @@ with left:
             alphas = ", ".join(f"{i}: {a:g}" for i, a in result.alpha.items())
             editor.change(lm, result.mask, f"rescaled ({how}: α {alphas})")
             st.session_state["rescaled"] = (
+                result.mask.to_json(),
                 f"Calibration perplexity {result.start_perplexity:.3f} as given, {result.norm_matching_perplexity:.3f} "
-                f"with closed-form alphas, {result.calib_perplexity:.3f} after rescaling ({how})."
+                f"with closed-form alphas, {result.calib_perplexity:.3f} after rescaling ({how}).",
             )
             st.rerun()
-    if "rescaled" in st.session_state:
-        st.caption(st.session_state["rescaled"])
+    rescaled_mask, outcome = st.session_state.get("rescaled", (None, ""))
+    if rescaled_mask == mask.to_json():  # only while the rescaled mask is the one shown
+        st.caption(outcome)
 
 st.subheader("Presets")
 a, b_col, c, d = st.columns(4)

@@ -1,4 +1,4 @@
-"""The mask editor through AppTest on a tiny Llama: the progressive number, the grid, the forms, budget targets, rescaling.
+"""The mask editor through AppTest on a tiny Llama: the live number, grid, forms, budget targets, rescaling.
 
 Every number the page shows is checked against the backend computing the same thing directly (a
 full perplexity pass, the live evaluator on its own, o_proj weights read from the model, the
@@ -122,7 +122,7 @@ def test_the_number_is_estimated_then_exact_with_the_unpruned_reference_on_the_s
     assert any("Seen before" in c.value for c in at.caption)  # the unpruned mask is answered from memory
 
 
-def test_the_evaluator_is_warmed_when_the_model_loads_so_the_editor_never_captures(root, lm):  # noqa: ARG001
+def test_the_evaluator_is_warmed_when_the_model_loads_so_the_editor_never_captures(root, lm):
     """Home loads the model; the capturing pass runs in the background thread, never in a page's run."""
     settings = settings_for(root, 5)  # a text no other test uses: this evaluator is new
     threads: set[str] = set()

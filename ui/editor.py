@@ -8,13 +8,13 @@ replaces it in place until the number is exact, so a number never redraws the re
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import plotly.graph_objects as go
 import streamlit as st
-from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from analysis.errors import HeadroomError
 from analysis.importance import HeadScores, ranks
@@ -28,6 +28,7 @@ KEPT_PRUNED = [[0, "#1f2d5c"], [1, "#cfe8cf"]]
 DROP_QK_COLOUR, REMOVED_COLOUR = "#e67e22", "#c0392b"
 LAST_CHANGE = "editor_last_change"  # {"what", "before", "after"}: the session's last edit of the mask
 ERRORS = "editor_errors"  # widget slot -> the error its callback raised, shown beside that widget
+LIVE_CLIENT = "editor_live_client"  # this session's name towards the shared live evaluator
 POLL_S = 0.1  # how often the live panel looks for the next answer (and lets a newer click interrupt it)
 
 
@@ -186,16 +187,16 @@ def budget_meters(b: Budget, targets: dict[str, float]) -> None:
 
 
 def _client() -> str:
-    """This browser session: a newer request of a session cancels its older one."""
-    ctx = get_script_run_ctx()
-    return ctx.session_id if ctx is not None else ""
+    """This browser session (a token of its own): a newer request of a session cancels its older one."""
+    return st.session_state.setdefault(LIVE_CLIENT, uuid.uuid4().hex)
 
 
 @st.fragment
 def live_panel(live: LivePerplexity, mask: Mask, changed: tuple[str, Mask] | None) -> None:
     """The live perplexity of ``mask``, estimate first, then exact; the unpruned model on the same tokens beside it."""
     number, reference = st.columns(2)
-    shown, unpruned, note, delta = number.empty(), reference.empty(), st.empty(), st.empty()
+    shown, unpruned = number.empty(), reference.empty()
+    note, delta, status = st.empty(), st.empty(), st.empty()
     before = live.remembered(changed[1]) if changed else None
     refinement = live.start(mask, _client())
     first: LiveEstimate | None = None
@@ -204,12 +205,13 @@ def live_panel(live: LivePerplexity, mask: Mask, changed: tuple[str, Mask] | Non
         answer = refinement.next(POLL_S)
         if answer is None:
             if not refinement.finished:  # also the point where a newer click stops this run
-                note.caption(f"Refining… {time.perf_counter() - started:.1f} s")
+                status.caption(f"Refining… {time.perf_counter() - started:.1f} s")
             continue
         first = first or answer
         _draw(answer, first, shown, unpruned, note)
         if changed is not None:
             delta.markdown(_change_line(changed[0], answer, before.perplexity if before else None))
+    status.empty()
 
 
 def _draw(answer: LiveEstimate, first: LiveEstimate, shown: Any, unpruned: Any, note: Any) -> None:
