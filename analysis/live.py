@@ -46,6 +46,7 @@ from scipy.stats import t as student_t
 
 from analysis.architecture import Architecture
 from analysis.corpus import Windows
+from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, PerplexityResult, Progress
 from analysis.masks import Mask
 
@@ -127,6 +128,12 @@ class LivePerplexity:
         The request counts from this call (not from the first ``next``), so a later call cancels it
         even before it is iterated.
         """
+        shape = self.evaluator.arch.shape
+        if (mask.num_layers, mask.num_heads) != (shape.num_layers, shape.num_heads):
+            raise HeadroomError(
+                f"the mask is {mask.num_layers} layers x {mask.num_heads} heads but the model is "
+                f"{shape.num_layers} x {shape.num_heads}; use a mask made for this model"
+            )
         request = object()
         self._latest[client] = request
         return self._refine(mask, lambda: self._latest.get(client) is not request)

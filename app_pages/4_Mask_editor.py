@@ -2,8 +2,9 @@
 
 The mask lives in this session only (``session.current_mask``, changed through ``ui.editor.change``)
 and is mirrored in the URL. The live perplexity comes from the live evaluator shared by all sessions
-(built in the background when the model loaded), on the evaluation slice Home uses; it is drawn last,
-in a fragment, so the grid and the meters show a click at once and the number settles in place.
+(built in the background when the model loaded), on the evaluation slice Home uses; its refinement
+starts first and is drawn last, in a fragment, so the grid and the meters show a click at once and
+the number settles in place.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ shape = lm.shape
 left, right = st.columns([3, 2])
 with right:
     panel = st.container()  # the live number, drawn last (see the end of the page)
+    with panel:
+        live = backend.live_evaluator(lm, evaluation)
+        editor.start_live(live, mask)  # computes while the rest of the page draws
     if mask.pruned_heads == shape.num_layers * shape.num_heads:
         st.warning(
             "Every query head is pruned: only the MLPs (and drop-QK layers' values) remain. The number is exact."
@@ -199,4 +203,4 @@ if st.button("Generate"):
         b_col.markdown(f"**Masked**\n\n{prompt} _{greedy_continuation(lm, prompt, mask, int(new_tokens))}_")
 
 with panel:
-    editor.live_panel(backend.live_evaluator(lm, evaluation), mask, editor.last_change(lm, mask))
+    editor.live_panel(live, mask, editor.last_change(lm, mask))

@@ -29,6 +29,7 @@ DROP_QK_COLOUR, REMOVED_COLOUR = "#e67e22", "#c0392b"
 LAST_CHANGE = "editor_last_change"  # {"what", "before", "after"}: the session's last edit of the mask
 ERRORS = "editor_errors"  # widget slot -> the error its callback raised, shown beside that widget
 LIVE_CLIENT = "editor_live_client"  # this session's name towards the shared live evaluator
+LIVE_REQUEST = "editor_live_request"  # (mask, Refinement) started early in this run, for the live panel
 POLL_S = 0.1  # how often the live panel looks for the next answer (and lets a newer click interrupt it)
 
 
@@ -191,14 +192,24 @@ def _client() -> str:
     return st.session_state.setdefault(LIVE_CLIENT, uuid.uuid4().hex)
 
 
+def start_live(live: LivePerplexity, mask: Mask) -> None:
+    """Start refining ``mask`` now, so the evaluator works while the page draws; :func:`live_panel` shows it."""
+    st.session_state[LIVE_REQUEST] = (mask, live.start(mask, _client()))
+
+
 @st.fragment
 def live_panel(live: LivePerplexity, mask: Mask, changed: tuple[str, Mask] | None) -> None:
-    """The live perplexity of ``mask``, estimate first, then exact; the unpruned model on the same tokens beside it."""
+    """The live perplexity of ``mask``, estimate first, then exact; the unpruned model on the same tokens beside it.
+
+    Takes over the refinement :func:`start_live` started for ``mask`` in this run, else starts one.
+    """
     number, reference = st.columns(2)
     shown, unpruned = number.empty(), reference.empty()
     note, delta, status = st.empty(), st.empty(), st.empty()
     before = live.remembered(changed[1]) if changed else None
-    refinement = live.start(mask, _client())
+    started_for, refinement = st.session_state.pop(LIVE_REQUEST, (None, None))
+    if started_for != mask or refinement is None:
+        refinement = live.start(mask, _client())
     first: LiveEstimate | None = None
     started = time.perf_counter()
     while not refinement.finished:
