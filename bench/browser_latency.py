@@ -36,6 +36,8 @@ ARGS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
@@ -79,10 +81,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve() -> Iterator[str]:
-    """``streamlit run app.py`` on a free port, stopped at the end."""
+def serve(cache: str | None = None) -> Iterator[str]:
+    """``streamlit run app.py`` on a free port and the cache ``cache`` (default ``$HEADROOM_CACHE``), then stopped."""
     port = free_port()
-    env = os.environ | {"HEADROOM_CACHE": os.environ.get("HEADROOM_CACHE", "/work/cache-shared")}
+    env = os.environ | {"HEADROOM_CACHE": cache or os.environ.get("HEADROOM_CACHE", "/work/cache-shared")}
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
     command += ["--server.port", str(port), "--browser.gatherUsageStats", "false"]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
