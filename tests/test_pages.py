@@ -50,7 +50,6 @@ def tiny(tmp_path_factory, session_cache) -> dict[str, str]:
         session.CALIB_TEXT: str(root / "calib.txt"),
         session.SEQLEN: SEQLEN,
         session.MAX_TOKENS: TOKENS,
-        session.LIVE_TOKENS: TOKENS,
     }
 
 
