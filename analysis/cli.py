@@ -27,6 +27,7 @@ from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask, mask_warnings
+from analysis.pareto import pareto
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
 
 
@@ -169,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--closed-form", action="store_true", help="only the norm-matching alphas, no search")
     rs.add_argument("--out", default=None, help="write the rescaled mask JSON here")
     rs.set_defaults(func=cmd_rescale)
+
+    pa = sub.add_parser("pareto", help="every cached mask of the model: held-out perplexity vs saving, and the front")
+    _common(pa)
+    _text_args(pa, "--eval", "default-eval", max_tokens=2048)
+    pa.add_argument("--axis", choices=AXES, default="kv", help="the saving axis (default kv)")
+    pa.add_argument("--all", action="store_true", help="list every point, not only the front")
+    pa.set_defaults(func=cmd_pareto)
     return parser
 
 
@@ -364,6 +372,21 @@ def cmd_rescale(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_pareto(args: argparse.Namespace) -> dict[str, Any]:
+    """Every cached mask's point and the front; the text output lists the front (every point with --all)."""
+    lm = _load(args)
+    evaluation = _windows(lm, args, args.eval)
+    start = time.perf_counter()
+    result = pareto(lm, evaluation, args.axis, progress=_progress("held-out evals"))
+    out = {**result.to_json(), "model": lm.card(), "seconds": round(time.perf_counter() - start, 3)}
+    if not args.json:
+        shown = range(len(result.points)) if args.all else result.front
+        rows = [{k: v for k, v in out["points"][i].items() if k != "mask"} for i in shown]
+        out["points"] = [{**row, "on_front": i in result.front} for i, row in zip(shown, rows, strict=True)]
+        del out["front"]
+    return out
+
+
 def _comparison_table(rows: list[dict[str, Any]]) -> None:
     header = ("method", "eval ppl", "params removed", "KV B/token saved", "attn FLOPs/token saved")
     print("  {:<28} {:>9} {:>16} {:>17} {:>23}".format(*header))
@@ -475,6 +498,11 @@ def _print_text(out: dict[str, Any]) -> None:
             print("scores (one row per layer):")
             for i, row in enumerate(value):
                 print(f"  {i:>3}: " + ("-" if row is None else " ".join(f"{v:9.4g}" for v in row)))
+        elif key == "points":
+            print(f"points (* on the front; saving on {out['axis']}):")
+            for p in value:
+                mark = "*" if p["on_front"] else " "
+                print(f"  {mark} {p['eval_perplexity']:9.3f} {p['saving']:>12,}  {p['method']}: {p['label']}")
         elif key == "map":
             print(f"map: {len(value['heads'])} heads, features {', '.join(value['feature_names'])}")
         elif key == "trace":
