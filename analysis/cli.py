@@ -35,6 +35,7 @@ from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask, mask_warnings
+from analysis.pareto import pareto
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
 
 Result = dict[str, Any]
@@ -586,3 +587,33 @@ def cmd_rescale(args: argparse.Namespace, lm: LoadedModel) -> Result:
         "budget": budget(result.mask, lm.shape, args.seqlen).to_json(),
         **_save_mask(result.mask, args),
     }
+
+
+def _pareto_arguments(p: argparse.ArgumentParser) -> None:
+    _text_args(p, "--eval", "default-eval", max_tokens=2048)
+    p.add_argument("--axis", choices=AXES, default="kv", help="the saving axis (default kv)")
+    p.add_argument("--all", action="store_true", help="list every point as text, not only the front (JSON: always)")
+
+
+def _pareto_lines(points: list[dict[str, Any]]) -> Iterator[str]:
+    yield "  (* on the front)  held-out ppl       saving  method: mask"
+    for p in points:
+        mark = "*" if p["on_front"] else " "
+        yield f"  {mark} {p['eval_perplexity']:12.3f} {p['saving']:>12,}  {p['method']}: {p['label']}"
+
+
+@command(
+    "pareto",
+    "every cached mask of the model: held-out perplexity vs saving on an axis, and the Pareto front",
+    _pareto_arguments,
+    text={"points": _pareto_lines},
+)
+def cmd_pareto(args: argparse.Namespace, lm: LoadedModel) -> Result:
+    result = pareto(lm, _windows(lm, args, args.eval), args.axis, progress=_progress("held-out evals"))
+    out = result.to_json()
+    if not args.json:  # as text: the front (every point with --all), without the masks
+        shown = range(len(result.points)) if args.all else result.front
+        points = [{k: v for k, v in out["points"][i].items() if k != "mask"} for i in shown]
+        out["points"] = [{**p, "on_front": i in result.front} for i, p in zip(shown, points, strict=True)]
+        del out["front"]
+    return out
