@@ -129,9 +129,9 @@ def test_passkey_counts_greedy_generations_and_skips_lengths_beyond_the_context(
             tokens = len(lm.tokenizer(item.prompt + item.target).input_ids)
             assert cell.context_tokens - 8 <= tokens <= cell.context_tokens
             needle = tasks.PASSKEY_NEEDLE.format(key=key)
-            filler = len(item.prompt) - len(tasks.PASSKEY_INTRO) - len(needle) - len(tasks.PASSKEY_QUESTION)
+            filler_chars = len(item.prompt) - len(tasks.PASSKEY_INTRO) - len(needle) - len(tasks.PASSKEY_QUESTION)
             before = item.prompt.index(needle) - len(tasks.PASSKEY_INTRO)
-            assert before / filler == pytest.approx(cell.depth, abs=0.02)
+            assert before / filler_chars == pytest.approx(cell.depth, abs=0.02)
         expected = sum(generate(lm, i.prompt, len(i.target), pruned(lm)) == i.target for i in items)
         assert cell.correct == expected and cell.accuracy == expected / 2
     assert tasks.passkey(lm, pruned(lm), lengths, depths, samples=2, seed=3) == result  # deterministic
