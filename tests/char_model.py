@@ -19,18 +19,23 @@ from analysis.masks import Mask
 from tests.conftest import TINY
 
 CHARS = string.printable  # 100 characters, digits included
+EOS = "</s>"
+VOCAB = len(CHARS) + 1
 MAX_POSITIONS = 600
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Printable ASCII only, no special tokens: other characters (rare in the corpus) are dropped."""
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
+    """Printable ASCII, one token each, and an end-of-text token (lm-evaluation-harness needs one).
+
+    Other characters (rare in the corpus) are dropped.
+    """
+    tok = Tokenizer(models.BPE(vocab={**{c: i for i, c in enumerate(CHARS)}, EOS: len(CHARS)}, merges=[]))
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
 
 
 def char_lm(seed: int = 0) -> LoadedModel:
-    config = CONFIG_MAPPING["llama"](**{**TINY, "vocab_size": len(CHARS), "max_position_embeddings": MAX_POSITIONS})
+    config = CONFIG_MAPPING["llama"](**{**TINY, "vocab_size": VOCAB, "max_position_embeddings": MAX_POSITIONS})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
     arch = Architecture(model)

@@ -21,7 +21,7 @@ from analysis.evaluation import perplexity
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import Mask
-from tests.char_model import CHARS, MAX_POSITIONS, char_lm, generate, pruned
+from tests.char_model import CHARS, MAX_POSITIONS, VOCAB, char_lm, generate, pruned
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_induction_accuracy_equals_a_hand_count_from_logits(lm):
     predicted = logits.argmax(-1)
     second = (predicted[:, 20:39] == ids[:, 21:40]).sum().item()
     first = (predicted[:, 0:19] == ids[:, 1:20]).sum().item()
-    nll = F.cross_entropy(logits[:, 20:39].reshape(-1, len(CHARS)), ids[:, 21:40].reshape(-1)).item()
+    nll = F.cross_entropy(logits[:, 20:39].reshape(-1, VOCAB), ids[:, 21:40].reshape(-1)).item()
     assert result.accuracy == second / 57 and result.first_copy_accuracy == first / 57
     assert result.second_copy_mean_nll == pytest.approx(nll, rel=1e-5)
     assert result.predicted_tokens == 57
