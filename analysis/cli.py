@@ -25,9 +25,12 @@ from analysis.export import KINDS, check_destination, export_command, export_mod
 from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_rescale, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
+from analysis.lm_eval_tasks import write_lm_eval
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
+from analysis.task_files import cached_user_task, load_task_file
+from analysis.tasks import BUILT_IN, check_task_names, run_suite
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -169,6 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--closed-form", action="store_true", help="only the norm-matching alphas, no search")
     rs.add_argument("--out", default=None, help="write the rescaled mask JSON here")
     rs.set_defaults(func=cmd_rescale)
+
+    tk = sub.add_parser(
+        "tasks", help="offline tasks under a mask: passkey, induction, last word, continuation, long ppl"
+    )
+    _common(tk)
+    tk.add_argument("--mask", default=None, help="a mask JSON file (default: unpruned)")
+    tk.add_argument(
+        "--tasks", type=_name_list, default=list(BUILT_IN), help=f"comma-separated (default {','.join(BUILT_IN)})"
+    )
+    tk.add_argument(
+        "--task-file",
+        action="append",
+        default=[],
+        help='a JSONL file of {"prompt", "target"} or {"prompt", "choices", "answer"} items; repeat for several',
+    )
+    tk.add_argument(
+        "--write-lm-eval",
+        metavar="DIR",
+        default=None,
+        help="instead of scoring, write the tasks (and task files) as lm-evaluation-harness YAMLs with data into DIR",
+    )
+    tk.add_argument("--no-cache", action="store_true", help="recompute even if the results are cached")
+    tk.set_defaults(func=cmd_tasks)
     return parser
 
 
@@ -452,6 +478,28 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return {**result.to_json(), "model": lm.card(), "seconds": round(time.perf_counter() - start, 3)}
 
 
+def cmd_tasks(args: argparse.Namespace) -> dict[str, Any]:
+    names = check_task_names(args.tasks)  # bad names and task files stop before the model loads
+    user = tuple(load_task_file(path) for path in args.task_file)
+    lm = _load(args)
+    if args.write_lm_eval:
+        return {**write_lm_eval(lm, args.write_lm_eval, user).to_json(), "model": lm.card()}
+    mask = _mask(lm, args.mask) if args.mask else None
+    start = time.perf_counter()
+    results = {**run_suite(lm, names, mask, progress=_progress("tasks"), refresh=args.no_cache)}
+    for task in user:
+        results[f"user:{task.name}"] = cached_user_task(
+            lm, task, mask, progress=_progress(task.name), refresh=args.no_cache
+        )
+    return {
+        "headline": {k: v for result in results.values() for k, v in result.headline().items()},
+        "tasks": {name: result.to_json() for name, result in results.items()},
+        "mask": mask.summary() if mask else "unpruned",
+        "model": lm.card(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 def _drift_table(report: dict[str, Any]) -> None:
     print(f"  KL(unpruned || masked) of the next-token distribution: {report['kl_nats_per_token']:.4f} nats/token")
     print("  layer  |h| unpruned (q10 q50 q90)     |h| masked (q10 q50 q90)      cos")
@@ -477,6 +525,8 @@ def _print_text(out: dict[str, Any]) -> None:
                 print(f"  {i:>3}: " + ("-" if row is None else " ".join(f"{v:9.4g}" for v in row)))
         elif key == "map":
             print(f"map: {len(value['heads'])} heads, features {', '.join(value['feature_names'])}")
+        elif key == "tasks":
+            print(f"tasks: {', '.join(value)} (every number with --json)")
         elif key == "trace":
             print("trace: " + ", ".join(f"L{s['layer']} a={s['alpha']}: {s['perplexity']:.3f}" for s in value))
         elif isinstance(value, dict):

@@ -64,6 +64,9 @@ class UserTaskResult(JsonResult):
     item_correct: tuple[bool, ...]
     mask: Any
 
+    def headline(self) -> dict[str, float]:
+        return {f"{self.name} accuracy": self.accuracy}
+
 
 def _item(obj: Any) -> tuple[str | None, Any, str | None]:
     """(kind, item, problem) of one parsed line."""

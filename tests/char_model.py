@@ -7,6 +7,7 @@ tokenizer and lengths in characters are lengths in tokens.
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models
@@ -55,3 +56,10 @@ def generate(lm: LoadedModel, prompt: str, new_tokens: int, mask: Mask | None = 
             ids, max_new_tokens=new_tokens, do_sample=False, use_cache=False, pad_token_id=0, eos_token_id=None
         )
     return lm.tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def save_char_model(directory: Path, seed: int = 0) -> None:
+    """:func:`char_lm` as a Hugging Face folder that ``load_model`` opens."""
+    lm = char_lm(seed)
+    lm.model.save_pretrained(directory)
+    lm.tokenizer.save_pretrained(directory)
