@@ -22,7 +22,6 @@ is in :mod:`analysis.task_scoring`.
 from __future__ import annotations
 
 import inspect
-import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -217,6 +216,11 @@ def passkey(
 ) -> PasskeyResult:
     limit = lm.max_positions
     fit = [n for n in lengths if limit is None or n <= limit]
+    if not fit:
+        raise HeadroomError(
+            f"every passkey length ({', '.join(map(str, lengths))} tokens) exceeds the model's context of "
+            f"{limit} positions; leave passkey out or give shorter lengths"
+        )
     filler = filler_tokens(lm)
     step = progress_steps(progress, len(fit) * len(depths) * samples)
     cells = []
@@ -228,9 +232,8 @@ def passkey(
                     correct += exact_match(lm, item.prompt, item.target)
                     step()
                 cells.append(PasskeyCell(length, depth, samples, correct, correct / samples))
-    total = sum(c.samples for c in cells)
     return PasskeyResult(
-        accuracy=sum(c.correct for c in cells) / total if total else math.nan,
+        accuracy=sum(c.correct for c in cells) / sum(c.samples for c in cells),
         cells=tuple(cells),
         skipped_lengths=tuple(n for n in lengths if n not in fit),
         max_positions=limit,

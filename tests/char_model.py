@@ -35,8 +35,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
 
 
-def char_lm(seed: int = 0) -> LoadedModel:
-    config = CONFIG_MAPPING["llama"](**{**TINY, "vocab_size": VOCAB, "max_position_embeddings": MAX_POSITIONS})
+def char_lm(seed: int = 0, max_positions: int = MAX_POSITIONS) -> LoadedModel:
+    config = CONFIG_MAPPING["llama"](**{**TINY, "vocab_size": VOCAB, "max_position_embeddings": max_positions})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
     arch = Architecture(model)
@@ -58,8 +58,8 @@ def generate(lm: LoadedModel, prompt: str, new_tokens: int, mask: Mask | None = 
     return lm.tokenizer.decode(out[0, ids.shape[1] :])
 
 
-def save_char_model(directory: Path, seed: int = 0) -> None:
+def save_char_model(directory: Path, seed: int = 0, max_positions: int = MAX_POSITIONS) -> None:
     """:func:`char_lm` as a Hugging Face folder that ``load_model`` opens."""
-    lm = char_lm(seed)
+    lm = char_lm(seed, max_positions)
     lm.model.save_pretrained(directory)
     lm.tokenizer.save_pretrained(directory)

@@ -191,3 +191,8 @@ def test_suite_progress_reaches_the_total(lm, tmp_path):
     seen = []
     tasks.run_suite(lm, ["induction"], None, DiskCache(tmp_path), lambda d, t: seen.append((d, t)))
     assert seen[-1] == (1000, 1000) and all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))
+
+
+def test_passkey_refuses_a_model_shorter_than_every_length(lm):
+    with pytest.raises(HeadroomError, match="exceeds the model's context of 600 positions; leave passkey out"):
+        tasks.passkey(lm, None, lengths=(1024, 2048))
