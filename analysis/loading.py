@@ -210,10 +210,15 @@ def resolve(spec: str, cache_root: Path | None = None) -> tuple[Path, dict[str, 
         gguf = default_gguf() if spec == DEFAULT_MODEL else path
         if not gguf.is_file():
             raise HeadroomError(f"GGUF file {spec} does not exist; check the path")
-        sha = memoized_digest("gguf-sha256", [gguf], lambda: _sha256_file(gguf), cache_root)
+
+        def converted(sha: str) -> str:
+            if not (models / f"gguf-{sha[:16]}" / _INFO).is_file():
+                _convert_gguf(gguf, models / f"gguf-{sha[:16]}")
+            return sha
+
+        # Hashed and converted before the hash is remembered: a file that cannot be converted leaves nothing behind.
+        sha = converted(memoized_digest("gguf-sha256", [gguf], lambda: converted(_sha256_file(gguf)), cache_root))
         target = models / f"gguf-{sha[:16]}"
-        if not (target / _INFO).is_file():
-            _convert_gguf(gguf, target)
         return target, json.loads((target / _INFO).read_text(encoding="utf-8"))
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -213,9 +213,19 @@ def test_matched_baselines_save_at_least_the_reference_and_leave_the_model_uncha
     before = {k: v.clone() for k, v in tiny_arch.model.state_dict().items()}
     stats = o_proj_input_stats(tiny_arch, calib) if axis == "kv" else None  # also the path that reuses stats
     found = matched_baselines(tiny_arch, "tiny", calib, reference, axis, SEQ, stats=stats)
-    assert list(found) == [*MATCHED, "drop_qk-alpha1", "drop_qk-alpha0"]
     target = saved(budget(reference, shape, SEQ), axis)
-    for name in MATCHED:
+    # Uniform allocation prunes at most 5 of 6 heads per layer (any 5 empty one KV group of 3). Where that saves
+    # less than the reference (OLMo2 on params: its q/k norms span every head, so a pruned head keeps its q rows)
+    # the uniform baselines must be left out rather than under-matched.
+    most_uniform = Mask.unpruned(shape, "tiny")
+    for layer in range(shape.num_layers):
+        for head in range(1, shape.num_heads):
+            most_uniform = most_uniform.with_head(layer, head, False)
+    reachable = [
+        n for n in MATCHED if not n.endswith("-uniform") or saved(budget(most_uniform, shape, SEQ), axis) >= target
+    ]
+    assert list(found) == [*reachable, "drop_qk-alpha1", "drop_qk-alpha0"]
+    for name in reachable:
         assert saved(budget(found[name], shape, SEQ), axis) >= target, name
         assert f"matched on {axis}" in found[name].note
     for alpha in (1, 0):

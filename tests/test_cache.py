@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import shutil
 import stat
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -353,7 +355,11 @@ def _hammer(root: str, start, rounds: int) -> None:
         cache.put_tensors(KIND, PARTS, tensors(), meta=META)
 
 
-def test_two_processes_writing_one_entry_leave_a_valid_entry(tmp_path, caplog):
+def test_two_processes_writing_one_entry_leave_a_valid_entry(tmp_path, caplog, monkeypatch):
+    # A spawned child first re-runs this process's ``__main__`` from its file. After an AppTest in the same pytest
+    # process that is app.py (Streamlit's script runner installs the page as ``__main__`` and leaves it), which
+    # cannot run outside Streamlit; the writers need nothing from ``__main__``, so they get an empty one.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(3)  # both writers, once imported, and this reader
     procs = [ctx.Process(target=_hammer, args=(str(tmp_path), start, ROUNDS)) for _ in range(2)]

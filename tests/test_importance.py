@@ -175,14 +175,18 @@ def test_attention_block_influence_matches_a_hand_loop(tiny_arch):
     """Checked against the residual right after attention, read where the MLP half of the block starts.
 
     That point (the input of the pre-MLP norm: ``pre_feedforward_layernorm`` in Gemma,
-    ``post_attention_layernorm`` elsewhere) is found without the adapter's ``branch_output``.
+    ``post_attention_layernorm`` in pre-norm blocks; the MLP itself in OLMo2, whose blocks have no
+    pre-sublayer norms, ``input_layernorm`` included) is found without the adapter's ``branch_output``.
     """
     windows = random_windows(n=3, length=10)
     bi = attention_block_influence(tiny_arch, windows)
     assert bi.dtype == torch.float64 and bi.shape == (4,)
     assert ((bi >= 0) & (bi <= 2)).all()
     blocks = list(tiny_arch.layers)
-    mids = [getattr(b, "pre_feedforward_layernorm", None) or b.post_attention_layernorm for b in blocks]
+    mids = [
+        getattr(b, "pre_feedforward_layernorm", None) or (b.post_attention_layernorm if hasattr(b, "input_layernorm") else b.mlp)
+        for b in blocks
+    ]
     seen = run_with_pre_hooks(tiny_arch, windows.input_ids, blocks + mids)
     for layer in range(4):
         h = torch.cat(seen[layer]).flatten(0, 1)

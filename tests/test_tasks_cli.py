@@ -51,7 +51,7 @@ def test_tasks_json_equals_the_tasks_run_directly(capsys, tmp_path, model_dir):
 
     code, text, _ = run(capsys, *args)
     assert code == 0 and f"induction accuracy: {induction.accuracy}" in text
-    assert "tasks: induction, last_word (every number with --json)" in text
+    assert "tasks:\n  induction, last_word (every number with --json)" in text
 
 
 def test_write_lm_eval_writes_the_files_and_the_command(capsys, tmp_path, model_dir):
