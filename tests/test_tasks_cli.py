@@ -33,25 +33,22 @@ def test_tasks_json_equals_the_tasks_run_directly(capsys, tmp_path, model_dir):
     mask.save(tmp_path / "mask.json")
     items = tmp_path / "copy.jsonl"
     items.write_text('{"prompt": "Hello", "target": " world"}\n{"prompt": "The pass key is", "target": " 1"}\n')
-    args = ("--model", str(model_dir), "--mask", str(tmp_path / "mask.json"), "--tasks", "induction,last_word")
+    args = ("--model", str(model_dir), "--mask", str(tmp_path / "mask.json"), "--tasks", "induction")
     code, out, err = run(capsys, *args, "--task-file", str(items), "--json")
     assert code == 0, err
     induction = tasks.induction(lm, mask)
-    last_word = tasks.last_word(lm, mask)
     user = score_user_task(lm, load_task_file(items), mask)
     assert out["tasks"]["induction"] == json.loads(json.dumps(induction.to_json()))
-    assert out["tasks"]["last_word"]["correct"] == last_word.correct
     assert out["tasks"]["user:copy"]["item_correct"] == list(user.item_correct)
     assert out["headline"] == {
         "induction accuracy": induction.accuracy,
-        "last-word accuracy": last_word.accuracy,
         "copy accuracy": user.accuracy,
     }
     assert out["mask"] == mask.summary() and "tasks" in err  # the progress bar
 
     code, text, _ = run(capsys, *args)
     assert code == 0 and f"induction accuracy: {induction.accuracy}" in text
-    assert "tasks:\n  induction, last_word (every number with --json)" in text
+    assert "tasks:\n  induction (every number with --json)" in text
 
 
 def test_write_lm_eval_writes_the_files_and_the_command(capsys, tmp_path, model_dir):
