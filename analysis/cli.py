@@ -33,10 +33,13 @@ from analysis.export import KINDS, check_destination, export_command, export_mod
 from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_rescale, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
+from analysis.lm_eval_tasks import write_lm_eval
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.pareto import pareto
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
+from analysis.task_files import cached_user_task, load_task_file
+from analysis.tasks import BUILT_IN, check_task_names, run_suite
 
 Result = dict[str, Any]
 Work = Callable[[argparse.Namespace, LoadedModel], Result]
@@ -617,3 +620,55 @@ def cmd_pareto(args: argparse.Namespace, lm: LoadedModel) -> Result:
         out["points"] = [{**p, "on_front": i in result.front} for i, p in zip(shown, points, strict=True)]
         del out["front"]
     return out
+
+
+def _tasks_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask", default=None, help="a mask JSON file (default: unpruned)")
+    p.add_argument(
+        "--tasks", type=_name_list, default=list(BUILT_IN), help=f"comma-separated (default {','.join(BUILT_IN)})"
+    )
+    p.add_argument(
+        "--task-file",
+        action="append",
+        default=[],
+        help='a JSONL file of {"prompt", "target"} or {"prompt", "choices", "answer"} items; repeat for several',
+    )
+    p.add_argument(
+        "--write-lm-eval",
+        metavar="DIR",
+        default=None,
+        help="instead of scoring, write the tasks (and task files) as lm-evaluation-harness YAMLs with data into DIR",
+    )
+    p.add_argument("--no-cache", action="store_true", help="recompute even if the results are cached")
+
+
+def _check_tasks(args: argparse.Namespace) -> None:
+    """Bad task names and task files stop before the model loads; the parsed files ride on ``args``."""
+    args.tasks = check_task_names(args.tasks)
+    args.user_tasks = tuple(load_task_file(path) for path in args.task_file)
+
+
+def _task_names(tasks: Result) -> Iterator[str]:
+    yield f"  {', '.join(tasks)} (every number with --json)"
+
+
+@command(
+    "tasks",
+    "offline tasks under a mask: passkey, induction, last word, continuation, long-context perplexity",
+    _tasks_arguments,
+    text={"tasks": _task_names},
+    before_load=_check_tasks,
+)
+def cmd_tasks(args: argparse.Namespace, lm: LoadedModel) -> Result:
+    if args.write_lm_eval:
+        return write_lm_eval(lm, args.write_lm_eval, args.user_tasks).to_json()
+    mask = _mask(lm, args.mask) if args.mask else None
+    results = {**run_suite(lm, args.tasks, mask, progress=_progress("tasks"), refresh=args.no_cache)}
+    for task in args.user_tasks:
+        bar = _progress(task.name)
+        results[f"user:{task.name}"] = cached_user_task(lm, task, mask, progress=bar, refresh=args.no_cache)
+    return {
+        "headline": {k: v for result in results.values() for k, v in result.headline().items()},
+        "tasks": {name: result.to_json() for name, result in results.items()},
+        "mask": mask.summary() if mask else "unpruned",
+    }

@@ -31,6 +31,7 @@ from analysis.importance import HeadScores, attention_block_influence, block_inf
 from analysis.live import LivePerplexity
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
+from analysis.tasks import TaskResult, run_suite, stored_task
 from ui.progress import Job, progress_bar
 from ui.session import CALIB_TEXT, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
 
@@ -282,3 +283,14 @@ def _window_drift(
     fingerprint: str, key: str, window: int, *, _lm: LoadedModel, _windows: Windows, _mask: Mask
 ) -> PositionDrift:
     return position_drift(_lm.arch, _windows, _mask, window)
+
+
+def stored_tasks(lm: LoadedModel, names: Sequence[str], mask: Mask | None) -> dict[str, TaskResult | None]:
+    """The tasks ``names`` under ``mask`` that the disk cache holds (None for the others); nothing runs."""
+    return {name: stored_task(lm, name, mask, disk_cache()) for name in names}
+
+
+def task_suite(lm: LoadedModel, names: Sequence[str], mask: Mask | None, label: str) -> dict[str, TaskResult]:
+    """The tasks ``names`` under ``mask`` (``label`` names it on the bar), computed with progress where not cached."""
+    with progress_bar(f"Tasks for {label} (steps are thousandths of a task)") as bar:
+        return run_suite(lm, names, mask, disk_cache(), bar)
