@@ -28,7 +28,7 @@ from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import HeadScores, attention_block_influence, block_influence, cached_head_result
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
-from analysis.tasks import TaskResult, run_suite, stored_task
+from analysis.task_suite import TaskResult, run_suite, stored_task
 from ui.progress import Job, progress_bar
 from ui.session import CALIB_TEXT, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
 
