@@ -236,7 +236,7 @@ def run_load(
         lm.tokenizer,
         load_text(str(settings.get(session.EVAL_TEXT, session.DEFAULTS[session.EVAL_TEXT]))),
         int(settings.get(session.SEQLEN, session.DEFAULTS[session.SEQLEN])),
-        int(settings.get(session.LIVE_TOKENS, session.DEFAULTS[session.LIVE_TOKENS])),
+        int(settings.get(session.MAX_TOKENS, session.DEFAULTS[session.MAX_TOKENS])),
         lm.max_positions,
     )
     base = Mask.unpruned(lm.shape, lm.name)
@@ -308,14 +308,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seqlen", type=int, default=session.DEFAULTS[session.SEQLEN])
-    parser.add_argument("--live-tokens", type=int, default=session.DEFAULTS[session.LIVE_TOKENS])
+    parser.add_argument("--tokens", type=int, default=session.DEFAULTS[session.MAX_TOKENS], help="evaluation tokens")
     parser.add_argument("--rss-bound-gib", type=float, default=3.0)
     args = parser.parse_args()
     settings = {
         session.MODEL: args.model,
         session.EVAL_TEXT: args.text,
         session.SEQLEN: args.seqlen,
-        session.LIVE_TOKENS: args.live_tokens,
+        session.MAX_TOKENS: args.tokens,
     }
     bound = int(args.rss_bound_gib * GIB)
     report = run_load(settings, args.sessions, args.seconds, bound, log=print)
