@@ -39,7 +39,7 @@ from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.pareto import pareto
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
 from analysis.task_files import cached_user_task, load_task_file
-from analysis.tasks import BUILT_IN, check_task_names, run_suite
+from analysis.task_suite import BUILT_IN, check_task_names, run_suite
 
 Result = dict[str, Any]
 Work = Callable[[argparse.Namespace, LoadedModel], Result]

@@ -27,7 +27,7 @@ from analysis.files import atomic_write_text
 from analysis.loading import LoadedModel
 from analysis.task_files import CHOICE, EXACT, UserTask
 from analysis.task_scoring import TASK_VERSION
-from analysis.tasks import PASSKEY_DEPTHS, PASSKEY_LENGTHS, last_word_items, passkey_items
+from analysis.tasks import PASSKEY_DEPTHS, PASSKEY_LENGTHS, filler_tokens, last_word_items, passkey_items
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,9 @@ def write_lm_eval(
     out.mkdir(exist_ok=True)
     names = []
     fit = [n for n in PASSKEY_LENGTHS if lm.max_positions is None or n <= lm.max_positions]
+    filler = filler_tokens(lm)
     for length in fit:
-        items = [i for depth in PASSKEY_DEPTHS for i in passkey_items(lm, length, depth, samples, seed)]
+        items = [i for depth in PASSKEY_DEPTHS for i in passkey_items(lm, length, depth, samples, seed, filler)]
         rows = [{"prompt": i.prompt, "target": i.target} for i in items]
         names.append(_write_task(out, passkey_task_name(length), rows))
     last = [{"prompt": i.prompt, "target": i.target} for i in last_word_items(lm)]

@@ -1,9 +1,9 @@
 """An offline task suite: what a mask keeps beyond short-context perplexity.
 
 Every task is deterministic under its seed, downloads nothing (filler and prompts come from the
-default corpus, :mod:`analysis.corpus`), runs under any mask through ``apply_mask``, reports
-``(done, total)`` progress and is cached on disk under the model fingerprint, its parameters and the
-mask's cache key. Each returns a small frozen dataclass whose ``to_json`` is what the CLI prints.
+default corpus, :mod:`analysis.corpus`), runs under any mask through ``apply_mask`` and reports
+``(done, total)`` progress. Each returns a small frozen dataclass whose ``to_json`` is what the CLI
+prints and the cache stores.
 
 * ``passkey``: a five-digit number hidden at several depths of filler text, asked for at the end;
   greedy exact match at context lengths up to the model's context (longer ones are listed as skipped).
@@ -15,32 +15,30 @@ mask's cache key. Each returns a small frozen dataclass whose ``to_json`` is wha
 * ``long_ppl``: protocol perplexity at long window lengths and the mean loss by token position
   (:mod:`analysis.long_context`).
 
+:mod:`analysis.task_suite` names them, caches them and runs several at once.
+
 How targets are scored (greedy exact match by teacher forcing, as lm-evaluation-harness's ``acc``)
 is in :mod:`analysis.task_scoring`.
 """
 
 from __future__ import annotations
 
-import inspect
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from analysis.cache import DiskCache
 from analysis.corpus import EVALUATION_ARTICLES, adds_bos, default_text, lee_articles
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
-from analysis.long_context import LongContextResult, long_ppl
 from analysis.masks import Mask
 from analysis.task_scoring import (
-    TASK_VERSION,
     Item,
     JsonResult,
     device_of,
@@ -49,7 +47,6 @@ from analysis.task_scoring import (
     progress_steps,
 )
 
-BUILT_IN = ("passkey", "induction", "last_word", "continuation", "long_ppl")
 PASSKEY_LENGTHS = (512, 1024, 2048, 4096, 8192)
 PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 CONTINUATION = {"prompts": 8, "prompt_tokens": 64, "new_tokens": 32}  # defaults of the continuation task
@@ -363,7 +360,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, list
     """Token match rate and, per row, the number of tokens before the first difference."""
     same = reference == other
     first = [int(row.logical_not().nonzero()[0]) if not row.all() else row.numel() for row in same]
-    return float(same.float().mean()), first
+    return float(same.double().mean()), first
 
 
 def continuation(
@@ -397,92 +394,3 @@ def continuation(
         text_sha256=text.sha256,
         mask=mask_summary(mask),
     )
-
-
-# --- the suite, cached ------------------------------------------------------------------------------
-
-TaskResult = PasskeyResult | InductionResult | LastWordResult | ContinuationResult | LongContextResult
-_TASKS: dict[str, tuple[Callable[..., TaskResult], type]] = {
-    "passkey": (passkey, PasskeyResult),
-    "induction": (induction, InductionResult),
-    "last_word": (last_word, LastWordResult),
-    "continuation": (continuation, ContinuationResult),
-    "long_ppl": (long_ppl, LongContextResult),
-}
-
-
-def check_task_names(names: Sequence[str]) -> list[str]:
-    unknown = [n for n in names if n not in _TASKS]
-    if unknown or not names:
-        raise HeadroomError(f"unknown task {', '.join(unknown) or '(none given)'}; choose among {', '.join(BUILT_IN)}")
-    return list(dict.fromkeys(names))
-
-
-def _key(lm: LoadedModel, name: str, mask: Mask | None, params: dict[str, Any]) -> dict[str, Any]:
-    """Cache key parts of task ``name`` with ``params`` given (defaults filled in, so omitting one changes nothing)."""
-    defaults = {
-        p.name: p.default
-        for p in inspect.signature(_TASKS[name][0]).parameters.values()
-        if p.default is not inspect.Parameter.empty and p.name not in ("mask", "progress", "reference")
-    }
-    full = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **params}.items()}
-    mask = mask or Mask.unpruned(lm.shape, "")
-    return {**lm.cache_key(), "task": name, "version": TASK_VERSION, "params": full, "mask": mask.cache_key()}
-
-
-def cached_task(
-    lm: LoadedModel,
-    name: str,
-    mask: Mask | None = None,
-    cache: DiskCache | None = None,
-    progress: Progress | None = None,
-    refresh: bool = False,
-    **params: Any,
-) -> TaskResult:
-    """Task ``name`` under ``mask`` with ``params`` (the task function's keywords), from the disk cache when seen."""
-    run, cls = _TASKS[check_task_names([name])[0]]
-    cache = cache or DiskCache()
-    if name == "continuation":  # the unpruned continuations are shared by every mask
-        ref_params = {k: params.get(k, v) for k, v in CONTINUATION.items()}
-        reference = cache.json(
-            "task_reference",
-            _key(lm, name, None, ref_params),
-            lambda: greedy_continuations(lm, None, **ref_params).tolist(),
-            refresh,
-        )
-        run_params = {**params, "reference": torch.tensor(reference)}
-    else:
-        run_params = params
-    value = cache.json(
-        "task", _key(lm, name, mask, params), lambda: run(lm, mask, progress=progress, **run_params).to_json(), refresh
-    )
-    return cls.from_json(value)
-
-
-def stored_task(
-    lm: LoadedModel, name: str, mask: Mask | None = None, cache: DiskCache | None = None
-) -> TaskResult | None:
-    """Task ``name`` with its default parameters under ``mask`` if the disk cache has it, else None (nothing runs)."""
-    value = (cache or DiskCache()).get_json("task", _key(lm, check_task_names([name])[0], mask, {}))
-    return None if value is None else _TASKS[name][1].from_json(value)
-
-
-def run_suite(
-    lm: LoadedModel,
-    names: Sequence[str] = BUILT_IN,
-    mask: Mask | None = None,
-    cache: DiskCache | None = None,
-    progress: Progress | None = None,
-    refresh: bool = False,
-) -> dict[str, TaskResult]:
-    """Every task of ``names`` with its default parameters.
-
-    Progress is in thousandths of a task: task ``i`` half done reports ``(1000 * i + 500, 1000 * len(names))``.
-    """
-    names = check_task_names(names)
-    total = 1000 * len(names)
-
-    def within(i: int) -> Progress | None:
-        return (lambda done, of: progress(1000 * i + 1000 * done // of, total)) if progress else None
-
-    return {name: cached_task(lm, name, mask, cache, within(i), refresh) for i, name in enumerate(names)}

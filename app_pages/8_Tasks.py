@@ -12,7 +12,7 @@ import streamlit as st
 
 from analysis.lm_eval_tasks import length_label
 from analysis.masks import MAX_MASK_BYTES, Mask, decode_mask
-from analysis.tasks import BUILT_IN, TaskResult
+from analysis.task_suite import BUILT_IN, TaskResult
 from ui import backend, plots, session
 
 

@@ -19,7 +19,7 @@ import torch
 
 from analysis.cache import DiskCache
 from analysis.loading import load_model
-from analysis.tasks import BUILT_IN, cached_task, check_task_names, run_suite
+from analysis.task_suite import BUILT_IN, cached_task, check_task_names, run_suite
 from bench.common import HARP_ALPHAS, file_mask, harp_mask, load_average
 
 

@@ -20,7 +20,7 @@ from analysis.comparison import compare
 from analysis.corpus import load_text, make_windows
 from analysis.harp import top_layers
 from analysis.loading import load_model
-from analysis.tasks import BUILT_IN, run_suite
+from analysis.task_suite import BUILT_IN, run_suite
 from bench.common import load_average
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis import long_context, task_scoring, tasks
+from analysis import long_context, task_scoring, task_suite, tasks
 from analysis.cache import DiskCache
 from analysis.corpus import default_text, make_windows
 from analysis.errors import HeadroomError
@@ -163,33 +163,33 @@ def test_long_context_perplexity_is_the_protocol_perplexity(lm, monkeypatch):
 def test_cached_task_is_keyed_by_mask_and_parameters(lm, tmp_path):
     cache = DiskCache(tmp_path)
     params = {"sequences": 2, "length": 12}
-    first = tasks.cached_task(lm, "induction", None, cache, **params)
-    assert tasks.cached_task(lm, "induction", Mask.unpruned(lm.shape, "other"), cache, **params) == first
+    first = task_suite.cached_task(lm, "induction", None, cache, **params)
+    assert task_suite.cached_task(lm, "induction", Mask.unpruned(lm.shape, "other"), cache, **params) == first
     entries = lambda: sorted(p.name for p in (tmp_path / "results" / "task").iterdir())  # noqa: E731
     assert len(entries()) == 1
-    masked = tasks.cached_task(lm, "induction", pruned(lm), cache, **params)
+    masked = task_suite.cached_task(lm, "induction", pruned(lm), cache, **params)
     assert masked == tasks.induction(lm, pruned(lm), **params) and len(entries()) == 2
-    tasks.cached_task(lm, "induction", None, cache, sequences=3, length=12)
+    task_suite.cached_task(lm, "induction", None, cache, sequences=3, length=12)
     assert len(entries()) == 3
 
 
 def test_continuation_reference_is_cached_once_for_every_mask(lm, tmp_path):
     cache = DiskCache(tmp_path)
     params = {"prompts": 2, "prompt_tokens": 16, "new_tokens": 4}
-    a = tasks.cached_task(lm, "continuation", pruned(lm), cache, **params)
-    tasks.cached_task(lm, "continuation", None, cache, **params)
+    a = task_suite.cached_task(lm, "continuation", pruned(lm), cache, **params)
+    task_suite.cached_task(lm, "continuation", None, cache, **params)
     assert a == tasks.continuation(lm, pruned(lm), **params)
     assert len(list((tmp_path / "results" / "task_reference").iterdir())) == 1
 
 
 def test_unknown_task_names_are_refused(lm):
     with pytest.raises(HeadroomError, match="unknown task passkee; choose among passkey"):
-        tasks.check_task_names(["passkee"])
+        task_suite.check_task_names(["passkee"])
 
 
 def test_suite_progress_reaches_the_total(lm, tmp_path):
     seen = []
-    tasks.run_suite(lm, ["induction"], None, DiskCache(tmp_path), lambda d, t: seen.append((d, t)))
+    task_suite.run_suite(lm, ["induction"], None, DiskCache(tmp_path), lambda d, t: seen.append((d, t)))
     assert seen[-1] == (1000, 1000) and all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))
 
 

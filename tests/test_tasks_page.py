@@ -8,7 +8,7 @@ import pytest
 
 from analysis.cache import DiskCache
 from analysis.loading import load_model
-from analysis.tasks import run_suite
+from analysis.task_suite import run_suite
 from tests.char_model import pruned, save_char_model
 from tests.helpers import open_page
 from ui import session

@@ -31,7 +31,7 @@ from analysis.importance import HeadScores, attention_block_influence, block_inf
 from analysis.live import LivePerplexity
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
-from analysis.tasks import TaskResult, run_suite, stored_task
+from analysis.task_suite import TaskResult, run_suite, stored_task
 from ui.progress import Job, progress_bar
 from ui.session import CALIB_TEXT, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
 
