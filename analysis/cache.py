@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +82,50 @@ class DiskCache:
         path = self._path(kind, parts, ".json")
         if not path.exists():
             return None
+        entry = self._read_entry(path)
+        if entry is None:
+            return None
+        if entry["parts"] != json.loads(_canonical(parts)):
+            self._discard(path, "key mismatch")
+            return None
+        return entry["value"]
+
+    def _read_entry(self, path: Path) -> dict[str, Any] | None:
+        """The checked ``{"parts", "value"}`` of a JSON entry; None (and the file removed) when invalid."""
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
             ok = (
                 isinstance(entry, dict)
-                and entry.get("parts") == json.loads(_canonical(parts))
+                and isinstance(entry.get("parts"), dict)
                 and entry.get("sha256") == hashlib.sha256(_canonical(entry.get("value")).encode()).hexdigest()
             )
         except (OSError, ValueError, UnicodeDecodeError) as e:
             self._discard(path, str(e))
             return None
         if not ok:
-            self._discard(path, "checksum or key mismatch")
+            self._discard(path, "checksum mismatch")
             return None
-        return entry["value"]
+        return entry
+
+    def entries(self, kind: str, where: dict[str, Any]) -> Iterator[tuple[dict[str, Any], Any]]:
+        """``(parts, value)`` of every valid JSON entry of ``kind`` whose key parts include ``where``.
+
+        The folder of a kind is the index: each entry carries its own key parts, so results can be
+        enumerated (the Pareto view collects every mask a model has) without a separate index to keep
+        in step. An entry whose own path does not match its parts (a foreign file) is skipped.
+        """
+        folder = self.root / "results" / kind
+        wanted = json.loads(_canonical(where))
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            entry = self._read_entry(path)
+            if entry is None or any(entry["parts"].get(k) != v for k, v in wanted.items()):
+                continue
+            try:
+                own = self._path(kind, entry["parts"], ".json")
+            except ValueError:  # parts no key could have been written with
+                continue
+            if own == path:
+                yield entry["parts"], entry["value"]
 
     def put_json(self, kind: str, parts: dict[str, Any], value: Any) -> None:
         body = _canonical(value)

@@ -520,7 +520,7 @@ def cached_head_result(
         raise HeadroomError(f"unknown metric '{metric}'; choose one of {', '.join(HEAD_METRICS)}")
     num_layers = lm.shape.num_layers
     if layers is not None and (not layers or any(not 0 <= i < num_layers for i in layers)):
-        raise HeadroomError(f"--layers {list(layers)} must name layers in 0..{num_layers - 1}")
+        raise HeadroomError(f"layers {list(layers)} must name layers in 0..{num_layers - 1}", settings=("layers",))
     chosen = sorted(set(layers)) if layers is not None else None
     parts = _head_result_key(lm, windows, metric, chosen)
 

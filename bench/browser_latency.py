@@ -1,7 +1,7 @@
 """Click to number in a real browser: the mask editor of ``streamlit run app.py`` driven by headless chromium.
 
-Starts the app on a free port (``HEADROOM_CACHE`` defaults to ``/work/cache-shared``, so the
-converted model is shared), opens the editor in Debian's chromium through Playwright, waits for the
+Starts the app on a free port (with the caller's ``HEADROOM_CACHE``, so the converted model and the
+disk cache are shared), opens the editor in Debian's chromium through Playwright, waits for the
 page to settle, then clicks grid cells of a bottom, a middle and a top layer (a different head each
 time, so every mask is new) and measures in the browser, from the mouse-down:
 
@@ -13,7 +13,7 @@ time, so every mask is new) and measures in the browser, from the mouse-down:
 Prints the median of each per layer, the first click of the session on its own, and the load
 average beside every figure.
 
-    HEADROOM_CACHE=/work/cache-shared .venv/bin/python -m bench.browser_latency [--repeats 5] [--layers 2,15,29]
+    .venv/bin/python -m bench.browser_latency [--repeats 5] [--layers 2,15,29]
 """
 
 from __future__ import annotations
@@ -84,9 +84,10 @@ def free_port() -> int:
 def serve(cache: str | None = None) -> Iterator[str]:
     """``streamlit run app.py`` on a free port and the cache ``cache`` (default ``$HEADROOM_CACHE``), then stopped."""
     port = free_port()
-    env = os.environ | {"HEADROOM_CACHE": cache or os.environ.get("HEADROOM_CACHE", "/work/cache-shared")}
+    env = os.environ | ({"HEADROOM_CACHE": cache} if cache else {})
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
     command += ["--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    command += ["--server.fileWatcherType", "none"]  # an edit during a run must not show "source changed" prompts
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

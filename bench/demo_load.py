@@ -280,14 +280,22 @@ def run_load(
 
 def print_report(report: LoadReport, rss_bound_bytes: int) -> None:
     print(f"{report.sessions} sessions for {report.seconds:g} s; load average {os.getloadavg()}")
-    print(f"clicks per session: {report.clicks_per_session} (min {min(report.clicks_per_session)}, "
-          f"max {max(report.clicks_per_session)})")
-    print(f"click-to-number latency: p50 {report.latency_p50_s:.3f} s, p95 {report.latency_p95_s:.3f} s, "
-          f"max {report.latency_max_s:.3f} s over {report.numbers_checked} clicks, every number checked")
-    print(f"closed mid-computation: {report.closed_sessions} sessions; their scripts ran at most "
-          f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}")
-    print(f"RSS: {report.rss_before_bytes / GIB:.2f} GiB before, peak {report.rss_peak_bytes / GIB:.2f} GiB "
-          f"(bound {rss_bound_bytes / GIB:.2f} GiB); weights bit-identical: {report.weights_bit_identical}")
+    print(
+        f"clicks per session: {report.clicks_per_session} (min {min(report.clicks_per_session)}, "
+        f"max {max(report.clicks_per_session)})"
+    )
+    print(
+        f"click-to-number latency: p50 {report.latency_p50_s:.3f} s, p95 {report.latency_p95_s:.3f} s, "
+        f"max {report.latency_max_s:.3f} s over {report.numbers_checked} clicks, every number checked"
+    )
+    print(
+        f"closed mid-computation: {report.closed_sessions} sessions; their scripts ran at most "
+        f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}"
+    )
+    print(
+        f"RSS: {report.rss_before_bytes / GIB:.2f} GiB before, peak {report.rss_peak_bytes / GIB:.2f} GiB "
+        f"(bound {rss_bound_bytes / GIB:.2f} GiB); weights bit-identical: {report.weights_bit_identical}"
+    )
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     print("all checks passed" if not report.problems else f"{len(report.problems)} problems")
