@@ -196,7 +196,7 @@ st.file_uploader(
 editor.errors_at("upload")
 
 st.subheader("Greedy continuations")
-prompt = st.text_input("Prompt", "The history of the city begins")
+prompt = st.text_input("Prompt", "The history of the city begins", key="prompt")
 new_tokens = st.number_input("New tokens", 1, 128, 24)
 if st.button("Generate"):
     with st.spinner("Generating with the KV cache (drop-QK layers store nothing)…"), editor.reported():
