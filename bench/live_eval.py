@@ -44,7 +44,7 @@ def speed(lm: LoadedModel, windows: Windows, repeats: int) -> None:
     evaluator = IncrementalEvaluator(lm.arch, windows)
     t = time.perf_counter()
     live = LivePerplexity(lm.arch, windows)
-    print(f"live evaluator build (the warm-up started when the app loads the model): {time.perf_counter() - t:.2f} s")
+    print(f"live evaluator build (the app warms it at model load): {time.perf_counter() - t:.2f} s ({load()})")
     base = Mask.unpruned(lm.shape, lm.name)
     layers = lm.shape.num_layers
     columns = ("incremental s", "full s", "ratio", "live first s", "live exact s")
