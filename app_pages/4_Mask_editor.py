@@ -16,7 +16,7 @@ from analysis.generation import greedy_continuation
 from analysis.importance import HEAD_METRICS, HeadScores, stored_head_result
 from analysis.loading import LoadedModel
 from analysis.masks import MAX_MASK_BYTES, Mask, budget, decode_mask
-from ui import backend, editor, plots, session
+from ui import backend, collection, editor, plots, session
 from ui.editor import MODES, guarded
 
 PRESETS = ("unpruned", "HARP result", "lowest heads of a metric")
@@ -124,6 +124,8 @@ with right:
     undo_col.button("Undo", on_click=editor.undo, args=(lm,), disabled=not st.session_state.get(session.HISTORY))
     reset_col.button("Reset", on_click=guarded("reset", preset), args=(PRESETS[0], "", 0), disabled=mask.is_unpruned)
     editor.errors_at("reset")
+    with st.expander("Save this mask to the collection (Pareto page)"):
+        collection.save_mask_box(lm, mask, key="editor_save")
 
 with left:
     calib = backend.windows(lm, session.CALIB_TEXT)
@@ -194,7 +196,7 @@ st.file_uploader(
 editor.errors_at("upload")
 
 st.subheader("Greedy continuations")
-prompt = st.text_input("Prompt", "The history of the city begins")
+prompt = st.text_input("Prompt", "The history of the city begins", key="prompt")
 new_tokens = st.number_input("New tokens", 1, 128, 24)
 if st.button("Generate"):
     with st.spinner("Generating with the KV cache (drop-QK layers store nothing)…"), editor.reported():

@@ -16,11 +16,13 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from analysis.cache import DiskCache
 from analysis.corpus import load_text, make_windows
 from analysis.harp import rescale
 from analysis.live import LivePerplexity
 from analysis.loading import load_model
 from analysis.masks import Mask, budget, mask_to_query, parse_mask
+from analysis.pareto import named_masks
 from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text
 from ui import session
@@ -217,3 +219,11 @@ def test_rescale_this_mask_applies_the_backends_alphas(tiny, lm, how):
     line = next(m.value for m in at.markdown if m.value.startswith("**Last change:**"))
     assert f"rescaled ({how}" in line
     assert torch.isfinite(torch.tensor(expected.calib_perplexity))
+
+
+def test_the_mask_is_saved_to_the_collection_under_a_name(tiny, lm):
+    mask = Mask.unpruned(lm.shape, lm.name).with_head(2, 1, False).with_layer(3, drop_qk=True, alpha=0.4)
+    at = ok(open_page(EDITOR, tiny, mask_to_query(mask)).run())
+    at.text_input(key="editor_save_name").input("hand-tuned")
+    ok(button(at, "Save to the collection").click().run())
+    assert named_masks(lm, DiskCache())["hand-tuned"].cache_key() == mask.cache_key()

@@ -259,7 +259,7 @@ def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny,
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.0).with_head(0, 0, False)
     at = ok(page(EDITOR, tiny, mask_to_query(mask)).run())
     prompt = word_text(5, seed=7)
-    at.text_input[0].set_value(prompt)
+    at.text_input(key="prompt").set_value(prompt)
     ok(at.button[[b.label for b in at.button].index("Generate")].click().run())
     texts = [m.value for m in at.markdown if m.value.startswith(("**Unpruned**", "**Masked**"))]
     assert texts == [
