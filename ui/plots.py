@@ -416,3 +416,19 @@ def matched_budget(rows: Sequence[ComparisonRow], axis: str, axis_label: str, se
     )
     fig.update_layout(margin={"l": 260})  # room for the method names
     return fig
+
+
+def cluster_grid(
+    heads: Sequence[tuple[int, int]], clusters: Sequence[int], num_layers: int, num_heads: int
+) -> go.Figure:
+    """Layers x heads grid of k-means clusters in the discrete colours of :func:`cluster_colour` (as the map's)."""
+    labels: list[list[int | None]] = [[None] * num_heads for _ in range(num_layers)]
+    for (layer, head), cluster in zip(heads, clusters, strict=True):
+        labels[layer][head] = cluster
+    k = max(clusters) + 1
+    hover = [
+        [f"layer {layer}, head {head}<br>cluster {c}" for head, c in enumerate(row)] for layer, row in enumerate(labels)
+    ]
+    fig = grid_figure(labels, hover, "Cluster of every head", "cluster", cluster_scale(k), -0.5, k - 0.5)
+    fig.update_traces(colorbar={"tickvals": list(range(k)), "ticktext": [str(c) for c in range(k)]}, selector=0)
+    return fig
