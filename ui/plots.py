@@ -351,7 +351,7 @@ def compact(n: float) -> str:
     return f"{n:g}"
 
 
-def matched_budget(rows: Sequence[ComparisonRow], axis: str, axis_label: str, seq_len: int) -> go.Figure:
+def matched_budget(rows: Sequence[ComparisonRow], axis: str) -> go.Figure:
     """Held-out perplexity of every method at HARP's budget: one row per method, best at the top, HARP a red star.
 
     The baselines are matched on one budget axis, so most share one x on a perplexity-vs-budget scatter
@@ -406,10 +406,7 @@ def matched_budget(rows: Sequence[ComparisonRow], axis: str, axis_label: str, se
         )
     fig.update_layout(
         title=title("Held-out perplexity at HARP's budget"),
-        xaxis=log_axis(
-            values,
-            f"evaluation perplexity (log scale; lower is better); matched on {axis_label}, sequence length {seq_len:,}",
-        ),
+        xaxis=log_axis(values, "evaluation perplexity (log scale; lower is better)"),
         yaxis={"title": "", "categoryorder": "array", "categoryarray": [label(r) for r in ordered][::-1]},
         height=max(320, 34 * len(ordered) + 140),
         **LAYOUT,
