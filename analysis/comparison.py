@@ -136,10 +136,9 @@ def compare(
     for i, (name, mask) in enumerate(masks.items()):
 
         def step(done: int, batches: int, before: int = i * evaluation.num_windows) -> None:
-            if progress:
+            if progress:  # called only while evaluating: a mask read from the cache reports nothing
                 progress(before + done * evaluation.num_windows // batches, total)
 
         ppl = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, cache, step).perplexity
         rows.append(ComparisonRow(name, ppl, budget(mask, lm.shape, seq_len), mask))
-        step(1, 1)
     return Comparison(match=axis, seq_len=seq_len, harp=result, rows=tuple(rows))

@@ -127,10 +127,11 @@ if st.button("Compare with the baselines") or st.session_state.get("compared") =
     st.session_state["compared"] = (run, axis)
     comparison = backend.comparison(lm, run, axis)
     rows = sorted(comparison.rows, key=lambda r: r.eval_perplexity)
-    st.plotly_chart(plots.matched_budget(rows, axis, AXIS_LABELS[axis], comparison.seq_len))
+    st.plotly_chart(plots.matched_budget(rows, axis))
     st.caption(
-        "Lower is better. Every baseline saves at least what HARP (the red star) saves on the chosen axis, so "
-        "the methods left of the star beat HARP at its own budget. The dotted line is the unpruned model."
+        f"Lower is better. Every baseline saves at least what HARP (the red star) saves in {AXIS_LABELS[axis]} "
+        f"(at sequence length {comparison.seq_len:,}; each row says how much), so the methods left of the star beat "
+        "HARP at its own budget. The dotted line is the unpruned model."
     )
     table = st.dataframe(
         {

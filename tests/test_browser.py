@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = Path(BENCH_CHROMIUM)
 SETTLE_S = 300  # the longest a page may compute on its first visit (2 shared cores)
+COMPARE_S = 900  # the comparison scores and evaluates about 16 masks: the longest step of the tour
 WIDTH, MAX_HEIGHT = 1280, 6000  # screenshot size: the page's width, its whole height up to this
 ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 
@@ -80,10 +81,10 @@ def _visit(page, title: str) -> None:
     settle(page, SETTLE_S)
 
 
-def _click(page, label: str) -> None:
+def _click(page, label: str, timeout_s: float = SETTLE_S) -> None:
     page.get_by_role("button", name=label).first.click()
     page.wait_for_timeout(500)
-    settle(page, SETTLE_S)
+    settle(page, timeout_s)
 
 
 def _charts(page) -> int:
@@ -155,7 +156,7 @@ def test_a_tour_of_every_page_in_a_fixed_state_shows_each_main_content_and_no_er
         page.get_by_label("alpha grid step").fill("0.25")
         _click(page, "Run HARP")
         assert _metric(page, "Calibration perplexity, HARP (searched alpha)")
-        _click(page, "Compare with the baselines")
+        _click(page, "Compare with the baselines", COMPARE_S)
         assert _charts(page) >= 3 and page.locator('[data-testid="stDataFrame"]').count()
         _no_error(page, "HARP")
         _shot(page, "HARP")

@@ -445,3 +445,13 @@ def test_log_axis_fits_its_values_and_writes_each_tick_in_full(values):
     assert len(axis["tickvals"]) >= 4 and all(low <= math.log10(t) <= high for t in axis["tickvals"])
     for tick, text in zip(axis["tickvals"], axis["ticktext"], strict=True):
         assert float(text.replace(",", "")) == pytest.approx(tick)  # "300", never a bare "3" for 300
+
+
+def test_comparison_progress_counts_evaluated_windows_and_a_cached_comparison_reports_none(tiny, lm, tmp_path):
+    calib, evaluation = windows(lm, tiny[session.CALIB_TEXT]), windows(lm, tiny[session.EVAL_TEXT])
+    cache, first, again = DiskCache(tmp_path / "cache"), [], []
+    result = compare(lm, calib, evaluation, [3], "kv", (0.0, 1.0), lambda d, t: first.append((d, t)), cache=cache)
+    total = len(result.rows) * evaluation.num_windows
+    assert first[-1] == (total, total) and [d for d, _ in first] == sorted(d for d, _ in first)
+    compare(lm, calib, evaluation, [3], "kv", (0.0, 1.0), lambda d, t: again.append((d, t)), cache=cache)
+    assert again == []  # every mask from the cache: nothing measured, so no speed is recorded from it

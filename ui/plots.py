@@ -351,7 +351,7 @@ def compact(n: float) -> str:
     return f"{n:g}"
 
 
-def matched_budget(rows: Sequence[ComparisonRow], axis: str, axis_label: str, seq_len: int) -> go.Figure:
+def matched_budget(rows: Sequence[ComparisonRow], axis: str) -> go.Figure:
     """Held-out perplexity of every method at HARP's budget: one row per method, best at the top, HARP a red star.
 
     The baselines are matched on one budget axis, so most share one x on a perplexity-vs-budget scatter
@@ -406,13 +406,26 @@ def matched_budget(rows: Sequence[ComparisonRow], axis: str, axis_label: str, se
         )
     fig.update_layout(
         title=title("Held-out perplexity at HARP's budget"),
-        xaxis=log_axis(
-            values,
-            f"evaluation perplexity (log scale; lower is better); matched on {axis_label}, sequence length {seq_len:,}",
-        ),
+        xaxis=log_axis(values, "evaluation perplexity (log scale; lower is better)"),
         yaxis={"title": "", "categoryorder": "array", "categoryarray": [label(r) for r in ordered][::-1]},
         height=max(320, 34 * len(ordered) + 140),
         **LAYOUT,
     )
     fig.update_layout(margin={"l": 260})  # room for the method names
+    return fig
+
+
+def cluster_grid(
+    heads: Sequence[tuple[int, int]], clusters: Sequence[int], num_layers: int, num_heads: int
+) -> go.Figure:
+    """Layers x heads grid of k-means clusters in the discrete colours of :func:`cluster_colour` (as the map's)."""
+    labels: list[list[int | None]] = [[None] * num_heads for _ in range(num_layers)]
+    for (layer, head), cluster in zip(heads, clusters, strict=True):
+        labels[layer][head] = cluster
+    k = max(clusters) + 1
+    hover = [
+        [f"layer {layer}, head {head}<br>cluster {c}" for head, c in enumerate(row)] for layer, row in enumerate(labels)
+    ]
+    fig = grid_figure(labels, hover, "Cluster of every head", "cluster", cluster_scale(k), -0.5, k - 0.5)
+    fig.update_traces(colorbar={"tickvals": list(range(k)), "ticktext": [str(c) for c in range(k)]}, selector=0)
     return fig
