@@ -16,6 +16,8 @@ from typing import Any
 from tqdm import tqdm
 
 from analysis.baselines import AXES
+from analysis.cache import DiskCache
+from analysis.cache_pack import CONFLICT_CHOICES, pack, unpack
 from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
 from analysis.drift import cached_harp_drift, cached_layer_drift
@@ -25,7 +27,7 @@ from analysis.export import KINDS, check_destination, export_command, export_mod
 from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_rescale, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
-from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
+from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, load_model, model_fingerprint
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
 
@@ -56,6 +58,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a model directory's own Python code to run (off by default)",
     )
+    _output_args(p)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--debug", action="store_true", help="show the traceback of errors")
 
@@ -169,7 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--closed-form", action="store_true", help="only the norm-matching alphas, no search")
     rs.add_argument("--out", default=None, help="write the rescaled mask JSON here")
     rs.set_defaults(func=cmd_rescale)
+    _cache_commands(sub)
     return parser
+
+
+def _cache_commands(sub: argparse._SubParsersAction) -> None:
+    ca = sub.add_parser("cache", help="move one model's cached results to another machine (pack, unpack)")
+    actions = ca.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pk = actions.add_parser("pack", help="write every cached result of one model to a tar file")
+    pk.add_argument(
+        "--model", default=DEFAULT_MODEL, help="the model whose results to pack (as for other commands; not loaded)"
+    )
+    pk.add_argument("--dtype", default="all", choices=["all", *DTYPES], help="only results of this dtype (default all)")
+    pk.add_argument("out", help="the tar file to write")
+    _output_args(pk)
+    pk.set_defaults(func=cmd_cache_pack)
+    up = actions.add_parser("unpack", help="verify a pack and add its results to this machine's cache")
+    up.add_argument("archive", help="a tar file written by `cache pack`")
+    up.add_argument(
+        "--on-conflict",
+        default="refuse",
+        choices=CONFLICT_CHOICES,
+        help="an entry that differs from a valid one in the cache: refuse the whole pack (default), "
+        "keep the cache's, or replace it with the pack's",
+    )
+    _output_args(up)
+    up.set_defaults(func=cmd_cache_unpack)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -450,6 +481,16 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         progress=_progress("export"),
     )
     return {**result.to_json(), "model": lm.card(), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def cmd_cache_pack(args: argparse.Namespace) -> dict[str, Any]:
+    name, fingerprint = model_fingerprint(args.model)
+    dtype = None if args.dtype == "all" else args.dtype
+    return pack(DiskCache(), fingerprint, Path(args.out), dtype, name).to_json()
+
+
+def cmd_cache_unpack(args: argparse.Namespace) -> dict[str, Any]:
+    return unpack(DiskCache(), Path(args.archive), args.on_conflict).to_json()
 
 
 def _drift_table(report: dict[str, Any]) -> None:
