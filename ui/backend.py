@@ -29,13 +29,16 @@ from analysis.importance import HeadScores, attention_block_influence, block_inf
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
 from ui.progress import Job, progress_bar
-from ui.session import CALIB_TEXT, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
+from ui.session import CALIB_TEXT, DTYPE, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
 
 
 @st.cache_resource(show_spinner="Loading the model (the first start converts the GGUF, about 30 s)…")
-def shared_model(spec: str) -> LoadedModel:
-    """One model per spec per process, shared read-only by every session (masks go through hooks)."""
-    return load_model(spec)
+def shared_model(spec: str, dtype: str = "auto") -> LoadedModel:
+    """One model per spec and dtype per process, shared read-only by every session (masks go through hooks).
+
+    It goes to the CUDA GPU where there is one; dtype ``auto`` is then bfloat16, float32 on the CPU.
+    """
+    return load_model(spec, device="auto", dtype=dtype)
 
 
 def access() -> Access:
@@ -45,7 +48,7 @@ def access() -> Access:
 
 def model() -> LoadedModel:
     """The model the user picked on the home page (HeadroomError for a bad spec or, in a demo, an unlisted one)."""
-    return shared_model(access().model(str(choice(MODEL))))
+    return shared_model(access().model(str(choice(MODEL))), str(choice(DTYPE)))
 
 
 def disk_cache() -> DiskCache:
@@ -92,7 +95,7 @@ class _LiveSlot:
 
 
 @st.cache_resource(max_entries=4)
-def _live_slot(fingerprint: str, windows_key: str) -> _LiveSlot:
+def _live_slot(model_key: str, windows_key: str) -> _LiveSlot:
     return _LiveSlot()
 
 
@@ -103,7 +106,7 @@ def live_perplexity(lm: LoadedModel, evaluation: Windows, mask: Mask) -> Perplex
     lock; its memory of recent masks makes an undo or a revisit instant for every session. A run
     cancelled mid-way leaves it marked stale, and the next call repairs it.
     """
-    slot = _live_slot(lm.fingerprint, json.dumps(evaluation.cache_key(), sort_keys=True))
+    slot = _live_slot(json.dumps(lm.cache_key(), sort_keys=True), json.dumps(evaluation.cache_key(), sort_keys=True))
     with slot.lock:
         if slot.evaluator is None:
             with progress_bar("Preparing the live evaluator (one full pass)") as bar:
@@ -201,11 +204,13 @@ def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> dict[str,
 def window_drift(lm: LoadedModel, evaluation: Windows, mask: Mask, window: int) -> PositionDrift:
     """Per-position drift of one window, memoised per process for this model, windows, mask and window."""
     key = json.dumps([evaluation.cache_key(), mask.cache_key()], sort_keys=True)
-    return _window_drift(lm.fingerprint, key, window, _lm=lm, _windows=evaluation, _mask=mask)
+    return _window_drift(
+        json.dumps(lm.cache_key(), sort_keys=True), key, window, _lm=lm, _windows=evaluation, _mask=mask
+    )
 
 
 @st.cache_data(max_entries=32, show_spinner="Measuring drift along one window…")
 def _window_drift(
-    fingerprint: str, key: str, window: int, *, _lm: LoadedModel, _windows: Windows, _mask: Mask
+    model_key: str, key: str, window: int, *, _lm: LoadedModel, _windows: Windows, _mask: Mask
 ) -> PositionDrift:
     return position_drift(_lm.arch, _windows, _mask, window)
