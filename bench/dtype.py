@@ -59,7 +59,7 @@ def rss_gb() -> float:
     return float("nan")
 
 
-def measure(spec: str, dtype: str, tokens: int, live_tokens: int, toggles: int) -> dict[str, Any]:
+def measure(spec: str, dtype: str, tokens: int, live_tokens: int, toggles: int, device: str) -> dict[str, Any]:
     """One dtype, in this process: every figure with the load average when it was taken."""
     from analysis.corpus import default_text, make_windows
     from analysis.evaluation import IncrementalEvaluator, perplexity
@@ -68,7 +68,7 @@ def measure(spec: str, dtype: str, tokens: int, live_tokens: int, toggles: int) 
 
     out: dict[str, Any] = {"dtype": dtype}
     start = time.perf_counter()
-    lm = load_model(spec, dtype=dtype)
+    lm = load_model(spec, device=device, dtype=dtype)
     out["load_s"] = (time.perf_counter() - start, load())
     out["rss_after_load_gb"] = (rss_gb(), load())
     text = default_text("default-eval")
@@ -89,6 +89,10 @@ def measure(spec: str, dtype: str, tokens: int, live_tokens: int, toggles: int) 
             times.append(time.perf_counter() - t)
         out[f"toggle_layer_{layer}_s"] = (statistics.median(times), load())
     out["peak_rss_gb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, load())
+    if device == "cuda":
+        import torch
+
+        out["peak_gpu_memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30, load())
     out["model"] = f"{lm.name}, {layers} layers, {lm.shape.total_params:,} parameters"
     return out
 
@@ -125,10 +129,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="perplexity tokens of default-eval")
     parser.add_argument("--live-tokens", type=int, default=1024, help="tokens of the incremental evaluator")
     parser.add_argument("--toggles", type=int, default=3, help="toggles per layer (median)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.model, args.child, args.tokens, args.live_tokens, args.toggles)))
+        print(json.dumps(measure(args.model, args.child, args.tokens, args.live_tokens, args.toggles, args.device)))
         return
 
     spec = args.model
@@ -142,13 +147,13 @@ def main() -> None:
     print(f"fingerprint (first time: hash, later: memo): {time.perf_counter() - start:.1f} s ({load()})", flush=True)
     results = {}
     for dtype in DTYPES:  # one process each, so that RSS is the dtype's own
-        argv = [sys.executable, "-m", "bench.dtype", "--model", spec, "--child", dtype]
+        argv = [sys.executable, "-m", "bench.dtype", "--model", spec, "--child", dtype, "--device", args.device]
         argv += ["--tokens", str(args.tokens), "--live-tokens", str(args.live_tokens), "--toggles", str(args.toggles)]
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"{dtype} run failed:\n{done.stderr}")
         results[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(results["float32"]["model"])
+    print(f"{results['float32']['model']}, on {args.device}")
     print(f"perplexity on {args.tokens} tokens of default-eval at seqlen 256; toggles on {args.live_tokens} tokens")
     print(f"{'':<22} " + "  ".join(f"{d:>12} {'':>{len(load()) + 2}}" for d in DTYPES))
     toggle_rows = sorted(k for k in results["float32"] if k.startswith("toggle_"))
@@ -159,6 +164,7 @@ def main() -> None:
         ("perplexity_s", ".2f"),
         *[(k, ".3f") for k in toggle_rows],
         ("peak_rss_gb", ".2f"),
+        *([("peak_gpu_memory_gb", ".2f")] if args.device == "cuda" else []),
     ]:
         row(name, results, fmt)
     f32, bf16 = results["float32"]["perplexity"][0], results["bfloat16"]["perplexity"][0]
