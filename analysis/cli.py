@@ -1,5 +1,11 @@
 """Headless command line: ``python -m analysis COMMAND ...``.
 
+Each command is written once, as a function decorated with :func:`command` that names it, its
+arguments and how its result reads as text. The function gets the parsed arguments and the loaded
+model and returns its result as a JSON-ready dict; :func:`run` adds what every command reports (the
+model card and the seconds the work took) and prints the result, as one JSON object (``--json``) or
+as text.
+
 Errors a user can fix are printed to stderr as one line, with exit status 2 and no traceback
 (``--debug`` shows it).
 """
@@ -10,6 +16,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,51 @@ from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, load_model, model_fingerprint
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
+
+Result = dict[str, Any]
+Work = Callable[[argparse.Namespace, LoadedModel], Result]
+"""A command's work: the parsed arguments and the loaded model in, the JSON-ready result out."""
+Lines = Callable[[Any], Iterator[str]]
+"""Renders one value of a result as text lines (without its heading)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One CLI command, as :func:`command` registers it."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    work: Work
+    text: Mapping[str, Lines] = field(default_factory=dict)
+    """How the result's keys that are not plain values or flat dicts read as text (the rest: ``key: value``)."""
+    before_load: Callable[[argparse.Namespace], None] | None = None
+    """Checks of the arguments alone, run before the model loads (e.g. an output path we could not write)."""
+    loads_model: bool = True
+    """False for commands on the cache alone (``cache pack``, ``cache unpack``): ``work`` gets ``lm=None``."""
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str,
+    help: str,
+    arguments: Callable[[argparse.ArgumentParser], None],
+    text: Mapping[str, Lines] | None = None,
+    before_load: Callable[[argparse.Namespace], None] | None = None,
+) -> Callable[[Work], Work]:
+    """Register the decorated ``work(args, lm) -> dict`` as the command ``name``.
+
+    ``arguments`` adds the command's own options (the model options, ``--json`` and ``--debug`` are
+    added to every command); ``text`` renders the result's non-flat keys as text.
+    """
+
+    def register(work: Work) -> Work:
+        COMMANDS[name] = Command(name, help, arguments, work, dict(text or {}), before_load)
+        return work
+
+    return register
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,6 +119,72 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of errors")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="Headroom: analyse and prune the attention heads of causal language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help)
+        _common(p)
+        cmd.arguments(p)
+        p.set_defaults(command=cmd)
+    _cache_commands(sub)
+    return parser
+
+
+def execute(cmd: Command, args: argparse.Namespace) -> Result:
+    """Run ``cmd``: its checks, the model, its work; the result with the model card and the seconds of work."""
+    if cmd.before_load is not None:
+        cmd.before_load(args)
+    if not cmd.loads_model:
+        return cmd.work(args, None)
+    lm = _load(args)
+    start = time.perf_counter()
+    result = cmd.work(args, lm)
+    return {**result, "model": lm.card(), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is for our progress and the one error line
+    args = build_parser().parse_args(argv)
+    try:
+        out = execute(args.command, args)
+    except HeadroomError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing partial was written", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for line in as_text(out, args.command.text):
+            print(line)
+    return 0
+
+
+def as_text(out: Result, special: Mapping[str, Lines]) -> Iterator[str]:
+    """``key: value`` per plain value, a block per dict, and the command's own rendering of ``special`` keys."""
+    for key, value in out.items():
+        if key in special:
+            yield f"{key}:"
+            yield from special[key](value)
+        elif isinstance(value, dict):
+            yield f"{key}:"
+            yield from (f"  {k}: {v}" for k, v in value.items())
+        else:
+            yield f"{key}: {value}"
+
+
+# --- arguments shared by several commands ---------------------------------------------------------------
+
+
 def _text_args(
     p: argparse.ArgumentParser, flag: str = "--text", default: str = "default-eval", max_tokens: int | None = None
 ) -> None:
@@ -82,125 +201,8 @@ def _text_args(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m analysis",
-        description="Headroom: analyse and prune the attention heads of causal language models.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    ev = sub.add_parser("eval", help="protocol perplexity of a model, optionally under a mask, with its budget")
-    _common(ev)
-    _text_args(ev)
-    ev.add_argument("--mask", default=None, help="a v1 mask JSON file (default: unpruned)")
-    ev.add_argument("--no-cache", action="store_true", help="recompute even if the result is cached")
-    ev.set_defaults(func=cmd_eval)
-
-    hp = sub.add_parser("harp", help="HARP: drop-QK on the top layers with a greedy alpha search; writes the mask")
-    _common(hp)
-    _text_args(hp, "--calib", "default-calib", max_tokens=2048)
-    _layer_choice(hp, choose=True)
-    hp.add_argument("--out", default=None, help="write the resulting v1 mask JSON here")
-    hp.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
-    hp.set_defaults(func=cmd_harp)
-
-    cp = sub.add_parser("compare", help="HARP against the baselines at a matched budget, on held-out text")
-    _common(cp)
-    _text_args(cp, "--calib", "default-calib", max_tokens=2048)
-    cp.add_argument("--eval", default="default-eval", help="evaluation text: a file, default-eval or default-calib")
-    cp.add_argument("--eval-max-tokens", type=int, default=2048, help="evaluation tokens (default 2048)")
-    _layer_choice(cp)
-    cp.add_argument("--match", choices=AXES, default="params", help="the budget axis baselines are matched on")
-    cp.set_defaults(func=cmd_compare)
-
-    im = sub.add_parser("importance", help="per-head importance scores of one metric, one row per layer")
-    _common(im)
-    _text_args(im, "--text", "default-calib", max_tokens=2048)
-    im.add_argument("--metric", required=True, choices=sorted(HEAD_METRICS), help="the importance metric")
-    im.add_argument("--layers", type=_int_list, default=None, help="only these layers, e.g. 28,29 (others: null)")
-    im.set_defaults(func=cmd_importance)
-
-    hm = sub.add_parser("head-map", help="every head placed by its features (PCA and UMAP) and clustered")
-    _common(hm)
-    _text_args(hm, "--text", "default-calib", max_tokens=2048)
-    hm.add_argument(
-        "--metrics",
-        type=_name_list,
-        default=list(DEFAULT_METRICS),
-        help=f"importance metrics among the features (default {','.join(DEFAULT_METRICS)})",
-    )
-    hm.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="k-means clusters")
-    hm.add_argument("--seed", type=int, default=0, help="seed of UMAP and k-means (same seed, same map)")
-    hm.set_defaults(func=cmd_head_map)
-
-    dr = sub.add_parser("drift", help="per-layer residual-norm drift of a mask against the unpruned model")
-    _common(dr)
-    _text_args(dr, "--text", "default-eval", max_tokens=2048)
-    dr.add_argument("--mask", required=True, help="a v1 mask JSON file")
-    dr.set_defaults(func=cmd_drift)
-
-    ex = sub.add_parser("export", help="write the masked model as a Hugging Face directory, with a model card")
-    _common(ex)
-    _text_args(ex, "--text", "default-eval", max_tokens=2048)
-    ex.add_argument("--mask", required=True, help="a v1 mask JSON file")
-    ex.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
-    ex.add_argument(
-        "--kind",
-        choices=KINDS,
-        default="compact",
-        help="compact: pruned weights removed, loads with trust_remote_code=True (default); "
-        "stock: source architecture with pruned heads zeroed, no remote code, no drop-QK",
-    )
-    ex.add_argument("--force", action="store_true", help="replace an existing folder (only once the export is done)")
-    ex.set_defaults(func=cmd_export)
-
-    se = sub.add_parser("search", help="the mask of lowest calibration perplexity that saves at least a budget")
-    _common(se)
-    _text_args(se, "--calib", "default-calib", max_tokens=2048)
-    _eval_args(se)
-    se.add_argument(
-        "--save", action="append", required=True, help="AXIS:AMOUNT, e.g. kv:12288; repeat for several axes at once"
-    )
-    se.add_argument("--shortlist", type=int, default=SHORTLIST, help="moves rescored per step on the whole calib")
-    se.add_argument("--proxy-windows", type=int, default=PROXY_WINDOWS, help="windows of the first, cheap scoring")
-    se.add_argument("--out", default=None, help="write the mask found as JSON here")
-    se.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
-    se.set_defaults(func=cmd_search)
-
-    rs = sub.add_parser("rescale", help="per-layer alpha for every changed layer of a mask (closed form, then search)")
-    _common(rs)
-    _text_args(rs, "--calib", "default-calib", max_tokens=2048)
-    _eval_args(rs)
-    rs.add_argument("--mask", required=True, help="a mask JSON file")
-    rs.add_argument("--closed-form", action="store_true", help="only the norm-matching alphas, no search")
-    rs.add_argument("--out", default=None, help="write the rescaled mask JSON here")
-    rs.set_defaults(func=cmd_rescale)
-    _cache_commands(sub)
-    return parser
-
-
-def _cache_commands(sub: argparse._SubParsersAction) -> None:
-    ca = sub.add_parser("cache", help="move one model's cached results to another machine (pack, unpack)")
-    actions = ca.add_subparsers(dest="action", required=True, metavar="ACTION")
-    pk = actions.add_parser("pack", help="write every cached result of one model to a tar file")
-    pk.add_argument(
-        "--model", default=DEFAULT_MODEL, help="the model whose results to pack (as for other commands; not loaded)"
-    )
-    pk.add_argument("--dtype", default="all", choices=["all", *DTYPES], help="only results of this dtype (default all)")
-    pk.add_argument("out", help="the tar file to write")
-    _output_args(pk)
-    pk.set_defaults(func=cmd_cache_pack)
-    up = actions.add_parser("unpack", help="verify a pack and add its results to this machine's cache")
-    up.add_argument("archive", help="a tar file written by `cache pack`")
-    up.add_argument(
-        "--on-conflict",
-        default="refuse",
-        choices=CONFLICT_CHOICES,
-        help="an entry that differs from a valid one in the cache: refuse the whole pack (default), "
-        "keep the cache's, or replace it with the pack's",
-    )
-    _output_args(up)
-    up.set_defaults(func=cmd_cache_unpack)
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    _text_args(p, "--calib", "default-calib", max_tokens=2048)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -237,6 +239,9 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
 
 
+# --- what commands share ----------------------------------------------------------------------------------
+
+
 def _load(args: argparse.Namespace) -> LoadedModel:
     return load_model(
         args.model,
@@ -261,16 +266,22 @@ def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str, max_tokens: i
     return make_windows(lm.tokenizer, text, args.seqlen, max_tokens or args.max_tokens, lm.max_positions)
 
 
-def _check_output(path: str | None) -> Path | None:
-    """Refuse an output path we could not write, before any long computation."""
-    if path is None:
-        return None
-    out = Path(path)
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` file we could not write, before any long computation."""
+    if args.out is None:
+        return
+    out = Path(args.out)
     if out.is_dir():
-        raise HeadroomError(f"--out {path} is a directory; give a file name such as {out / 'mask.json'}")
+        raise HeadroomError(f"--out {args.out} is a directory; give a file name such as {out / 'mask.json'}")
     if not out.parent.is_dir():
-        raise HeadroomError(f"--out {path}: folder {out.parent} does not exist; create it first")
-    return out
+        raise HeadroomError(f"--out {args.out}: folder {out.parent} does not exist; create it first")
+
+
+def _save_mask(mask: Mask, args: argparse.Namespace) -> dict[str, str | None]:
+    """Write ``mask`` to ``--out`` if given; the ``mask_file`` field of the result."""
+    if args.out is not None:
+        mask.save(Path(args.out))
+    return {"mask_file": args.out}
 
 
 def _progress(desc: str) -> Progress:
@@ -293,168 +304,208 @@ def _layers(lm: LoadedModel, args: argparse.Namespace) -> list[int]:
     return list(top_layers(lm.shape.num_layers, args.layers)) if args.layers else args.layer_set
 
 
-def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    lm = _load(args)
+def _held_out(lm: LoadedModel, args: argparse.Namespace, mask: Mask) -> Result:
+    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    result = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, progress=_progress("held-out eval"))
+    return {"eval_perplexity": result.perplexity, "eval": evaluation.metadata()}
+
+
+# --- how results read as text ----------------------------------------------------------------------------
+
+
+def _comparison_table(rows: list[Result]) -> Iterator[str]:
+    header = ("method", "eval ppl", "params removed", "KV B/token saved", "attn FLOPs/token saved")
+    yield "  {:<28} {:>9} {:>16} {:>17} {:>23}".format(*header)
+    for row in rows:
+        b = row["budget"]
+        params = f"{b['params_removed']:,} ({b['params_removed_pct']:.2f}%)"
+        yield (
+            f"  {row['method']:<28} {row['eval_perplexity']:>9.2f} {params:>16} "
+            f"{b['kv_bytes_per_token_saved']:>17,} {b['attention_flops_per_token_saved']:>23,}"
+        )
+
+
+def _drift_table(report: Result) -> Iterator[str]:
+    yield f"  KL(unpruned || masked) of the next-token distribution: {report['kl_nats_per_token']:.4f} nats/token"
+    yield "  layer  |h| unpruned (q10 q50 q90)     |h| masked (q10 q50 q90)      cos"
+    for row in report["layers"]:
+        u, m = row["unpruned"], row["masked"]
+        yield (
+            f"  {row['layer']:>5}  {u['l2_mean']:7.2f} ({u['l2_q10']:.1f} {u['l2_q50']:.1f} {u['l2_q90']:.1f})"
+            f"   {m['l2_mean']:7.2f} ({m['l2_q10']:.1f} {m['l2_q50']:.1f} {m['l2_q90']:.1f})   {row['cosine_mean']:.4f}"
+        )
+
+
+def _score_rows(scores: list[list[float] | None]) -> Iterator[str]:
+    for i, row in enumerate(scores):
+        yield f"  {i:>3}: " + ("-" if row is None else " ".join(f"{v:9.4g}" for v in row))
+
+
+def _map_summary(head_map: Result) -> Iterator[str]:
+    yield f"  {len(head_map['heads'])} heads, features {', '.join(head_map['feature_names'])}"
+
+
+def _trace(steps: list[Result]) -> Iterator[str]:
+    yield "  " + ", ".join(f"L{s['layer']} a={s['alpha']}: {s['perplexity']:.3f}" for s in steps)
+
+
+# --- the commands ------------------------------------------------------------------------------------------
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    _text_args(p)
+    p.add_argument("--mask", default=None, help="a v1 mask JSON file (default: unpruned)")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if the result is cached")
+
+
+@command("eval", "protocol perplexity of a model, optionally under a mask, with its budget", _eval_arguments)
+def cmd_eval(args: argparse.Namespace, lm: LoadedModel) -> Result:
     windows = _windows(lm, args, args.text)
-    unpruned = Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
-    mask = _mask(lm, args.mask) if args.mask else unpruned
-    start = time.perf_counter()
+    mask = _mask(lm, args.mask) if args.mask else Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
     result = cached_perplexity(
         lm.arch, lm.fingerprint, windows, mask, progress=_progress("eval"), refresh=args.no_cache
     )
-    return {
-        **result.to_json(),
-        "model": lm.card(),
-        "budget": budget(mask, lm.shape, args.seqlen).to_json(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return {**result.to_json(), "budget": budget(mask, lm.shape, args.seqlen).to_json()}
 
 
-def cmd_harp(args: argparse.Namespace) -> dict[str, Any]:
-    out = _check_output(args.out)
-    lm = _load(args)
+def _harp_arguments(p: argparse.ArgumentParser) -> None:
+    _calib_args(p)
+    _layer_choice(p, choose=True)
+    p.add_argument("--out", default=None, help="write the resulting v1 mask JSON here")
+    p.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
+
+
+@command(
+    "harp",
+    "HARP: drop-QK on the top layers with a greedy alpha search; writes the mask",
+    _harp_arguments,
+    text={"trace": _trace},
+    before_load=_check_output,
+)
+def cmd_harp(args: argparse.Namespace, lm: LoadedModel) -> Result:
     calib = _windows(lm, args, args.calib)
-    start = time.perf_counter()
     if args.choose_layers:
         bar = _progress("layer selection + alpha search")
         result = cached_chosen_harp(lm, calib, args.choose_layers, None, args.grid, progress=bar, refresh=args.no_cache)
     else:
         bar = _progress("alpha search")
         result = cached_harp(lm, calib, _layers(lm, args), args.grid, progress=bar, refresh=args.no_cache)
-    if out is not None:
-        result.mask.save(out)
     report = result.to_json()
     del report["mask"]
     return {
         **report,
         "calib": calib.metadata(),
-        "model": lm.card(),
         "budget": budget(result.mask, lm.shape, args.seqlen).to_json(),
-        "mask_file": str(out) if out else None,
-        "seconds": round(time.perf_counter() - start, 3),
+        **_save_mask(result.mask, args),
     }
 
 
-def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
-    lm = _load(args)
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    _calib_args(p)
+    _eval_args(p)
+    _layer_choice(p)
+    p.add_argument("--match", choices=AXES, default="params", help="the budget axis baselines are matched on")
+
+
+@command(
+    "compare",
+    "HARP against the baselines at a matched budget, on held-out text",
+    _compare_arguments,
+    text={"rows": _comparison_table},
+)
+def cmd_compare(args: argparse.Namespace, lm: LoadedModel) -> Result:
     calib = _windows(lm, args, args.calib)
     evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
-    start = time.perf_counter()
     result = compare(lm, calib, evaluation, _layers(lm, args), args.match, args.grid, _progress("evaluations"))
-    return {
-        **result.to_json(),
-        "calib": calib.metadata(),
-        "eval": evaluation.metadata(),
-        "model": lm.card(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return {**result.to_json(), "calib": calib.metadata(), "eval": evaluation.metadata()}
 
 
-def _held_out(lm: LoadedModel, args: argparse.Namespace, mask: Mask) -> dict[str, Any]:
-    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
-    result = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, progress=_progress("held-out eval"))
-    return {"eval_perplexity": result.perplexity, "eval": evaluation.metadata()}
+def _importance_arguments(p: argparse.ArgumentParser) -> None:
+    _text_args(p, "--text", "default-calib", max_tokens=2048)
+    p.add_argument("--metric", required=True, choices=sorted(HEAD_METRICS), help="the importance metric")
+    p.add_argument("--layers", type=_int_list, default=None, help="only these layers, e.g. 28,29 (others: null)")
 
 
-def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
-    out = _check_output(args.out)
-    targets = parse_targets(args.save)
-    lm = _load(args)
-    calib = _windows(lm, args, args.calib)
-    start = time.perf_counter()
-    result = cached_search(
-        lm, calib, targets, args.seqlen, args.shortlist, args.proxy_windows, None, _progress("search"), args.no_cache
-    )
-    if out is not None:
-        result.mask.save(out)
-    return {
-        **result.to_json(),
-        **_held_out(lm, args, result.mask),
-        "calib": calib.metadata(),
-        "model": lm.card(),
-        "mask_file": str(out) if out else None,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-
-
-def cmd_rescale(args: argparse.Namespace) -> dict[str, Any]:
-    out = _check_output(args.out)
-    lm = _load(args)
-    mask = _mask(lm, args.mask)
-    calib = _windows(lm, args, args.calib)
-    start = time.perf_counter()
-    result = cached_rescale(lm, mask, calib, search=not args.closed_form, progress=_progress("alpha search"))
-    if out is not None:
-        result.mask.save(out)
-    return {
-        **result.to_json(),
-        **_held_out(lm, args, result.mask),
-        "budget": budget(result.mask, lm.shape, args.seqlen).to_json(),
-        "mask_file": str(out) if out else None,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-
-
-def _comparison_table(rows: list[dict[str, Any]]) -> None:
-    header = ("method", "eval ppl", "params removed", "KV B/token saved", "attn FLOPs/token saved")
-    print("  {:<28} {:>9} {:>16} {:>17} {:>23}".format(*header))
-    for row in rows:
-        b = row["budget"]
-        params = f"{b['params_removed']:,} ({b['params_removed_pct']:.2f}%)"
-        print(
-            f"  {row['method']:<28} {row['eval_perplexity']:>9.2f} {params:>16} "
-            f"{b['kv_bytes_per_token_saved']:>17,} {b['attention_flops_per_token_saved']:>23,}"
-        )
-
-
-def cmd_importance(args: argparse.Namespace) -> dict[str, Any]:
-    lm = _load(args)
+@command(
+    "importance",
+    "per-head importance scores of one metric, one row per layer",
+    _importance_arguments,
+    text={"scores": _score_rows},
+)
+def cmd_importance(args: argparse.Namespace, lm: LoadedModel) -> Result:
     windows = _windows(lm, args, args.text)
-    start = time.perf_counter()
     result = cached_head_result(lm, windows, args.metric, args.layers, progress=_progress(args.metric))
-    return {
-        **result.to_json(),
-        "windows": windows.metadata(),
-        "model": lm.card(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return {**result.to_json(), "windows": windows.metadata()}
 
 
-def cmd_head_map(args: argparse.Namespace) -> dict[str, Any]:
-    lm = _load(args)
+def _head_map_arguments(p: argparse.ArgumentParser) -> None:
+    _text_args(p, "--text", "default-calib", max_tokens=2048)
+    p.add_argument(
+        "--metrics",
+        type=_name_list,
+        default=list(DEFAULT_METRICS),
+        help=f"importance metrics among the features (default {','.join(DEFAULT_METRICS)})",
+    )
+    p.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="k-means clusters")
+    p.add_argument("--seed", type=int, default=0, help="seed of UMAP and k-means (same seed, same map)")
+
+
+@command(
+    "head-map",
+    "every head placed by its features (PCA and UMAP) and clustered",
+    _head_map_arguments,
+    text={"map": _map_summary},
+)
+def cmd_head_map(args: argparse.Namespace, lm: LoadedModel) -> Result:
     windows = _windows(lm, args, args.text)
-    start = time.perf_counter()
     head_map = cached_head_map(lm, windows, args.metrics, args.clusters, args.seed, progress=_progress("head map"))
-    return {
-        "map": head_map.to_json(),
-        "cluster_members": head_map.cluster_members(),
-        "windows": windows.metadata(),
-        "model": lm.card(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return {"map": head_map.to_json(), "cluster_members": head_map.cluster_members(), "windows": windows.metadata()}
 
 
-def cmd_drift(args: argparse.Namespace) -> dict[str, Any]:
+def _drift_arguments(p: argparse.ArgumentParser) -> None:
+    _text_args(p, "--text", "default-eval", max_tokens=2048)
+    p.add_argument("--mask", required=True, help="a v1 mask JSON file")
+
+
+@command(
+    "drift",
+    "per-layer residual-norm drift of a mask against the unpruned model",
+    _drift_arguments,
+    text={"mask": _drift_table, "without_rescaling": _drift_table},
+)
+def cmd_drift(args: argparse.Namespace, lm: LoadedModel) -> Result:
     """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
-    lm = _load(args)
     windows = _windows(lm, args, args.text)
     mask = _mask(lm, args.mask)
-    start = time.perf_counter()
     if mask.drop_qk:
         pair = cached_harp_drift(lm, windows, mask)
         reports = {"mask": pair["pruned_with_rescaling"], "without_rescaling": pair["pruned_without_rescaling"]}
     else:
         reports = {"mask": cached_layer_drift(lm, windows, mask)}
-    return {
-        **{name: report.to_json() for name, report in reports.items()},
-        "model": lm.card(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return {name: report.to_json() for name, report in reports.items()}
 
 
-def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    check_destination(args.out, args.force)  # before loading anything
-    lm = _load(args)
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    _text_args(p, "--text", "default-eval", max_tokens=2048)
+    p.add_argument("--mask", required=True, help="a v1 mask JSON file")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="compact",
+        help="compact: pruned weights removed, loads with trust_remote_code=True (default); "
+        "stock: source architecture with pruned heads zeroed, no remote code, no drop-QK",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing folder (only once the export is done)")
+
+
+@command(
+    "export",
+    "write the masked model as a Hugging Face directory, with a model card",
+    _export_arguments,
+    before_load=lambda args: check_destination(args.out, args.force),
+)
+def cmd_export(args: argparse.Namespace, lm: LoadedModel) -> Result:
     mask = _mask(lm, args.mask)
     windows = _windows(lm, args, args.text)
     command = export_command(
@@ -469,82 +520,121 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         args.force,
         lm.dtype,
     )
-    start = time.perf_counter()
     result = export_model(
-        lm,
-        mask,
-        args.out,
-        args.kind,
-        force=args.force,
-        windows=windows,
-        command=command,
-        progress=_progress("export"),
+        lm, mask, args.out, args.kind, force=args.force, windows=windows, command=command, progress=_progress("export")
     )
-    return {**result.to_json(), "model": lm.card(), "seconds": round(time.perf_counter() - start, 3)}
+    return result.to_json()
 
 
-def cmd_cache_pack(args: argparse.Namespace) -> dict[str, Any]:
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    _calib_args(p)
+    _eval_args(p)
+    p.add_argument(
+        "--save", action="append", required=True, help="AXIS:AMOUNT, e.g. kv:12288; repeat for several axes at once"
+    )
+    p.add_argument("--shortlist", type=int, default=SHORTLIST, help="moves rescored per step on the whole calib")
+    p.add_argument("--proxy-windows", type=int, default=PROXY_WINDOWS, help="windows of the first, cheap scoring")
+    p.add_argument("--out", default=None, help="write the mask found as JSON here")
+    p.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
+
+
+def _check_search(args: argparse.Namespace) -> None:
+    _check_output(args)
+    parse_targets(args.save)
+
+
+@command(
+    "search",
+    "the mask of lowest calibration perplexity that saves at least a budget",
+    _search_arguments,
+    before_load=_check_search,
+)
+def cmd_search(args: argparse.Namespace, lm: LoadedModel) -> Result:
+    calib = _windows(lm, args, args.calib)
+    targets = parse_targets(args.save)
+    result = cached_search(
+        lm, calib, targets, args.seqlen, args.shortlist, args.proxy_windows, None, _progress("search"), args.no_cache
+    )
+    return {
+        **result.to_json(),
+        **_held_out(lm, args, result.mask),
+        "calib": calib.metadata(),
+        **_save_mask(result.mask, args),
+    }
+
+
+def _rescale_arguments(p: argparse.ArgumentParser) -> None:
+    _calib_args(p)
+    _eval_args(p)
+    p.add_argument("--mask", required=True, help="a mask JSON file")
+    p.add_argument("--closed-form", action="store_true", help="only the norm-matching alphas, no search")
+    p.add_argument("--out", default=None, help="write the rescaled mask JSON here")
+
+
+@command(
+    "rescale",
+    "per-layer alpha for every changed layer of a mask (closed form, then search)",
+    _rescale_arguments,
+    before_load=_check_output,
+)
+def cmd_rescale(args: argparse.Namespace, lm: LoadedModel) -> Result:
+    mask = _mask(lm, args.mask)
+    calib = _windows(lm, args, args.calib)
+    result = cached_rescale(lm, mask, calib, search=not args.closed_form, progress=_progress("alpha search"))
+    return {
+        **result.to_json(),
+        **_held_out(lm, args, result.mask),
+        "budget": budget(result.mask, lm.shape, args.seqlen).to_json(),
+        **_save_mask(result.mask, args),
+    }
+
+
+# --- the cache, without a model -------------------------------------------------------------------------
+
+
+def _cache_pack(args: argparse.Namespace, _lm: None) -> Result:
     name, fingerprint = model_fingerprint(args.model)
     dtype = None if args.dtype == "all" else args.dtype
     return pack(DiskCache(), fingerprint, Path(args.out), dtype, name).to_json()
 
 
-def cmd_cache_unpack(args: argparse.Namespace) -> dict[str, Any]:
+def _cache_unpack(args: argparse.Namespace, _lm: None) -> Result:
     return unpack(DiskCache(), Path(args.archive), args.on_conflict).to_json()
 
 
-def _drift_table(report: dict[str, Any]) -> None:
-    print(f"  KL(unpruned || masked) of the next-token distribution: {report['kl_nats_per_token']:.4f} nats/token")
-    print("  layer  |h| unpruned (q10 q50 q90)     |h| masked (q10 q50 q90)      cos")
-    for row in report["layers"]:
-        u, m = row["unpruned"], row["masked"]
-        print(
-            f"  {row['layer']:>5}  {u['l2_mean']:7.2f} ({u['l2_q10']:.1f} {u['l2_q50']:.1f} {u['l2_q90']:.1f})"
-            f"   {m['l2_mean']:7.2f} ({m['l2_q10']:.1f} {m['l2_q50']:.1f} {m['l2_q90']:.1f})   {row['cosine_mean']:.4f}"
-        )
+def _pack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model whose results to pack (as elsewhere; not loaded)")
+    p.add_argument("--dtype", default="all", choices=["all", *DTYPES], help="only results of this dtype (default all)")
+    p.add_argument("out", help="the tar file to write")
 
 
-def _print_text(out: dict[str, Any]) -> None:
-    for key, value in out.items():
-        if key == "rows":
-            print("comparison:")
-            _comparison_table(value)
-        elif isinstance(value, dict) and "layers" in value and "kl_nats_per_token" in value:
-            print(f"drift ({key}):")
-            _drift_table(value)
-        elif key == "scores":
-            print("scores (one row per layer):")
-            for i, row in enumerate(value):
-                print(f"  {i:>3}: " + ("-" if row is None else " ".join(f"{v:9.4g}" for v in row)))
-        elif key == "map":
-            print(f"map: {len(value['heads'])} heads, features {', '.join(value['feature_names'])}")
-        elif key == "trace":
-            print("trace: " + ", ".join(f"L{s['layer']} a={s['alpha']}: {s['perplexity']:.3f}" for s in value))
-        elif isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k}: {v}")
-        else:
-            print(f"{key}: {value}")
+def _unpack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("archive", help="a tar file written by `cache pack`")
+    p.add_argument(
+        "--on-conflict",
+        default="refuse",
+        choices=CONFLICT_CHOICES,
+        help="an entry that differs from a valid one in the cache: refuse the whole pack (default), "
+        "keep the cache's, or replace it with the pack's",
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers.utils import logging as hf_logging
+CACHE_COMMANDS = (
+    Command(
+        "pack", "write every cached result of one model to a tar file", _pack_arguments, _cache_pack, loads_model=False
+    ),
+    Command(
+        "unpack", "verify a pack and add its results to this cache", _unpack_arguments, _cache_unpack, loads_model=False
+    ),
+)
 
-    hf_logging.disable_progress_bar()  # stderr is for our progress and the one error line
-    args = build_parser().parse_args(argv)
-    try:
-        out = args.func(args)
-    except HeadroomError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing partial was written", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        _print_text(out)
-    return 0
+
+def _cache_commands(sub: argparse._SubParsersAction) -> None:
+    """``cache pack`` and ``cache unpack``: one model's results moved between machines (``analysis/cache_pack.py``)."""
+    cache = sub.add_parser("cache", help="move one model's cached results to another machine (pack, unpack)")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for cmd in CACHE_COMMANDS:
+        p = actions.add_parser(cmd.name, help=cmd.help)
+        cmd.arguments(p)
+        _output_args(p)
+        p.set_defaults(command=cmd)
