@@ -137,12 +137,10 @@ def _read_members(archive: Path, staging: Path) -> tuple[dict[str, Any], dict[st
     """The manifest and every entry member of ``archive``, copied under ``staging`` (never ``tar.extract``)."""
     manifest: dict[str, Any] | None = None
     staged: dict[str, Path] = {}
+    opened = False
     try:
-        tar = tarfile.open(archive, "r:*")
-    except tarfile.TarError:
-        raise _refuse(archive, "it is not a tar archive") from None
-    try:
-        with tar:
+        with tarfile.open(archive, "r:*") as tar:
+            opened = True
             for info in tar:
                 if info.name in staged or (info.name == MANIFEST and manifest is not None):
                     raise _refuse(archive, f"member {info.name} appears twice")
@@ -162,6 +160,8 @@ def _read_members(archive: Path, staging: Path) -> tuple[dict[str, Any], dict[st
     except HeadroomError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # ValueError: a manifest that is no JSON
+        if not opened:
+            raise _refuse(archive, "it is not a tar archive") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _refuse(archive, f"it is truncated or corrupt ({first})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
