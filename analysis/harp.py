@@ -388,7 +388,7 @@ def cached_chosen_harp(
     """:func:`chosen_harp` through the disk cache."""
     candidates = check_layers(candidates or range(lm.shape.num_layers), lm.shape.num_layers)
     grid = check_grid(grid)
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "choose": n, "candidates": list(candidates)}
+    parts = {**lm.cache_key(), **calib.cache_key(), "choose": n, "candidates": list(candidates)}
     parts["grid"] = list(grid)
 
     def compute() -> dict[str, Any]:
@@ -486,7 +486,7 @@ def cached_rescale(
     refresh: bool = False,
 ) -> RescaleResult:
     """:func:`rescale` through the disk cache."""
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "mask": mask.cache_key(), "search": search}
+    parts = {**lm.cache_key(), **calib.cache_key(), "mask": mask.cache_key(), "search": search}
     parts["grids"] = [list(DEFAULT_GRID), list(HEAD_GRID)]
     value = (cache or DiskCache()).json(
         "rescale", parts, lambda: rescale(lm.arch, mask, calib, search=search, progress=progress).to_json(), refresh

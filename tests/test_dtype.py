@@ -16,16 +16,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from analysis.cache import DiskCache
+from analysis.cache import DiskCache, read_entry
 from analysis.cli import main
 from analysis.corpus import load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, cached_perplexity, head_token_nll, perplexity
 from analysis.export import CARD_FILE, export_model, max_logit_difference
-from analysis.harp import cached_harp
+from analysis.harp import cached_chosen_harp, cached_harp, cached_rescale
 from analysis.importance import cached_head_result
 from analysis.loading import load_model, pick_dtype
 from analysis.masks import Mask, budget
+from analysis.search import cached_search
 from tests.conftest import random_windows
 from tests.helpers import open_page
 from tests.test_export import IDS, every_kind_of_pruning, masked_logits_and_greedy
@@ -232,3 +233,17 @@ def test_the_home_page_dtype_setting_loads_that_dtype_everywhere(llama_dir, tmp_
         at.switch_page("app_pages/4_Mask_editor.py").run()
         assert not at.exception and not at.error, at.error
         assert next(m.value for m in at.metric if m.label == "Live perplexity") == expected[dtype]
+
+
+def test_searches_are_cached_per_dtype(loaded, tmp_path):
+    """search, the greedy layer choice and rescale key their results by fingerprint and dtype like every result."""
+    cache = DiskCache(tmp_path)
+    windows = random_windows(vocab=loaded["float32"].model.config.vocab_size, n=2, length=16)
+    for lm in (loaded["float32"], loaded["bfloat16"]):
+        mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True)
+        cached_search(lm, windows, {"kv": lm.shape.head_dim * 4}, 16, shortlist=2, proxy_windows=1, cache=cache)
+        cached_chosen_harp(lm, windows, 1, [2, 3], [0.0, 1.0], cache=cache)
+        cached_rescale(lm, mask, windows, search=False, cache=cache)
+    for kind in ("search", "harp_chosen", "rescale"):
+        entries = [read_entry(p) for p in (tmp_path / "results" / kind).iterdir()]
+        assert sorted(e.parts["dtype"] for e in entries) == ["bfloat16", "float32"], kind
