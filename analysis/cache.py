@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,12 +150,32 @@ class DiskCache:
             if entry.parts == json.loads(_canonical(parts)):
                 return entry.value
             why = "key mismatch"
+        self._discard(path, why)
+        return None
+
+    def _discard(self, path: Path, why: str) -> None:
         log.warning("cache entry %s is invalid (%s); it will be recomputed", path.name, why)
         path.unlink(missing_ok=True)
-        return None
 
     def get_json(self, kind: str, parts: dict[str, Any]) -> Any | None:
         return self._get(kind, parts, ".json")
+
+    def entries(self, kind: str, where: dict[str, Any]) -> Iterator[tuple[dict[str, Any], Any]]:
+        """``(parts, value)`` of every valid JSON entry of ``kind`` whose key parts include ``where``.
+
+        The folder of a kind is the index: each entry carries its own key parts, so results can be
+        enumerated (the Pareto view collects every mask a model has) without a separate index to keep
+        in step. An invalid entry (corrupt, or a file whose name is not its key's digest) is removed, as on a read.
+        """
+        wanted = json.loads(_canonical(where))
+        for path in sorted((self.root / "results" / kind).glob("*.json")):
+            try:
+                entry = read_entry(path)
+            except InvalidEntry as e:
+                self._discard(path, str(e))
+                continue
+            if all(entry.parts.get(k) == v for k, v in wanted.items()):
+                yield entry.parts, entry.value
 
     def put_json(self, kind: str, parts: dict[str, Any], value: Any) -> None:
         body = _canonical(value)

@@ -28,16 +28,20 @@ from analysis.cache import DiskCache
 from analysis.cache_pack import CONFLICT_CHOICES, pack, unpack
 from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
-from analysis.drift import cached_harp_drift, cached_layer_drift
+from analysis.drift import cached_mask_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
 from analysis.export import KINDS, check_destination, export_command, export_model
 from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_rescale, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
+from analysis.lm_eval_tasks import write_lm_eval
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, load_model, model_fingerprint
 from analysis.masks import Mask, budget, load_mask, mask_warnings
+from analysis.pareto import pareto
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
+from analysis.task_files import cached_user_task, load_task_file
+from analysis.tasks import BUILT_IN, check_task_names, run_suite
 
 Result = dict[str, Any]
 Work = Callable[[argparse.Namespace, LoadedModel], Result]
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except HeadroomError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_options(e, args)}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing partial was written", file=sys.stderr)
@@ -167,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         for line in as_text(out, args.command.text):
             print(line)
     return 0
+
+
+OPTION_OF = {"targets": "save"}
+"""The option of a backend setting whose name is not the option's (the rest: ``max_tokens`` is --max-tokens)."""
+
+
+def _options(e: HeadroomError, args: argparse.Namespace) -> str:
+    """argparse's wording, ``argument --seqlen: ``, for the settings of ``e`` that are options of this command."""
+    names = [OPTION_OF.get(s, s) for s in e.settings]
+    flags = ["--" + name.replace("_", "-") for name in names if name in vars(args)]
+    return f"argument{'s' * (len(flags) > 1)} {', '.join(flags)}: " if flags else ""
 
 
 def as_text(out: Result, special: Mapping[str, Lines]) -> Iterator[str]:
@@ -260,10 +275,16 @@ def _mask(lm: LoadedModel, path: str) -> Mask:
     return mask
 
 
-def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str, max_tokens: int | None = None) -> Windows:
-    """Windows of text ``spec``; ``max_tokens`` defaults to ``--max-tokens``."""
-    text = load_text(spec, args.encoding)
-    return make_windows(lm.tokenizer, text, args.seqlen, max_tokens or args.max_tokens, lm.max_positions)
+def _windows(lm: LoadedModel, args: argparse.Namespace, which: str = "text") -> Windows:
+    """Windows of the text of option ``which`` (text, calib or eval; eval has its own --eval-max-tokens)."""
+    max_tokens = args.eval_max_tokens if which == "eval" else args.max_tokens
+    try:
+        text = load_text(getattr(args, which), args.encoding)
+        return make_windows(lm.tokenizer, text, args.seqlen, max_tokens, lm.max_positions)
+    except HeadroomError as e:
+        if which == "eval":
+            e.settings = tuple("eval_max_tokens" if s == "max_tokens" else s for s in e.settings)
+        raise
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -305,7 +326,7 @@ def _layers(lm: LoadedModel, args: argparse.Namespace) -> list[int]:
 
 
 def _held_out(lm: LoadedModel, args: argparse.Namespace, mask: Mask) -> Result:
-    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    evaluation = _windows(lm, args, "eval")
     result = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, progress=_progress("held-out eval"))
     return {"eval_perplexity": result.perplexity, "eval": evaluation.metadata()}
 
@@ -360,7 +381,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "protocol perplexity of a model, optionally under a mask, with its budget", _eval_arguments)
 def cmd_eval(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     mask = _mask(lm, args.mask) if args.mask else Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
     result = cached_perplexity(
         lm.arch, lm.fingerprint, windows, mask, progress=_progress("eval"), refresh=args.no_cache
@@ -383,7 +404,7 @@ def _harp_arguments(p: argparse.ArgumentParser) -> None:
     before_load=_check_output,
 )
 def cmd_harp(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     if args.choose_layers:
         bar = _progress("layer selection + alpha search")
         result = cached_chosen_harp(lm, calib, args.choose_layers, None, args.grid, progress=bar, refresh=args.no_cache)
@@ -414,8 +435,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     text={"rows": _comparison_table},
 )
 def cmd_compare(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
-    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    calib = _windows(lm, args, "calib")
+    evaluation = _windows(lm, args, "eval")
     result = compare(lm, calib, evaluation, _layers(lm, args), args.match, args.grid, _progress("evaluations"))
     return {**result.to_json(), "calib": calib.metadata(), "eval": evaluation.metadata()}
 
@@ -433,7 +454,7 @@ def _importance_arguments(p: argparse.ArgumentParser) -> None:
     text={"scores": _score_rows},
 )
 def cmd_importance(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     result = cached_head_result(lm, windows, args.metric, args.layers, progress=_progress(args.metric))
     return {**result.to_json(), "windows": windows.metadata()}
 
@@ -457,7 +478,7 @@ def _head_map_arguments(p: argparse.ArgumentParser) -> None:
     text={"map": _map_summary},
 )
 def cmd_head_map(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     head_map = cached_head_map(lm, windows, args.metrics, args.clusters, args.seed, progress=_progress("head map"))
     return {"map": head_map.to_json(), "cluster_members": head_map.cluster_members(), "windows": windows.metadata()}
 
@@ -475,14 +496,7 @@ def _drift_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_drift(args: argparse.Namespace, lm: LoadedModel) -> Result:
     """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
-    windows = _windows(lm, args, args.text)
-    mask = _mask(lm, args.mask)
-    if mask.drop_qk:
-        pair = cached_harp_drift(lm, windows, mask)
-        reports = {"mask": pair["pruned_with_rescaling"], "without_rescaling": pair["pruned_without_rescaling"]}
-    else:
-        reports = {"mask": cached_layer_drift(lm, windows, mask)}
-    return {name: report.to_json() for name, report in reports.items()}
+    return cached_mask_drift(lm, _windows(lm, args), _mask(lm, args.mask)).to_json()
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -507,7 +521,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_export(args: argparse.Namespace, lm: LoadedModel) -> Result:
     mask = _mask(lm, args.mask)
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     command = export_command(
         args.model,
         args.mask,
@@ -550,7 +564,7 @@ def _check_search(args: argparse.Namespace) -> None:
     before_load=_check_search,
 )
 def cmd_search(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     targets = parse_targets(args.save)
     result = cached_search(
         lm, calib, targets, args.seqlen, args.shortlist, args.proxy_windows, None, _progress("search"), args.no_cache
@@ -579,13 +593,95 @@ def _rescale_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_rescale(args: argparse.Namespace, lm: LoadedModel) -> Result:
     mask = _mask(lm, args.mask)
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     result = cached_rescale(lm, mask, calib, search=not args.closed_form, progress=_progress("alpha search"))
     return {
         **result.to_json(),
         **_held_out(lm, args, result.mask),
         "budget": budget(result.mask, lm.shape, args.seqlen).to_json(),
         **_save_mask(result.mask, args),
+    }
+
+
+def _pareto_arguments(p: argparse.ArgumentParser) -> None:
+    _text_args(p, "--eval", "default-eval", max_tokens=2048)
+    p.add_argument("--axis", choices=AXES, default="kv", help="the saving axis (default kv)")
+    p.add_argument("--all", action="store_true", help="list every point as text, not only the front (JSON: always)")
+
+
+def _pareto_lines(points: list[dict[str, Any]]) -> Iterator[str]:
+    yield "  (* on the front)  held-out ppl       saving  method: mask"
+    for p in points:
+        mark = "*" if p["on_front"] else " "
+        yield f"  {mark} {p['eval_perplexity']:12.3f} {p['saving']:>12,}  {p['method']}: {p['label']}"
+
+
+@command(
+    "pareto",
+    "every cached mask of the model: held-out perplexity vs saving on an axis, and the Pareto front",
+    _pareto_arguments,
+    text={"points": _pareto_lines},
+)
+def cmd_pareto(args: argparse.Namespace, lm: LoadedModel) -> Result:
+    result = pareto(lm, _windows(lm, args, args.eval), args.axis, progress=_progress("held-out evals"))
+    out = result.to_json()
+    if not args.json:  # as text: the front (every point with --all), without the masks
+        shown = range(len(result.points)) if args.all else result.front
+        points = [{k: v for k, v in out["points"][i].items() if k != "mask"} for i in shown]
+        out["points"] = [{**p, "on_front": i in result.front} for i, p in zip(shown, points, strict=True)]
+        del out["front"]
+    return out
+
+
+def _tasks_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask", default=None, help="a mask JSON file (default: unpruned)")
+    p.add_argument(
+        "--tasks", type=_name_list, default=list(BUILT_IN), help=f"comma-separated (default {','.join(BUILT_IN)})"
+    )
+    p.add_argument(
+        "--task-file",
+        action="append",
+        default=[],
+        help='a JSONL file of {"prompt", "target"} or {"prompt", "choices", "answer"} items; repeat for several',
+    )
+    p.add_argument(
+        "--write-lm-eval",
+        metavar="DIR",
+        default=None,
+        help="instead of scoring, write the tasks (and task files) as lm-evaluation-harness YAMLs with data into DIR",
+    )
+    p.add_argument("--no-cache", action="store_true", help="recompute even if the results are cached")
+
+
+def _check_tasks(args: argparse.Namespace) -> None:
+    """Bad task names and task files stop before the model loads; the parsed files ride on ``args``."""
+    args.tasks = check_task_names(args.tasks)
+    args.user_tasks = tuple(load_task_file(path) for path in args.task_file)
+
+
+def _task_names(tasks: Result) -> Iterator[str]:
+    yield f"  {', '.join(tasks)} (every number with --json)"
+
+
+@command(
+    "tasks",
+    "offline tasks under a mask: passkey, induction, last word, continuation, long-context perplexity",
+    _tasks_arguments,
+    text={"tasks": _task_names},
+    before_load=_check_tasks,
+)
+def cmd_tasks(args: argparse.Namespace, lm: LoadedModel) -> Result:
+    if args.write_lm_eval:
+        return write_lm_eval(lm, args.write_lm_eval, args.user_tasks).to_json()
+    mask = _mask(lm, args.mask) if args.mask else None
+    results = {**run_suite(lm, args.tasks, mask, progress=_progress("tasks"), refresh=args.no_cache)}
+    for task in args.user_tasks:
+        bar = _progress(task.name)
+        results[f"user:{task.name}"] = cached_user_task(lm, task, mask, progress=bar, refresh=args.no_cache)
+    return {
+        "headline": {k: v for result in results.values() for k, v in result.headline().items()},
+        "tasks": {name: result.to_json() for name, result in results.items()},
+        "mask": mask.summary() if mask else "unpruned",
     }
 
 

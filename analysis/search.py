@@ -113,14 +113,15 @@ def parse_targets(specs: Sequence[str]) -> dict[str, int]:
         axis, _, amount = spec.partition(":")
         if axis not in AXES or not amount.strip().isdigit() or int(amount) <= 0:
             raise HeadroomError(
-                f"--save {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
-                "integer, e.g. --save kv:12288"
+                f"budget {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
+                "integer, e.g. kv:12288",
+                settings=("targets",),
             )
         if axis in targets:
-            raise HeadroomError(f"--save names axis '{axis}' twice; give each axis once")
+            raise HeadroomError(f"the budget names axis '{axis}' twice; give each axis once", settings=("targets",))
         targets[axis] = int(amount)
     if not targets:
-        raise HeadroomError("give at least one budget, e.g. --save kv:12288")
+        raise HeadroomError("give at least one budget, e.g. kv:12288", settings=("targets",))
     return targets
 
 

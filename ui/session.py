@@ -26,7 +26,6 @@ MAX_TOKENS = "max_tokens"
 MASK = "mask_json"
 HISTORY = "mask_history"  # earlier masks of this session, for undo
 HARP_RUN = "harp_run"  # the session's last HARP request (a ui.backend.HarpRun)
-LIVE_TOKENS = "live_tokens"  # evaluation tokens of the editor's live perplexity
 MESSAGE = "pending_error"  # an error raised in a widget callback, shown on the next run
 UPLOADS = "uploaded_texts"  # the paths of the texts this session uploaded, oldest first
 LINK_READ = "url_read"  # set once the session's first page load has looked for a mask in the URL
@@ -38,7 +37,6 @@ DEFAULTS: dict[str, object] = {
     CALIB_TEXT: "default-calib",
     SEQLEN: 256,
     MAX_TOKENS: 2048,
-    LIVE_TOKENS: 1024,
 }
 UNDO_DEPTH = 100
 
