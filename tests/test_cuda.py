@@ -28,7 +28,7 @@ from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
 from analysis.search import search
-from analysis.tasks import token_nll
+from analysis.task_scoring import target_logits
 from tests.conftest import FAMILY_TYPES, random_windows
 from tests.test_loading import save_checkpoint
 
@@ -146,13 +146,13 @@ def test_an_export_made_on_the_device_runs_on_the_cpu_like_the_masked_model(chec
     torch.testing.assert_close(got, want, rtol=REL, atol=1e-4)
 
 
-def test_task_primitives_on_the_device_equal_the_cpu(checkpoints, tmp_path):
+def test_task_scoring_on_the_device_equals_the_cpu(checkpoints, tmp_path):
+    """The float32 logits every task scores its targets with, under a mask."""
     cpu, dev = pair(checkpoints["smollm3"], tmp_path)
-    ids = windows().input_ids
+    context, target = list(range(3, 20)), [21, 22, 23]
     mask = some_mask(cpu)
     with apply_mask(cpu.arch, mask):
-        want = token_nll(cpu, ids)
+        want = target_logits(cpu, context, target)
     with apply_mask(dev.arch, mask):
-        got = token_nll(dev, ids)
-    assert got.device.type == "cpu"
-    torch.testing.assert_close(got, want, rtol=REL, atol=1e-5)
+        got = target_logits(dev, context, target).cpu()
+    torch.testing.assert_close(got, want, rtol=REL, atol=1e-4)
