@@ -276,8 +276,12 @@ def _mask(lm: LoadedModel, path: str) -> Mask:
 
 
 def _windows(lm: LoadedModel, args: argparse.Namespace, which: str = "text") -> Windows:
-    """Windows of the text of option ``which`` (text, calib or eval; eval has its own --eval-max-tokens)."""
-    max_tokens = args.eval_max_tokens if which == "eval" else args.max_tokens
+    """Windows of the text of option ``which`` (text, calib or eval).
+
+    Beside a calibration text the evaluation text has its own ``--eval-max-tokens``; alone (``pareto``) it
+    takes ``--max-tokens`` like any other text.
+    """
+    max_tokens = args.eval_max_tokens if which == "eval" and "eval_max_tokens" in args else args.max_tokens
     try:
         text = load_text(getattr(args, which), args.encoding)
         return make_windows(lm.tokenizer, text, args.seqlen, max_tokens, lm.max_positions)
@@ -623,7 +627,7 @@ def _pareto_lines(points: list[dict[str, Any]]) -> Iterator[str]:
     text={"points": _pareto_lines},
 )
 def cmd_pareto(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    result = pareto(lm, _windows(lm, args, args.eval), args.axis, progress=_progress("held-out evals"))
+    result = pareto(lm, _windows(lm, args, "eval"), args.axis, progress=_progress("held-out evals"))
     out = result.to_json()
     if not args.json:  # as text: the front (every point with --all), without the masks
         shown = range(len(result.points)) if args.all else result.front
