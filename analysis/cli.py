@@ -24,6 +24,8 @@ from typing import Any
 from tqdm import tqdm
 
 from analysis.baselines import AXES
+from analysis.cache import DiskCache
+from analysis.cache_pack import CONFLICT_CHOICES, pack, unpack
 from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
 from analysis.drift import cached_mask_drift
@@ -34,7 +36,7 @@ from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.lm_eval_tasks import write_lm_eval
-from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
+from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, load_model, model_fingerprint
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.pareto import pareto
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
@@ -60,6 +62,8 @@ class Command:
     """How the result's keys that are not plain values or flat dicts read as text (the rest: ``key: value``)."""
     before_load: Callable[[argparse.Namespace], None] | None = None
     """Checks of the arguments alone, run before the model loads (e.g. an output path we could not write)."""
+    loads_model: bool = True
+    """False for commands on the cache alone (``cache pack``, ``cache unpack``): ``work`` gets ``lm=None``."""
 
 
 COMMANDS: dict[str, Command] = {}
@@ -111,6 +115,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a model directory's own Python code to run (off by default)",
     )
+    _output_args(p)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--debug", action="store_true", help="show the traceback of errors")
 
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         cmd.arguments(p)
         p.set_defaults(command=cmd)
+    _cache_commands(sub)
     return parser
 
 
@@ -133,6 +142,8 @@ def execute(cmd: Command, args: argparse.Namespace) -> Result:
     """Run ``cmd``: its checks, the model, its work; the result with the model card and the seconds of work."""
     if cmd.before_load is not None:
         cmd.before_load(args)
+    if not cmd.loads_model:
+        return cmd.work(args, None)
     lm = _load(args)
     start = time.perf_counter()
     result = cmd.work(args, lm)
@@ -676,3 +687,54 @@ def cmd_tasks(args: argparse.Namespace, lm: LoadedModel) -> Result:
         "tasks": {name: result.to_json() for name, result in results.items()},
         "mask": mask.summary() if mask else "unpruned",
     }
+
+
+# --- the cache, without a model -------------------------------------------------------------------------
+
+
+def _cache_pack(args: argparse.Namespace, _lm: None) -> Result:
+    name, fingerprint = model_fingerprint(args.model)
+    dtype = None if args.dtype == "all" else args.dtype
+    return pack(DiskCache(), fingerprint, Path(args.out), dtype, name).to_json()
+
+
+def _cache_unpack(args: argparse.Namespace, _lm: None) -> Result:
+    return unpack(DiskCache(), Path(args.archive), args.on_conflict).to_json()
+
+
+def _pack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model whose results to pack (as elsewhere; not loaded)")
+    p.add_argument("--dtype", default="all", choices=["all", *DTYPES], help="only results of this dtype (default all)")
+    p.add_argument("out", help="the tar file to write")
+
+
+def _unpack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("archive", help="a tar file written by `cache pack`")
+    p.add_argument(
+        "--on-conflict",
+        default="refuse",
+        choices=CONFLICT_CHOICES,
+        help="an entry that differs from a valid one in the cache: refuse the whole pack (default), "
+        "keep the cache's, or replace it with the pack's",
+    )
+
+
+CACHE_COMMANDS = (
+    Command(
+        "pack", "write every cached result of one model to a tar file", _pack_arguments, _cache_pack, loads_model=False
+    ),
+    Command(
+        "unpack", "verify a pack and add its results to this cache", _unpack_arguments, _cache_unpack, loads_model=False
+    ),
+)
+
+
+def _cache_commands(sub: argparse._SubParsersAction) -> None:
+    """``cache pack`` and ``cache unpack``: one model's results moved between machines (``analysis/cache_pack.py``)."""
+    cache = sub.add_parser("cache", help="move one model's cached results to another machine (pack, unpack)")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for cmd in CACHE_COMMANDS:
+        p = actions.add_parser(cmd.name, help=cmd.help)
+        cmd.arguments(p)
+        _output_args(p)
+        p.set_defaults(command=cmd)

@@ -33,15 +33,18 @@ from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
 from analysis.task_suite import TaskResult, run_suite, stored_task
 from ui.progress import Job, progress_bar
-from ui.session import CALIB_TEXT, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
+from ui.session import CALIB_TEXT, DTYPE, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
 
 _WARMED = "live_warmed_for"  # the settings the live evaluator was last started for in this session
 
 
 @st.cache_resource(show_spinner="Loading the model (the first start converts the GGUF, about 30 s)…")
-def shared_model(spec: str) -> LoadedModel:
-    """One model per spec per process, shared read-only by every session (masks go through hooks)."""
-    return load_model(spec)
+def shared_model(spec: str, dtype: str = "auto") -> LoadedModel:
+    """One model per spec and dtype per process, shared read-only by every session (masks go through hooks).
+
+    It goes to the CUDA GPU where there is one; dtype ``auto`` is then bfloat16, float32 on the CPU.
+    """
+    return load_model(spec, device="auto", dtype=dtype)
 
 
 def access() -> Access:
@@ -54,7 +57,7 @@ def model() -> LoadedModel:
 
     Also starts building the live evaluator in the background (:func:`warm_live`).
     """
-    lm = shared_model(access().model(str(choice(MODEL))))
+    lm = shared_model(access().model(str(choice(MODEL))), str(choice(DTYPE)))
     warm_live(lm)
     return lm
 
@@ -115,12 +118,12 @@ class _LiveSlot:
 
 
 @st.cache_resource(max_entries=4)
-def _live_slot(fingerprint: str, windows_key: str) -> _LiveSlot:
+def _live_slot(model_key: str, windows_key: str) -> _LiveSlot:
     return _LiveSlot()
 
 
 def _slot(lm: LoadedModel, evaluation: Windows) -> _LiveSlot:
-    return _live_slot(lm.fingerprint, json.dumps(evaluation.cache_key(), sort_keys=True))
+    return _live_slot(json.dumps(lm.cache_key(), sort_keys=True), json.dumps(evaluation.cache_key(), sort_keys=True))
 
 
 def warm_live(lm: LoadedModel) -> None:
@@ -129,7 +132,7 @@ def warm_live(lm: LoadedModel) -> None:
     Called when a page gets the model, so that the editor's first click does not wait on the
     capturing pass. A bad text is not reported here but by the page that uses it.
     """
-    setting = [str(choice(k)) for k in (MODEL, EVAL_TEXT, SEQLEN, MAX_TOKENS)]
+    setting = [str(choice(k)) for k in (MODEL, DTYPE, EVAL_TEXT, SEQLEN, MAX_TOKENS)]
     if st.session_state.get(_WARMED) == setting:
         return
     st.session_state[_WARMED] = setting  # first, as windows() itself asks for the model
@@ -275,12 +278,14 @@ def drift_job(lm: LoadedModel, mask: Mask) -> Job:
 def window_drift(lm: LoadedModel, evaluation: Windows, mask: Mask, window: int) -> PositionDrift:
     """Per-position drift of one window, memoised per process for this model, windows, mask and window."""
     key = json.dumps([evaluation.cache_key(), mask.cache_key()], sort_keys=True)
-    return _window_drift(lm.fingerprint, key, window, _lm=lm, _windows=evaluation, _mask=mask)
+    return _window_drift(
+        json.dumps(lm.cache_key(), sort_keys=True), key, window, _lm=lm, _windows=evaluation, _mask=mask
+    )
 
 
 @st.cache_data(max_entries=32, show_spinner="Measuring drift along one window…")
 def _window_drift(
-    fingerprint: str, key: str, window: int, *, _lm: LoadedModel, _windows: Windows, _mask: Mask
+    model_key: str, key: str, window: int, *, _lm: LoadedModel, _windows: Windows, _mask: Mask
 ) -> PositionDrift:
     return position_drift(_lm.arch, _windows, _mask, window)
 

@@ -18,6 +18,7 @@ from analysis.loading import DEFAULT_MODEL, LoadedModel
 from analysis.masks import QUERY_KEYS, Mask, mask_from_query, mask_to_query, parse_mask
 
 MODEL = "model_spec"
+DTYPE = "dtype"  # the weights' dtype: auto (bfloat16 on a CUDA GPU, float32 on the CPU), float32, bfloat16, float16
 EVAL_TEXT = "eval_text"
 CALIB_TEXT = "calib_text"
 SEQLEN = "seqlen"
@@ -31,6 +32,7 @@ LINK_READ = "url_read"  # set once the session's first page load has looked for 
 
 DEFAULTS: dict[str, object] = {
     MODEL: DEFAULT_MODEL,
+    DTYPE: "auto",
     EVAL_TEXT: "default-eval",
     CALIB_TEXT: "default-calib",
     SEQLEN: 256,
