@@ -75,9 +75,12 @@ def upload(key: str) -> None:
 
 
 def prefill_layer_form(mask: Mask, layer: int) -> None:
-    """Show the chosen layer's mode and alpha in the layer form, whenever the layer or its settings change."""
+    """Show the chosen layer's mode and alpha in the layer form, whenever the layer or its settings change.
+
+    Streamlit drops a widget's state on a run of another page, so back from there the form is filled again.
+    """
     spec = mask.layer(layer)
-    if st.session_state.get("mode_prefilled") != (layer, spec):
+    if st.session_state.get("mode_prefilled") != (layer, spec) or "mode_alpha" not in st.session_state:
         st.session_state["mode_prefilled"] = (layer, spec)
         st.session_state.mode_mode = editor.mode_of(mask, layer)
         st.session_state.mode_alpha = float(spec.alpha)
