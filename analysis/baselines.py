@@ -180,6 +180,7 @@ def matched_baselines(
     axis: str,
     seq_len: int,
     stats: OProjStats | None = None,
+    measured: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Mask]:
     """Every baseline, matched to what ``reference`` saves on ``axis`` at ``seq_len``.
 
@@ -189,7 +190,8 @@ def matched_baselines(
     FLAP with its bias compensation (``"flap_wifv-global-compensated"``, matched with the bias counted),
     and attention-layer removal by attention Block Influence (``"block_influence-attention"``); all
     scores come from ``calib`` on the unpruned model (``stats`` reuses o_proj input statistics already
-    measured on it). A baseline that cannot reach the target without pruning every head (or every
+    measured on it, ``measured`` head scores by metric already measured on it, e.g. read from the
+    importance cache). A baseline that cannot reach the target without pruning every head (or every
     layer's attention) is left out with a warning, since large KV savings are often out of reach of
     head pruning.
 
@@ -210,9 +212,11 @@ def matched_baselines(
         except HeadroomError as e:
             log.warning("baseline %s left out: %s", name, e)
 
-    known: dict[str, torch.Tensor] = {}
+    known: dict[str, torch.Tensor] = dict(measured or {})
     for metric in BASELINE_METRICS:
-        scores = known[metric] = HEAD_METRICS[metric].scores(arch, calib, stats, known)
+        if metric not in known:
+            known[metric] = HEAD_METRICS[metric].scores(arch, calib, stats, known)
+        scores = known[metric]
         allocations = ("global",) if HEAD_METRICS[metric].rescales else ALLOCATIONS
         for allocation in allocations:
             name = f"{metric}-{allocation}"

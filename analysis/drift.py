@@ -34,7 +34,7 @@ from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
-from analysis.evaluation import batches
+from analysis.evaluation import Progress, batches
 from analysis.hooks import hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
@@ -181,12 +181,15 @@ def _kl_sum(arch: Architecture, unpruned: torch.Tensor, masked: torch.Tensor) ->
 
 
 @torch.no_grad()
-def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> list[DriftReport]:
-    """Drift of each mask against one unpruned pass per batch."""
+def _reports(
+    arch: Architecture, windows: Windows, masks: Sequence[Mask], progress: Progress | None = None
+) -> list[DriftReport]:
+    """Drift of each mask against one unpruned pass per batch; ``progress`` counts windows done."""
     unpruned_l2: list[torch.Tensor] = []  # per batch, [num_layers, tokens of the batch]
     masked_l2: list[list[torch.Tensor]] = [[] for _ in masks]
     cosine: list[list[torch.Tensor]] = [[] for _ in masks]
     kl = [0.0 for _ in masks]
+    done = 0
     for ids in batches(windows):
         reference, last = _unpruned_pass(arch, ids)
         unpruned_l2.append(_l2(reference).flatten(1))
@@ -196,6 +199,9 @@ def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> lis
             cosine[k].append(cos.flatten(1))
             kl[k] += _kl_sum(arch, last, masked_last)
         del reference, last  # free this batch before the next one is captured
+        done += ids.shape[0]
+        if progress:
+            progress(done, windows.num_windows)
 
     tokens = windows.input_ids.numel()
     base = torch.cat(unpruned_l2, dim=1)
@@ -220,9 +226,9 @@ def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> lis
     return reports
 
 
-def layer_drift(arch: Architecture, windows: Windows, mask: Mask) -> DriftReport:
+def layer_drift(arch: Architecture, windows: Windows, mask: Mask, progress: Progress | None = None) -> DriftReport:
     """Residual-stream norm and cosine drift of ``mask`` at every layer over all tokens of ``windows``."""
-    return _reports(arch, windows, [mask])[0]
+    return _reports(arch, windows, [mask], progress)[0]
 
 
 @torch.no_grad()
@@ -273,9 +279,9 @@ def _pair(reports: Sequence[DriftReport]) -> MaskDrift:
     return MaskDrift(reports[0], reports[1] if len(reports) > 1 else None)
 
 
-def mask_drift(arch: Architecture, windows: Windows, mask: Mask) -> MaskDrift:
-    """:class:`MaskDrift` of ``mask``; both reports come from one unpruned pass."""
-    return _pair(_reports(arch, windows, _compared(mask)))
+def mask_drift(arch: Architecture, windows: Windows, mask: Mask, progress: Progress | None = None) -> MaskDrift:
+    """:class:`MaskDrift` of ``mask``; both reports come from one unpruned pass (``progress`` counts windows)."""
+    return _pair(_reports(arch, windows, _compared(mask), progress))
 
 
 def _drift_parts(lm: LoadedModel, windows: Windows, mask: Mask) -> dict[str, Any]:
@@ -287,15 +293,26 @@ def _named(value: dict[str, Any], windows: Windows) -> DriftReport:
 
 
 def cached_layer_drift(
-    lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None, refresh: bool = False
+    lm: LoadedModel,
+    windows: Windows,
+    mask: Mask,
+    cache: DiskCache | None = None,
+    refresh: bool = False,
+    progress: Progress | None = None,
 ) -> DriftReport:
     """:func:`layer_drift`, read from the disk cache when this model, text, windowing and mask were seen."""
     parts = _drift_parts(lm, windows, mask)
-    value = (cache or DiskCache()).json("drift", parts, lambda: layer_drift(lm.arch, windows, mask).to_json(), refresh)
+
+    def compute() -> dict[str, Any]:
+        return layer_drift(lm.arch, windows, mask, progress).to_json()
+
+    value = (cache or DiskCache()).json("drift", parts, compute, refresh)
     return _named(value, windows)
 
 
-def cached_mask_drift(lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None) -> MaskDrift:
+def cached_mask_drift(
+    lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None, progress: Progress | None = None
+) -> MaskDrift:
     """:func:`mask_drift` through the same cache entries as :func:`cached_layer_drift` (one per mask).
 
     When a report is missing all are computed together, on one unpruned pass.
@@ -303,6 +320,6 @@ def cached_mask_drift(lm: LoadedModel, windows: Windows, mask: Mask, cache: Disk
     cache = cache or DiskCache()
     parts = [_drift_parts(lm, windows, m) for m in _compared(mask)]
     if any(cache.get_json("drift", p) is None for p in parts):
-        for p, report in zip(parts, _reports(lm.arch, windows, _compared(mask)), strict=True):
+        for p, report in zip(parts, _reports(lm.arch, windows, _compared(mask), progress), strict=True):
             cache.put_json("drift", p, report.to_json())
     return _pair([_named(cache.get_json("drift", p), windows) for p in parts])

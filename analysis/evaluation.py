@@ -194,8 +194,8 @@ class IncrementalEvaluator:
     to, so batches may be brought up to date one at a time (``tokens_per_batch`` of one window
     gives the live evaluator its window-by-window answers) and a refresh can be cancelled between
     layers. One call at a time: the methods change that state, so an evaluator shared by several
-    sessions is used under a lock (``analysis.live.LivePerplexity`` and ``ui.backend.live_perplexity``
-    hold one), which makes concurrent callers take turns on it.
+    sessions is used under a lock (``analysis.live.LivePerplexity`` holds one), which makes
+    concurrent callers take turns on it.
     """
 
     def __init__(

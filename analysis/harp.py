@@ -390,7 +390,7 @@ def cached_chosen_harp(
     """:func:`chosen_harp` through the disk cache."""
     candidates = check_layers(candidates or range(lm.shape.num_layers), lm.shape.num_layers)
     grid = check_grid(grid)
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "choose": n, "candidates": list(candidates)}
+    parts = {**lm.cache_key(), **calib.cache_key(), "choose": n, "candidates": list(candidates)}
     parts["grid"] = list(grid)
 
     def compute() -> dict[str, Any]:

@@ -383,7 +383,7 @@ def cached_search(
 ) -> SearchResult:
     """:func:`search` through the disk cache; an interrupted search is returned but never stored."""
     cache = cache or DiskCache()
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "targets": targets, "seq_len": seq_len}
+    parts = {**lm.cache_key(), **calib.cache_key(), "targets": targets, "seq_len": seq_len}
     parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": list(MOVE_KINDS)}
     value = None if refresh else cache.get_json("search", parts)
     if value is None:
