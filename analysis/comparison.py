@@ -49,14 +49,14 @@ class ComparisonRow:
 @dataclass(frozen=True)
 class Comparison:
     match: str
-    seq_len: int
+    seqlen: int
     harp: HarpResult
     rows: tuple[ComparisonRow, ...]  # unpruned first, then HARP, then the baselines
 
     def to_json(self) -> dict[str, Any]:
         return {
             "match": self.match,
-            "seq_len": self.seq_len,
+            "seqlen": self.seqlen,
             "layers": list(self.harp.layers),
             "alpha": {str(k): v for k, v in sorted(self.harp.alpha.items())},
             "calib_perplexity": self.harp.calib_perplexity,
@@ -79,7 +79,7 @@ def cached_baselines(
     calib: Windows,
     reference: Mask,
     axis: str,
-    seq_len: int,
+    seqlen: int,
     cache: DiskCache | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Mask]:
@@ -89,11 +89,11 @@ def cached_baselines(
     """
     cache = cache or DiskCache()
     parts = {**lm.cache_key(), **calib.cache_key(), "reference": reference.cache_key(), "axis": axis}
-    parts |= {"seq_len": seq_len, "scorers": list(BASELINE_METRICS), "format": 2}  # 2: FLAP as its code, v2 masks
+    parts |= {"seqlen": seqlen, "scorers": list(BASELINE_METRICS), "format": 2}  # 2: FLAP as its code, v2 masks
 
     def compute() -> dict[str, Any]:
         measured = shared_scores(lm, calib, cache, progress)
-        found = matched_baselines(lm.arch, lm.name, calib, reference, axis, seq_len, measured=measured)
+        found = matched_baselines(lm.arch, lm.name, calib, reference, axis, seqlen, measured=measured)
         return {name: mask.to_json() for name, mask in found.items()}
 
     value = cache.json("baselines", parts, compute)
@@ -119,7 +119,7 @@ def compare(
     """
     if axis not in AXES:
         raise HeadroomError(f"unknown budget axis '{axis}'; use one of {', '.join(AXES)}")
-    seq_len = evaluation.seqlen
+    seqlen = evaluation.seqlen
     cache = cache or DiskCache()
     result = result or cached_harp(lm, calib, layers, grid, cache)
     norm_matched = result.mask
@@ -129,7 +129,7 @@ def compare(
         "unpruned": Mask.unpruned(lm.shape, lm.name, lm.fingerprint),
         "harp": result.mask,
         "harp-norm-matching-alpha": norm_matched,
-        **cached_baselines(lm, calib, result.mask, axis, seq_len, cache),
+        **cached_baselines(lm, calib, result.mask, axis, seqlen, cache),
     }
     rows = []
     total = len(masks) * evaluation.num_windows
@@ -140,5 +140,5 @@ def compare(
                 progress(before + done * evaluation.num_windows // batches, total)
 
         ppl = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, cache, step).perplexity
-        rows.append(ComparisonRow(name, ppl, budget(mask, lm.shape, seq_len), mask))
-    return Comparison(match=axis, seq_len=seq_len, harp=result, rows=tuple(rows))
+        rows.append(ComparisonRow(name, ppl, budget(mask, lm.shape, seqlen), mask))
+    return Comparison(match=axis, seqlen=seqlen, harp=result, rows=tuple(rows))

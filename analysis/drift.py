@@ -102,7 +102,7 @@ class DriftReport:
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no field-wise ==
 class PositionDrift:
-    """Drift of one window, per layer and token position; float64 tensors ``[num_layers, seq_len]``."""
+    """Drift of one window, per layer and token position; float64 tensors ``[num_layers, seqlen]``."""
 
     window: int
     input_ids: tuple[int, ...]
@@ -141,7 +141,7 @@ def _unpruned_pass(arch: Architecture, ids: torch.Tensor) -> tuple[list[torch.Te
 
 
 def _l2(reference: list[torch.Tensor]) -> torch.Tensor:
-    """Per-token L2 norms of layer outputs, float64 ``[num_layers, batch, seq_len]`` on the CPU."""
+    """Per-token L2 norms of layer outputs, float64 ``[num_layers, batch, seqlen]`` on the CPU."""
     return torch.stack([torch.linalg.vector_norm(h.double(), dim=-1).cpu() for h in reference])
 
 
@@ -149,7 +149,7 @@ def _masked_pass(
     arch: Architecture, ids: torch.Tensor, mask: Mask, reference: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token norm of every masked layer output and its cosine with ``reference`` (both float64
-    ``[num_layers, batch, seq_len]`` on the CPU), and the masked final-normed hidden state."""
+    ``[num_layers, batch, seqlen]`` on the CPU), and the masked final-normed hidden state."""
     l2 = torch.empty(arch.shape.num_layers, *ids.shape, dtype=torch.float64)
     cosine = torch.empty_like(l2)
 

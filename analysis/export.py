@@ -424,7 +424,7 @@ def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[L
         ]
     lines += [
         "",
-        f"## Budget (attention FLOPs at sequence length {b.seq_len})",
+        f"## Budget (attention FLOPs at sequence length {b.seqlen})",
         "",
         "| axis | source | export | saved |",
         "|---|---:|---:|---:|",

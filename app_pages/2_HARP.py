@@ -130,7 +130,7 @@ if st.button("Compare with the baselines") or st.session_state.get("compared") =
     st.plotly_chart(plots.matched_budget(rows, axis))
     st.caption(
         f"Lower is better. Every baseline saves at least what HARP (the red star) saves in {AXIS_LABELS[axis]} "
-        f"(at sequence length {comparison.seq_len:,}; each row says how much), so the methods left of the star beat "
+        f"(at sequence length {comparison.seqlen:,}; each row says how much), so the methods left of the star beat "
         "HARP at its own budget. The dotted line is the unpruned model."
     )
     table = st.dataframe(

@@ -32,7 +32,7 @@ for col, (label, value, saved, total) in zip(
         ("Parameters", b.params_total - b.params_removed, b.params_removed, b.params_total),
         ("KV cache bytes per token", b.kv_bytes_per_token, b.kv_bytes_per_token_saved, b.kv_bytes_per_token_unpruned),
         (
-            f"Attention FLOPs per token at {b.seq_len:,}",
+            f"Attention FLOPs per token at {b.seqlen:,}",
             b.attention_flops_per_token,
             b.attention_flops_per_token_saved,
             b.attention_flops_per_token_unpruned,

@@ -107,7 +107,7 @@ def test_eval_json_reports_protocol_perplexity_with_its_metadata(capsys, checkpo
     assert out["model"] == lm.card()
     assert out["model"]["family"] == "Llama"
     budget = out["budget"]
-    assert budget["seq_len"] == SEQLEN
+    assert budget["seqlen"] == SEQLEN
     assert budget["params_removed"] == 0
     assert budget["params_total"] == lm.card()["parameters"]
     assert budget["kv_bytes_per_token_saved"] == 0
