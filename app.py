@@ -34,9 +34,18 @@ PAGES = {  # file: (title, caption)
         "Each point is a query head, placed by its attention pattern, output norm and importance scores. "
         "Select points (box or lasso) or whole clusters, then prune or keep them in the editor's mask.",
     ),
+    "app_pages/6_Pareto.py": (
+        "Pareto",
+        "Every mask Headroom has evaluated for this model: held-out perplexity against what it saves, and the front.",
+    ),
     "app_pages/7_Export.py": (
         "Export",
         "Take the pruned model away: a Hugging Face folder that plain transformers loads, with a model card.",
+    ),
+    "app_pages/8_Tasks.py": (
+        "Tasks",
+        "Beyond perplexity: passkey retrieval, induction, last word, continuation agreement and long-context "
+        "loss, for unpruned, the current mask and saved masks side by side.",
     ),
 }
 

@@ -249,20 +249,39 @@ def position_drift(arch: Architecture, windows: Windows, mask: Mask, window: int
     )
 
 
-def without_rescaling(mask: Mask) -> Mask:
+def alpha_one(mask: Mask) -> Mask:
     """The same mask with alpha = 1 on every drop-QK layer."""
     return mask.with_drop_qk(sorted(mask.drop_qk))
 
 
-def harp_drift(
-    arch: Architecture, windows: Windows, harp_mask: Mask, progress: Progress | None = None
-) -> dict[str, DriftReport]:
-    """Drift of a HARP mask with its searched alphas, and of the same mask with alpha = 1 on every drop-QK layer.
+@dataclass(frozen=True)
+class MaskDrift:
+    """Drift of a mask and, for a mask with drop-QK layers, of the same mask at alpha = 1 there.
 
     The two differ only by the rescaling, so comparing them shows what the alphas do to the norm.
     """
-    rescaled, unscaled = _reports(arch, windows, [harp_mask, without_rescaling(harp_mask)], progress)
-    return {"pruned_with_rescaling": rescaled, "pruned_without_rescaling": unscaled}
+
+    mask: DriftReport
+    without_rescaling: DriftReport | None  # None for a mask without drop-QK layers: nothing to rescale
+
+    def to_json(self) -> dict[str, Any]:
+        obj = {"mask": self.mask.to_json()}
+        if self.without_rescaling is not None:
+            obj["without_rescaling"] = self.without_rescaling.to_json()
+        return obj
+
+
+def _compared(mask: Mask) -> list[Mask]:
+    return [mask, alpha_one(mask)] if mask.drop_qk else [mask]
+
+
+def _pair(reports: Sequence[DriftReport]) -> MaskDrift:
+    return MaskDrift(reports[0], reports[1] if len(reports) > 1 else None)
+
+
+def mask_drift(arch: Architecture, windows: Windows, mask: Mask, progress: Progress | None = None) -> MaskDrift:
+    """:class:`MaskDrift` of ``mask``; both reports come from one unpruned pass (``progress`` counts windows)."""
+    return _pair(_reports(arch, windows, _compared(mask), progress))
 
 
 def _drift_parts(lm: LoadedModel, windows: Windows, mask: Mask) -> dict[str, Any]:
@@ -291,23 +310,16 @@ def cached_layer_drift(
     return _named(value, windows)
 
 
-def cached_harp_drift(
-    lm: LoadedModel,
-    windows: Windows,
-    harp_mask: Mask,
-    cache: DiskCache | None = None,
-    progress: Progress | None = None,
-) -> dict[str, DriftReport]:
-    """:func:`harp_drift` through the same cache entries as :func:`cached_layer_drift`.
+def cached_mask_drift(
+    lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None, progress: Progress | None = None
+) -> MaskDrift:
+    """:func:`mask_drift` through the same cache entries as :func:`cached_layer_drift` (one per mask).
 
-    When either report is missing both are computed together, on one unpruned pass.
+    When a report is missing all are computed together, on one unpruned pass.
     """
     cache = cache or DiskCache()
-    masks = {"pruned_with_rescaling": harp_mask, "pruned_without_rescaling": without_rescaling(harp_mask)}
-    parts = {name: _drift_parts(lm, windows, mask) for name, mask in masks.items()}
-    values = {name: cache.get_json("drift", p) for name, p in parts.items()}
-    if any(v is None for v in values.values()):
-        for name, report in harp_drift(lm.arch, windows, harp_mask, progress).items():
-            cache.put_json("drift", parts[name], report.to_json())
-            values[name] = cache.get_json("drift", parts[name])
-    return {name: _named(value, windows) for name, value in values.items()}
+    parts = [_drift_parts(lm, windows, m) for m in _compared(mask)]
+    if any(cache.get_json("drift", p) is None for p in parts):
+        for p, report in zip(parts, _reports(lm.arch, windows, _compared(mask), progress), strict=True):
+            cache.put_json("drift", p, report.to_json())
+    return _pair([_named(cache.get_json("drift", p), windows) for p in parts])

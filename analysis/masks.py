@@ -375,7 +375,7 @@ def _check_mask_size(name: str, size: int) -> None:
     if size > MAX_MASK_BYTES:
         raise HeadroomError(
             f"mask file {name} is {size:,} bytes; a mask is at most {MAX_MASK_BYTES:,} bytes. "
-            "Choose the .json that Headroom wrote (harp --out or an export)"
+            "Choose the .json that Headroom wrote (a saved mask or an export)"
         )
 
 

@@ -64,7 +64,8 @@ def require(needed: int, what: str) -> None:
     if free is not None and needed > free:
         raise HeadroomError(
             f"{what} needs about {_size(needed)} of memory but only {_size(max(free, 0))} is {why}; "
-            "use fewer tokens (--max-tokens) or shorter windows (--seqlen)"
+            "use fewer tokens (max-tokens) or shorter windows (seqlen)",
+            settings=("max_tokens", "seqlen"),
         )
 
 

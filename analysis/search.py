@@ -113,14 +113,15 @@ def parse_targets(specs: Sequence[str]) -> dict[str, int]:
         axis, _, amount = spec.partition(":")
         if axis not in AXES or not amount.strip().isdigit() or int(amount) <= 0:
             raise HeadroomError(
-                f"--save {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
-                "integer, e.g. --save kv:12288"
+                f"budget {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
+                "integer, e.g. kv:12288",
+                settings=("targets",),
             )
         if axis in targets:
-            raise HeadroomError(f"--save names axis '{axis}' twice; give each axis once")
+            raise HeadroomError(f"the budget names axis '{axis}' twice; give each axis once", settings=("targets",))
         targets[axis] = int(amount)
     if not targets:
-        raise HeadroomError("give at least one budget, e.g. --save kv:12288")
+        raise HeadroomError("give at least one budget, e.g. kv:12288", settings=("targets",))
     return targets
 
 
@@ -382,7 +383,7 @@ def cached_search(
 ) -> SearchResult:
     """:func:`search` through the disk cache; an interrupted search is returned but never stored."""
     cache = cache or DiskCache()
-    parts = {"model": lm.fingerprint, **calib.cache_key(), "targets": targets, "seq_len": seq_len}
+    parts = {**lm.cache_key(), **calib.cache_key(), "targets": targets, "seq_len": seq_len}
     parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": list(MOVE_KINDS)}
     value = None if refresh else cache.get_json("search", parts)
     if value is None:

@@ -7,10 +7,7 @@ import streamlit as st
 
 from ui import backend, plots, session
 
-NAMES = {
-    "pruned_without_rescaling": "pruned, alpha = 1 (no rescaling)",
-    "pruned_with_rescaling": "pruned, with its alphas",
-}
+NAMES = {"without_rescaling": "pruned, alpha = 1 (no rescaling)", "mask": "pruned, with its alphas"}
 
 lm = backend.model()
 sources = ["the editor's mask"] + (["the last HARP result"] if st.session_state.get(session.HARP_RUN) else [])
@@ -28,19 +25,22 @@ evaluation = backend.windows(lm)
 st.caption(
     "Drift (once per mask; then from the disk cache): " + backend.drift_job(lm, mask).expected(evaluation.num_windows)
 )
-reports = backend.drift_reports(lm, evaluation, mask)
-names = NAMES if mask.drop_qk else {"pruned_with_rescaling": "pruned"}
+drift = backend.drift_reports(lm, evaluation, mask)
+if drift.without_rescaling is None:
+    reports = {"pruned": drift.mask}
+else:
+    reports = {NAMES["without_rescaling"]: drift.without_rescaling, NAMES["mask"]: drift.mask}
 colours = {
     "unpruned": plots.method_colour("unpruned"),
-    NAMES["pruned_with_rescaling"]: plots.method_colour("harp"),
-    NAMES["pruned_without_rescaling"]: plots.method_colour("drop_qk"),
+    NAMES["mask"]: plots.method_colour("harp"),
+    NAMES["without_rescaling"]: plots.method_colour("drop_qk"),
     "pruned": plots.method_colour("harp"),
 }
-first = next(iter(reports.values()))
+first = drift.mask
 series = {"unpruned": [d.unpruned.l2_mean for d in first.layers]}
 bands = {"unpruned": ([d.unpruned.l2_q10 for d in first.layers], [d.unpruned.l2_q90 for d in first.layers])}
-for key, name in names.items():
-    layers = reports[key].layers
+for name, report in reports.items():
+    layers = report.layers
     series[name] = [d.masked.l2_mean for d in layers]
     bands[name] = ([d.masked.l2_q10 for d in layers], [d.masked.l2_q90 for d in layers])
 st.plotly_chart(
@@ -65,15 +65,15 @@ st.caption(
         else ""
     )
 )
-cosine = {name: [d.cosine_mean for d in reports[key].layers] for key, name in names.items()}
+cosine = {name: [d.cosine_mean for d in report.layers] for name, report in reports.items()}
 st.plotly_chart(
     plots.layer_lines(cosine, "Cosine to the unpruned residual stream (mean over tokens)", "cosine", colours=colours)
 )
 st.caption(
     "1 means the direction of the stream is unchanged; the first layer below 1 is the lowest one the mask changes."
 )
-for col, (key, name) in zip(st.columns(len(names)), names.items(), strict=True):
-    col.metric(f"Final KL(unpruned || {name})", f"{reports[key].kl_nats_per_token:.4f} nats/token")
+for col, (name, report) in zip(st.columns(len(reports)), reports.items(), strict=True):
+    col.metric(f"Final KL(unpruned || {name})", f"{report.kl_nats_per_token:.4f} nats/token")
 
 st.subheader("Per position")
 a, b = st.columns(2)

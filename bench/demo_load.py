@@ -236,7 +236,7 @@ def run_load(
         lm.tokenizer,
         load_text(str(settings.get(session.EVAL_TEXT, session.DEFAULTS[session.EVAL_TEXT]))),
         int(settings.get(session.SEQLEN, session.DEFAULTS[session.SEQLEN])),
-        int(settings.get(session.LIVE_TOKENS, session.DEFAULTS[session.LIVE_TOKENS])),
+        int(settings.get(session.MAX_TOKENS, session.DEFAULTS[session.MAX_TOKENS])),
         lm.max_positions,
     )
     base = Mask.unpruned(lm.shape, lm.name)
@@ -280,14 +280,22 @@ def run_load(
 
 def print_report(report: LoadReport, rss_bound_bytes: int) -> None:
     print(f"{report.sessions} sessions for {report.seconds:g} s; load average {os.getloadavg()}")
-    print(f"clicks per session: {report.clicks_per_session} (min {min(report.clicks_per_session)}, "
-          f"max {max(report.clicks_per_session)})")
-    print(f"click-to-number latency: p50 {report.latency_p50_s:.3f} s, p95 {report.latency_p95_s:.3f} s, "
-          f"max {report.latency_max_s:.3f} s over {report.numbers_checked} clicks, every number checked")
-    print(f"closed mid-computation: {report.closed_sessions} sessions; their scripts ran at most "
-          f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}")
-    print(f"RSS: {report.rss_before_bytes / GIB:.2f} GiB before, peak {report.rss_peak_bytes / GIB:.2f} GiB "
-          f"(bound {rss_bound_bytes / GIB:.2f} GiB); weights bit-identical: {report.weights_bit_identical}")
+    print(
+        f"clicks per session: {report.clicks_per_session} (min {min(report.clicks_per_session)}, "
+        f"max {max(report.clicks_per_session)})"
+    )
+    print(
+        f"click-to-number latency: p50 {report.latency_p50_s:.3f} s, p95 {report.latency_p95_s:.3f} s, "
+        f"max {report.latency_max_s:.3f} s over {report.numbers_checked} clicks, every number checked"
+    )
+    print(
+        f"closed mid-computation: {report.closed_sessions} sessions; their scripts ran at most "
+        f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}"
+    )
+    print(
+        f"RSS: {report.rss_before_bytes / GIB:.2f} GiB before, peak {report.rss_peak_bytes / GIB:.2f} GiB "
+        f"(bound {rss_bound_bytes / GIB:.2f} GiB); weights bit-identical: {report.weights_bit_identical}"
+    )
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     print("all checks passed" if not report.problems else f"{len(report.problems)} problems")
@@ -300,14 +308,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seqlen", type=int, default=session.DEFAULTS[session.SEQLEN])
-    parser.add_argument("--live-tokens", type=int, default=session.DEFAULTS[session.LIVE_TOKENS])
+    parser.add_argument("--tokens", type=int, default=session.DEFAULTS[session.MAX_TOKENS], help="evaluation tokens")
     parser.add_argument("--rss-bound-gib", type=float, default=3.0)
     args = parser.parse_args()
     settings = {
         session.MODEL: args.model,
         session.EVAL_TEXT: args.text,
         session.SEQLEN: args.seqlen,
-        session.LIVE_TOKENS: args.live_tokens,
+        session.MAX_TOKENS: args.tokens,
     }
     bound = int(args.rss_bound_gib * GIB)
     report = run_load(settings, args.sessions, args.seconds, bound, log=print)

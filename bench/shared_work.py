@@ -12,7 +12,7 @@ so that 3 - 2 is the time the sharing saves for a user who visits both pages, an
 ways build the same masks. HARP runs on the top ``--n`` layers first (it is the reference mask).
 Every figure is printed with the load average beside it: run it on an idle machine.
 
-    HEADROOM_CACHE=/work/cache-shared .venv/bin/python -m bench.shared_work [--max-tokens 2048] [--n 4]
+    .venv/bin/python -m bench.shared_work [--max-tokens 2048] [--n 4]
 """
 
 from __future__ import annotations

@@ -11,13 +11,9 @@ plot or table and no error, and saves a screenshot of the whole page under
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,22 +22,14 @@ import pytest
 from analysis.corpus import default_text, make_windows
 from analysis.evaluation import perplexity
 from analysis.masks import Mask
+from bench.browser_latency import ARGS, serve, settle
+from bench.browser_latency import CHROMIUM as BENCH_CHROMIUM
 from ui import session
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM = Path(BENCH_CHROMIUM)
 SETTLE_S = 300  # the longest a page may compute on its first visit (2 shared cores)
 COMPARE_S = 900  # the comparison scores and evaluates about 16 masks: the longest step of the tour
 WIDTH, MAX_HEIGHT = 1280, 6000  # screenshot size: the page's width, its whole height up to this
@@ -57,48 +45,11 @@ def _chromium() -> Path:
     return CHROMIUM
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(default_model, session_cache) -> Iterator[str]:
     """The app served on a free port, sharing the session cache (the converted model) with the tests."""
-    port = _free_port()
-    env = os.environ | {"HEADROOM_CACHE": str(session_cache)}
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
-    command += ["--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    command += ["--server.fileWatcherType", "none"]  # an edit during the run must not show "source changed" prompts
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with serve(str(session_cache)) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _settle(page, timeout_s: float = SETTLE_S) -> None:
-    """Wait until the script run is over: no running indicator for a second."""
-    deadline = time.monotonic() + timeout_s
-    quiet_since = None
-    while time.monotonic() < deadline:
-        if page.locator('[data-testid="stStatusWidget"]').count():  # "Running…" while a script runs
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 1.0:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the page was still running after {timeout_s} s")
 
 
 def _metric(page, label: str) -> str:
@@ -127,13 +78,13 @@ def _visit(page, title: str) -> None:
     """Open a page through the sidebar, as a user does, so that the session (settings, HARP run, mask) carries."""
     page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
     page.wait_for_timeout(500)
-    _settle(page)
+    settle(page, SETTLE_S)
 
 
 def _click(page, label: str, timeout_s: float = SETTLE_S) -> None:
     page.get_by_role("button", name=label).first.click()
     page.wait_for_timeout(500)
-    _settle(page, timeout_s)
+    settle(page, timeout_s)
 
 
 def _charts(page) -> int:
@@ -150,7 +101,7 @@ def test_every_page_renders_and_an_editor_click_shows_the_backend_perplexity(app
         page.set_default_timeout(SETTLE_S * 1000)
         # The editor: click the cell of layer 29, head 4 (grid points are in layer-major order).
         page.goto(f"{app_url}/Mask_editor")
-        _settle(page)
+        settle(page, SETTLE_S)
         shape = default_model.shape
         layer, head = shape.num_layers - 1, 4
         before = _metric(page, "Live perplexity")
@@ -162,10 +113,10 @@ def test_every_page_renders_and_an_editor_click_shows_the_backend_perplexity(app
             arg=before,
         )
         print(f"click -> new perplexity on screen: {time.monotonic() - started:.2f} s")
-        _settle(page)
+        settle(page, SETTLE_S)
         shown = _metric(page, "Live perplexity")
         assert "pruned=29%3A4" in page.url or "pruned=29:4" in page.url  # the URL mirrors the mask
-        tokens = int(session.DEFAULTS[session.LIVE_TOKENS])
+        tokens = int(session.DEFAULTS[session.MAX_TOKENS])
         evaluation = make_windows(default_model.tokenizer, default_text("default-eval"), 256, tokens)
         mask = Mask.unpruned(shape, default_model.name).with_head(layer, head, False)
         assert shown == f"{perplexity(default_model.arch, evaluation, mask).perplexity:.3f}"
@@ -186,11 +137,11 @@ def test_a_tour_of_every_page_in_a_fixed_state_shows_each_main_content_and_no_er
         page.set_default_timeout(SETTLE_S * 1000)
         page.goto(app_url)
         page.wait_for_selector("h1")
-        _settle(page)
+        settle(page, SETTLE_S)
         tokens = page.get_by_label("Evaluation tokens")
         tokens.fill("256")  # one window: the fixed state, and quick on two cores
         tokens.press("Enter")
-        _settle(page)
+        settle(page, SETTLE_S)
         assert _metric(page, "Unpruned perplexity")
         _no_error(page, "Home")
         _shot(page, "Home")

@@ -27,7 +27,6 @@ def tiny_settings(tmp_path, session_cache) -> dict[str, object]:
         session.CALIB_TEXT: str(tmp_path / "eval.txt"),
         session.SEQLEN: 16,
         session.MAX_TOKENS: 64,
-        session.LIVE_TOKENS: 64,
     }
 
 

@@ -183,9 +183,10 @@ def test_attention_block_influence_matches_a_hand_loop(tiny_arch):
     assert bi.dtype == torch.float64 and bi.shape == (4,)
     assert ((bi >= 0) & (bi <= 2)).all()
     blocks = list(tiny_arch.layers)
+    pre_norm = [hasattr(b, "input_layernorm") for b in blocks]
     mids = [
-        getattr(b, "pre_feedforward_layernorm", None) or (b.post_attention_layernorm if hasattr(b, "input_layernorm") else b.mlp)
-        for b in blocks
+        getattr(b, "pre_feedforward_layernorm", None) or (b.post_attention_layernorm if pre else b.mlp)
+        for b, pre in zip(blocks, pre_norm, strict=True)
     ]
     seen = run_with_pre_hooks(tiny_arch, windows.input_ids, blocks + mids)
     for layer in range(4):

@@ -290,8 +290,9 @@ def test_remote_code_is_trusted_when_asked(tmp_path, llama_dir, monkeypatch):
 
 def test_cuda_without_a_gpu_is_a_headroom_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(HeadroomError, match=r"no CUDA GPU.*--device cpu"):
+    with pytest.raises(HeadroomError, match=r"CUDA GPU was asked for but none is available; use the CPU") as info:
         pick_device("cuda")
+    assert info.value.settings == ("device",)
 
 
 def test_auto_device_is_cpu_without_a_gpu(monkeypatch):
@@ -312,7 +313,7 @@ def test_unknown_device_is_a_headroom_error():
 
 def test_load_on_cuda_without_a_gpu_is_a_headroom_error(tmp_path, llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(HeadroomError, match="no CUDA GPU"):
+    with pytest.raises(HeadroomError, match="CUDA GPU was asked for but none is available"):
         load_model(str(llama_dir), device="cuda", cache_root=tmp_path / "cache")
 
 

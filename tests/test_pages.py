@@ -19,7 +19,7 @@ from analysis.baselines import matched_baselines
 from analysis.cache import DiskCache
 from analysis.comparison import cached_baselines, compare
 from analysis.corpus import load_text, make_windows
-from analysis.drift import harp_drift, position_drift
+from analysis.drift import mask_drift, position_drift
 from analysis.evaluation import perplexity
 from analysis.export import MASK_FILE, export_command
 from analysis.generation import greedy_continuation
@@ -50,7 +50,6 @@ def tiny(tmp_path_factory, session_cache) -> dict[str, str]:
         session.CALIB_TEXT: str(root / "calib.txt"),
         session.SEQLEN: SEQLEN,
         session.MAX_TOKENS: TOKENS,
-        session.LIVE_TOKENS: TOKENS,
     }
 
 
@@ -236,10 +235,10 @@ def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, l
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.5)
     settings = tiny | {session.MASK: mask.to_json()}
     at = ok(page("app_pages/3_Norm_drift.py", settings).run())
-    reports = harp_drift(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask)
-    for key, label in (("pruned_with_rescaling", "with its alphas"), ("pruned_without_rescaling", "no rescaling")):
+    drift = mask_drift(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask)
+    for report, label in ((drift.mask, "with its alphas"), (drift.without_rescaling, "no rescaling")):
         metric = next(m for m in at.metric if label in m.label)
-        assert metric.value == f"{reports[key].kl_nats_per_token:.4f} nats/token"
+        assert metric.value == f"{report.kl_nats_per_token:.4f} nats/token"
     assert len(at.get("plotly_chart")) == 4
 
 
@@ -260,7 +259,7 @@ def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny,
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.0).with_head(0, 0, False)
     at = ok(page(EDITOR, tiny, mask_to_query(mask)).run())
     prompt = word_text(5, seed=7)
-    at.text_input[0].set_value(prompt)
+    at.text_input(key="prompt").set_value(prompt)
     ok(at.button[[b.label for b in at.button].index("Generate")].click().run())
     texts = [m.value for m in at.markdown if m.value.startswith(("**Unpruned**", "**Masked**"))]
     assert texts == [
@@ -373,7 +372,7 @@ def test_drift_page_colours_span_the_data_and_the_unpruned_line_is_drawn_on_top(
     assert heatmap["zmin"] > -1  # not the fixed -1..1 that flattened values near 1
     assert_titles_clear_of_the_toolbar(at)
     evaluation, calls = windows(lm, tiny[session.EVAL_TEXT]), []
-    harp_drift(lm.arch, evaluation, mask, lambda done, total: calls.append((done, total)))
+    mask_drift(lm.arch, evaluation, mask, lambda done, total: calls.append((done, total)))
     assert calls[-1] == (evaluation.num_windows, evaluation.num_windows)  # drift reports progress in windows
     assert [done for done, _ in calls] == sorted({done for done, _ in calls})
 

@@ -131,12 +131,12 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
     if case == "empty-text":
         return with_text(b" \n\n "), "text.txt is empty", "give a text with at least one window"
     if case == "text-shorter-than-one-window":
-        return with_text(word_text(10).encode()), "fewer than one window of 16", "use a longer text or a smaller"
+        return with_text(word_text(10).encode()), "fewer than one window of 16", "argument --seqlen: "
     if case == "latin-1-text":
         return (
             with_text("w3 w4 caf\xe9 w5".encode("latin-1")),
             "text.txt is not valid utf-8: byte 0xe9 at offset 9 (line 1)",
-            "--encoding latin-1",
+            "argument --encoding: text.txt is not valid utf-8",
         )
     if case == "binary-text":
         return with_text(b"w3 w4\x00\x01\x02"), "looks like binary data (a NUL byte at offset 5)", "give a plain text"
@@ -172,21 +172,21 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
             "save the mask",
         )
     if case == "negative-seqlen":
-        return [*ev[:-1], "-5"], "seqlen must be at least 1 tokens, got -5", "give a window length such as 256"
+        return [*ev[:-1], "-5"], "argument --seqlen: seqlen must be at least 1 tokens, got -5", "a window length"
     if case == "empty-alpha-grid":
         harp = ["harp", "--model", str(checkpoint), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
-        return [*harp, "--grid", "", "--out", str(tmp / "kept.json")], "the alpha grid is empty", "e.g. --grid 0,0.5,1"
+        return [*harp, "--grid", "", "--out", str(tmp / "kept.json")], "argument --grid: the alpha grid", "e.g. 0,0.5,1"
     if case == "request-beyond-the-memory-limit":
         monkeypatch.setenv(MEMORY_LIMIT_ENV, "64KiB")
         return (
             [*ev, "--no-cache"],
             f"MiB is allowed by {MEMORY_LIMIT_ENV}",
-            "use fewer tokens (--max-tokens) or shorter windows",
+            "arguments --max-tokens, --seqlen: ",
         )
     if case == "incremental-evaluator-beyond-the-memory-limit":
         monkeypatch.setenv(MEMORY_LIMIT_ENV, "64KiB")
         harp = ["harp", "--model", str(checkpoint), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
-        return [*harp, "--out", str(tmp / "kept.json")], "keeping every layer's input for", "--max-tokens"
+        return [*harp, "--out", str(tmp / "kept.json")], "every layer's input", "arguments --max-tokens, --seqlen: "
     assert case == "unreadable-memory-limit"
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
     return [*ev, "--no-cache"], f"{MEMORY_LIMIT_ENV}='lots' is not a size", "write it like 4GiB"
