@@ -113,7 +113,7 @@ fig = go.Figure(
 fig.update_layout(
     title=plots.title(f"Residual-stream norm after layer {layer} along window {window}"),
     xaxis_title="token position",
-    yaxis={"title": "L2 norm (log)", "type": "log"},
+    yaxis=plots.log_axis(unpruned_l2.tolist() + masked_l2.tolist(), "L2 norm (log scale)"),
     **plots.LAYOUT,
 )
 st.plotly_chart(fig)

@@ -21,7 +21,10 @@ from analysis.errors import HeadroomError
 from analysis.importance import ranks
 
 # The toolbar takes the top ~30 px of a figure; the title is anchored to the plotting area below it.
-LAYOUT = {"margin": {"l": 60, "r": 20, "t": 80, "b": 50}}
+# A title is left-aligned on the plotting area's top edge, below the toolbar; LAYOUT carries the placement,
+# so a page passing a plain string title with ``**LAYOUT`` gets it too.
+TITLE = {"x": 0, "xanchor": "left", "xref": "paper", "y": 1, "yanchor": "bottom", "yref": "paper", "pad": {"b": 10}}
+LAYOUT = {"margin": {"l": 60, "r": 20, "t": 80, "b": 50}, **{f"title_{k}": v for k, v in TITLE.items()}}
 SCALES = ("robust", "per layer", "value", "log", "rank")
 SCALE_HELP = (
     "robust: the colours span the 2-98 % quantiles, so a few extreme heads do not flatten the rest "
@@ -51,17 +54,8 @@ OTHER_METHOD = "#bcbd22"
 
 
 def title(text: str) -> dict[str, Any]:
-    """A left-aligned title just above the plotting area, clear of the toolbar at the figure's top right."""
-    return {
-        "text": text,
-        "x": 0,
-        "xanchor": "left",
-        "xref": "paper",
-        "y": 1,
-        "yanchor": "bottom",
-        "yref": "paper",
-        "pad": {"b": 10},
-    }
+    """A title placed as :data:`TITLE` says: left-aligned just above the plotting area, clear of the toolbar."""
+    return {"text": text, **TITLE}
 
 
 def method_colour(method: str) -> str:
