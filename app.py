@@ -42,6 +42,11 @@ PAGES = {  # file: (title, caption)
         "Export",
         "Take the pruned model away: a Hugging Face folder that plain transformers loads, with a model card.",
     ),
+    "app_pages/8_Tasks.py": (
+        "Tasks",
+        "Beyond perplexity: passkey retrieval, induction, last word, continuation agreement and long-context "
+        "loss, for unpruned, the current mask and saved masks side by side.",
+    ),
 }
 
 pages = {path: st.Page(path, title=title, default=path == HOME) for path, (title, _) in PAGES.items()}

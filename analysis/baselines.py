@@ -72,16 +72,16 @@ def saved(b: Budget, axis: str) -> int:
 
 
 def _first_reaching(
-    masks: Iterator[Mask], shape: ModelShape, target: int, axis: str, seq_len: int, how: str, limit: str
+    masks: Iterator[Mask], shape: ModelShape, target: int, axis: str, seqlen: int, how: str, limit: str
 ) -> Mask:
     """The first of ``masks`` (each pruning more than the one before) that saves ``target`` on ``axis``."""
     most = 0
     for mask in masks:
-        most = saved(budget(mask, shape, seq_len), axis)
+        most = saved(budget(mask, shape, seqlen), axis)
         if most >= target:
             return mask
     raise HeadroomError(
-        f"{how} cannot save {target:,} {_UNITS[axis]} (sequence length {seq_len}): the most it can save is "
+        f"{how} cannot save {target:,} {_UNITS[axis]} (sequence length {seqlen}): the most it can save is "
         f"{most:,}, {limit}. Choose a smaller budget or another axis"
     )
 
@@ -99,7 +99,7 @@ def prune_heads(
     model_name: str,
     target: int,
     axis: str,
-    seq_len: int,
+    seqlen: int,
     allocation: str = "global",
     finish: Callable[[Mask], Mask] | None = None,
 ) -> Mask:
@@ -147,11 +147,11 @@ def prune_heads(
     else:
         raise HeadroomError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
     masks = walk() if finish is None else map(finish, walk())
-    return _first_reaching(masks, shape, target, axis, seq_len, f"{allocation} head pruning", limit)
+    return _first_reaching(masks, shape, target, axis, seqlen, f"{allocation} head pruning", limit)
 
 
 def remove_attention_layers(
-    influence: torch.Tensor, shape: ModelShape, model_name: str, target: int, axis: str, seq_len: int
+    influence: torch.Tensor, shape: ModelShape, model_name: str, target: int, axis: str, seqlen: int
 ) -> Mask:
     """Remove attention branches (alpha = 0) in ascending ``influence`` order until ``target`` is saved.
 
@@ -169,7 +169,7 @@ def remove_attention_layers(
             yield mask
 
     limit = f"with the attention of {shape.num_layers - 1} of {shape.num_layers} layers removed"
-    return _first_reaching(walk(), shape, target, axis, seq_len, "attention layer removal", limit)
+    return _first_reaching(walk(), shape, target, axis, seqlen, "attention layer removal", limit)
 
 
 def matched_baselines(
@@ -178,10 +178,11 @@ def matched_baselines(
     calib: Windows,
     reference: Mask,
     axis: str,
-    seq_len: int,
+    seqlen: int,
     stats: OProjStats | None = None,
+    measured: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Mask]:
-    """Every baseline, matched to what ``reference`` saves on ``axis`` at ``seq_len``.
+    """Every baseline, matched to what ``reference`` saves on ``axis`` at ``seqlen``.
 
     Head pruning by each metric of :data:`BASELINE_METRICS` with global and uniform allocation
     (``"gradient-global"``, ..., ``"flap_wifv-uniform"``; a metric that only rescales another per layer,
@@ -189,7 +190,8 @@ def matched_baselines(
     FLAP with its bias compensation (``"flap_wifv-global-compensated"``, matched with the bias counted),
     and attention-layer removal by attention Block Influence (``"block_influence-attention"``); all
     scores come from ``calib`` on the unpruned model (``stats`` reuses o_proj input statistics already
-    measured on it). A baseline that cannot reach the target without pruning every head (or every
+    measured on it, ``measured`` head scores by metric already measured on it, e.g. read from the
+    importance cache). A baseline that cannot reach the target without pruning every head (or every
     layer's attention) is left out with a warning, since large KV savings are often out of reach of
     head pruning.
 
@@ -198,10 +200,10 @@ def matched_baselines(
     their attention removed. They are left out when the reference has no drop-QK layer.
     """
     shape = arch.shape
-    target = saved(budget(reference, shape, seq_len), axis)
+    target = saved(budget(reference, shape, seqlen), axis)
     if stats is None:
         stats = o_proj_input_stats(arch, calib)
-    matched_note = f"matched on {axis}: saves at least {target:,} {_UNITS[axis]} at sequence length {seq_len}"
+    matched_note = f"matched on {axis}: saves at least {target:,} {_UNITS[axis]} at sequence length {seqlen}"
     found: dict[str, Mask] = {}
 
     def add(name: str, make: Callable[[], Mask], what: str) -> None:
@@ -210,29 +212,31 @@ def matched_baselines(
         except HeadroomError as e:
             log.warning("baseline %s left out: %s", name, e)
 
-    known: dict[str, torch.Tensor] = {}
+    known: dict[str, torch.Tensor] = dict(measured or {})
     for metric in BASELINE_METRICS:
-        scores = known[metric] = HEAD_METRICS[metric].scores(arch, calib, stats, known)
+        if metric not in known:
+            known[metric] = HEAD_METRICS[metric].scores(arch, calib, stats, known)
+        scores = known[metric]
         allocations = ("global",) if HEAD_METRICS[metric].rescales else ALLOCATIONS
         for allocation in allocations:
             name = f"{metric}-{allocation}"
             add(
                 name,
-                lambda s=scores, a=allocation: prune_heads(s, shape, model_name, target, axis, seq_len, a),
+                lambda s=scores, a=allocation: prune_heads(s, shape, model_name, target, axis, seqlen, a),
                 f"{name} head pruning",
             )
         if metric == "flap_wifv":
             add(
                 COMPENSATED,
                 lambda s=scores: prune_heads(
-                    s, shape, model_name, target, axis, seq_len, "global", lambda m: flap_compensation(arch, m, stats)
+                    s, shape, model_name, target, axis, seqlen, "global", lambda m: flap_compensation(arch, m, stats)
                 ),
                 "FLAP: flap_wifv-global head pruning with bias compensation",
             )
     add(
         "block_influence-attention",
         lambda: remove_attention_layers(
-            attention_block_influence(arch, calib), shape, model_name, target, axis, seq_len
+            attention_block_influence(arch, calib), shape, model_name, target, axis, seqlen
         ),
         "attention removed in the lowest-Block-Influence layers",
     )

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,64 @@ def _tensor_digest(tensors: dict[str, torch.Tensor], meta: Any) -> str:
     return h.hexdigest()
 
 
+class InvalidEntry(ValueError):
+    """An entry file that is truncated, corrupt, or not the entry its name says."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A verified entry file: its kind, key parts and content checksum, and its value."""
+
+    kind: str
+    parts: dict[str, Any]
+    sha256: str
+    value: Any  # the JSON value, or ``(tensors, meta)``
+
+
+ENTRY_SUFFIXES = (".json", ".safetensors")
+
+
+def _digest(kind: str, parts: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical({"kind": kind, **parts}).encode()).hexdigest()[:40]
+
+
+def read_entry(path: Path) -> Entry:
+    """The entry in file ``path`` (``.../results/<kind>/<digest><suffix>``), verified.
+
+    Its content must match its checksum, and its name the digest of its kind (the folder) and key parts, so a
+    file copied under another name or into another kind's folder is refused too. Raises :class:`InvalidEntry`.
+    """
+    kind = path.parent.name
+    try:
+        if path.suffix == ".json":
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(entry, dict) or not isinstance(entry.get("parts"), dict):
+                raise InvalidEntry("not a cache entry")
+            checksum, parts, value = entry.get("sha256"), entry["parts"], entry.get("value")
+            ok = checksum == hashlib.sha256(_canonical(value).encode()).hexdigest()
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("headroom", "null"))
+            if not isinstance(header, dict) or not isinstance(header.get("parts"), dict):
+                raise InvalidEntry("not a cache entry")
+            tensors = load_file(str(path))
+            checksum, parts, value = header.get("sha256"), header["parts"], (tensors, header.get("meta"))
+            ok = checksum == _tensor_digest(tensors, header.get("meta"))
+        else:
+            raise InvalidEntry(f"{path.suffix or 'no suffix'} is not an entry file ({', '.join(ENTRY_SUFFIXES)})")
+    except InvalidEntry:
+        raise
+    except Exception as e:  # json and safetensors raise several types on truncated or corrupt files
+        raise InvalidEntry(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    if not ok:
+        raise InvalidEntry("checksum mismatch")
+    if not _KIND.fullmatch(kind) or path.stem != _digest(kind, parts):
+        raise InvalidEntry(f"its name is not the digest of its key (kind {kind!r})")
+    return Entry(kind, parts, checksum, value)
+
+
 class DiskCache:
     """JSON and tensor results, keyed by what they were computed from."""
 
@@ -71,61 +130,52 @@ class DiskCache:
                 f"cache key parts of {kind!r} name a model but not its dtype; build them with "
                 "LoadedModel.cache_key() or cache.model_key(), so that results of different dtypes never mix"
             )
-        digest = hashlib.sha256(_canonical({"kind": kind, **parts}).encode()).hexdigest()[:40]
-        return self.root / "results" / kind / f"{digest}{suffix}"
+        return self.root / "results" / kind / f"{_digest(kind, parts)}{suffix}"
+
+    def entry_files(self) -> list[Path]:
+        """Every entry file in the cache (not temporary files), unverified, sorted."""
+        return sorted(
+            p for p in (self.root / "results").glob("*/*") if p.suffix in ENTRY_SUFFIXES and not p.name.startswith(".")
+        )
+
+    def _get(self, kind: str, parts: dict[str, Any], suffix: str) -> Any | None:
+        path = self._path(kind, parts, suffix)
+        if not path.exists():
+            return None
+        try:
+            entry = read_entry(path)
+        except InvalidEntry as e:
+            why = str(e)
+        else:
+            if entry.parts == json.loads(_canonical(parts)):
+                return entry.value
+            why = "key mismatch"
+        self._discard(path, why)
+        return None
 
     def _discard(self, path: Path, why: str) -> None:
         log.warning("cache entry %s is invalid (%s); it will be recomputed", path.name, why)
         path.unlink(missing_ok=True)
 
     def get_json(self, kind: str, parts: dict[str, Any]) -> Any | None:
-        path = self._path(kind, parts, ".json")
-        if not path.exists():
-            return None
-        entry = self._read_entry(path)
-        if entry is None:
-            return None
-        if entry["parts"] != json.loads(_canonical(parts)):
-            self._discard(path, "key mismatch")
-            return None
-        return entry["value"]
-
-    def _read_entry(self, path: Path) -> dict[str, Any] | None:
-        """The checked ``{"parts", "value"}`` of a JSON entry; None (and the file removed) when invalid."""
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            ok = (
-                isinstance(entry, dict)
-                and isinstance(entry.get("parts"), dict)
-                and entry.get("sha256") == hashlib.sha256(_canonical(entry.get("value")).encode()).hexdigest()
-            )
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            self._discard(path, str(e))
-            return None
-        if not ok:
-            self._discard(path, "checksum mismatch")
-            return None
-        return entry
+        return self._get(kind, parts, ".json")
 
     def entries(self, kind: str, where: dict[str, Any]) -> Iterator[tuple[dict[str, Any], Any]]:
         """``(parts, value)`` of every valid JSON entry of ``kind`` whose key parts include ``where``.
 
         The folder of a kind is the index: each entry carries its own key parts, so results can be
         enumerated (the Pareto view collects every mask a model has) without a separate index to keep
-        in step. An entry whose own path does not match its parts (a foreign file) is skipped.
+        in step. An invalid entry (corrupt, or a file whose name is not its key's digest) is removed, as on a read.
         """
-        folder = self.root / "results" / kind
         wanted = json.loads(_canonical(where))
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
-            entry = self._read_entry(path)
-            if entry is None or any(entry["parts"].get(k) != v for k, v in wanted.items()):
-                continue
+        for path in sorted((self.root / "results" / kind).glob("*.json")):
             try:
-                own = self._path(kind, entry["parts"], ".json")
-            except ValueError:  # parts no key could have been written with
+                entry = read_entry(path)
+            except InvalidEntry as e:
+                self._discard(path, str(e))
                 continue
-            if own == path:
-                yield entry["parts"], entry["value"]
+            if all(entry.parts.get(k) == v for k, v in wanted.items()):
+                yield entry.parts, entry.value
 
     def put_json(self, kind: str, parts: dict[str, Any], value: Any) -> None:
         body = _canonical(value)
@@ -142,27 +192,7 @@ class DiskCache:
         return value
 
     def get_tensors(self, kind: str, parts: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any] | None:
-        path = self._path(kind, parts, ".safetensors")
-        if not path.exists():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("headroom", "null"))
-            tensors = load_file(str(path))
-            ok = (
-                isinstance(header, dict)
-                and header.get("parts") == json.loads(_canonical(parts))
-                and header.get("sha256") == _tensor_digest(tensors, header.get("meta"))
-            )
-        except Exception as e:  # safetensors raises several types on truncated or corrupt files
-            self._discard(path, str(e))
-            return None
-        if not ok:
-            self._discard(path, "checksum or key mismatch")
-            return None
-        return tensors, header.get("meta")
+        return self._get(kind, parts, ".safetensors")
 
     def put_tensors(self, kind: str, parts: dict[str, Any], tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

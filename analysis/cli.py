@@ -24,19 +24,24 @@ from typing import Any
 from tqdm import tqdm
 
 from analysis.baselines import AXES
+from analysis.cache import DiskCache
+from analysis.cache_pack import CONFLICT_CHOICES, pack, unpack
 from analysis.comparison import compare
 from analysis.corpus import Windows, load_text, make_windows
-from analysis.drift import cached_harp_drift, cached_layer_drift
+from analysis.drift import cached_mask_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
 from analysis.export import KINDS, check_destination, export_command, export_model
 from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_rescale, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
-from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, LoadedModel, load_model
+from analysis.lm_eval_tasks import write_lm_eval
+from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, load_model, model_fingerprint
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.pareto import pareto
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
+from analysis.task_files import cached_user_task, load_task_file
+from analysis.task_suite import BUILT_IN, check_task_names, run_suite
 
 Result = dict[str, Any]
 Work = Callable[[argparse.Namespace, LoadedModel], Result]
@@ -57,6 +62,8 @@ class Command:
     """How the result's keys that are not plain values or flat dicts read as text (the rest: ``key: value``)."""
     before_load: Callable[[argparse.Namespace], None] | None = None
     """Checks of the arguments alone, run before the model loads (e.g. an output path we could not write)."""
+    loads_model: bool = True
+    """False for commands on the cache alone (``cache pack``, ``cache unpack``): ``work`` gets ``lm=None``."""
 
 
 COMMANDS: dict[str, Command] = {}
@@ -108,6 +115,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a model directory's own Python code to run (off by default)",
     )
+    _output_args(p)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--debug", action="store_true", help="show the traceback of errors")
 
@@ -123,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         cmd.arguments(p)
         p.set_defaults(command=cmd)
+    _cache_commands(sub)
     return parser
 
 
@@ -130,6 +142,8 @@ def execute(cmd: Command, args: argparse.Namespace) -> Result:
     """Run ``cmd``: its checks, the model, its work; the result with the model card and the seconds of work."""
     if cmd.before_load is not None:
         cmd.before_load(args)
+    if not cmd.loads_model:
+        return cmd.work(args, None)
     lm = _load(args)
     start = time.perf_counter()
     result = cmd.work(args, lm)
@@ -146,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except HeadroomError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_options(e, args)}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing partial was written", file=sys.stderr)
@@ -157,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         for line in as_text(out, args.command.text):
             print(line)
     return 0
+
+
+OPTION_OF = {"targets": "save"}
+"""The option of a backend setting whose name is not the option's (the rest: ``max_tokens`` is --max-tokens)."""
+
+
+def _options(e: HeadroomError, args: argparse.Namespace) -> str:
+    """argparse's wording, ``argument --seqlen: ``, for the settings of ``e`` that are options of this command."""
+    names = [OPTION_OF.get(s, s) for s in e.settings]
+    flags = ["--" + name.replace("_", "-") for name in names if name in vars(args)]
+    return f"argument{'s' * (len(flags) > 1)} {', '.join(flags)}: " if flags else ""
 
 
 def as_text(out: Result, special: Mapping[str, Lines]) -> Iterator[str]:
@@ -250,10 +275,20 @@ def _mask(lm: LoadedModel, path: str) -> Mask:
     return mask
 
 
-def _windows(lm: LoadedModel, args: argparse.Namespace, spec: str, max_tokens: int | None = None) -> Windows:
-    """Windows of text ``spec``; ``max_tokens`` defaults to ``--max-tokens``."""
-    text = load_text(spec, args.encoding)
-    return make_windows(lm.tokenizer, text, args.seqlen, max_tokens or args.max_tokens, lm.max_positions)
+def _windows(lm: LoadedModel, args: argparse.Namespace, which: str = "text") -> Windows:
+    """Windows of the text of option ``which`` (text, calib or eval).
+
+    Beside a calibration text the evaluation text has its own ``--eval-max-tokens``; alone (``pareto``) it
+    takes ``--max-tokens`` like any other text.
+    """
+    max_tokens = args.eval_max_tokens if which == "eval" and "eval_max_tokens" in args else args.max_tokens
+    try:
+        text = load_text(getattr(args, which), args.encoding)
+        return make_windows(lm.tokenizer, text, args.seqlen, max_tokens, lm.max_positions)
+    except HeadroomError as e:
+        if which == "eval":
+            e.settings = tuple("eval_max_tokens" if s == "max_tokens" else s for s in e.settings)
+        raise
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -295,7 +330,7 @@ def _layers(lm: LoadedModel, args: argparse.Namespace) -> list[int]:
 
 
 def _held_out(lm: LoadedModel, args: argparse.Namespace, mask: Mask) -> Result:
-    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    evaluation = _windows(lm, args, "eval")
     result = cached_perplexity(lm.arch, lm.fingerprint, evaluation, mask, progress=_progress("held-out eval"))
     return {"eval_perplexity": result.perplexity, "eval": evaluation.metadata()}
 
@@ -350,7 +385,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "protocol perplexity of a model, optionally under a mask, with its budget", _eval_arguments)
 def cmd_eval(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     mask = _mask(lm, args.mask) if args.mask else Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
     result = cached_perplexity(
         lm.arch, lm.fingerprint, windows, mask, progress=_progress("eval"), refresh=args.no_cache
@@ -373,7 +408,7 @@ def _harp_arguments(p: argparse.ArgumentParser) -> None:
     before_load=_check_output,
 )
 def cmd_harp(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     if args.choose_layers:
         bar = _progress("layer selection + alpha search")
         result = cached_chosen_harp(lm, calib, args.choose_layers, None, args.grid, progress=bar, refresh=args.no_cache)
@@ -404,8 +439,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     text={"rows": _comparison_table},
 )
 def cmd_compare(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
-    evaluation = _windows(lm, args, args.eval, args.eval_max_tokens)
+    calib = _windows(lm, args, "calib")
+    evaluation = _windows(lm, args, "eval")
     result = compare(lm, calib, evaluation, _layers(lm, args), args.match, args.grid, _progress("evaluations"))
     return {**result.to_json(), "calib": calib.metadata(), "eval": evaluation.metadata()}
 
@@ -423,7 +458,7 @@ def _importance_arguments(p: argparse.ArgumentParser) -> None:
     text={"scores": _score_rows},
 )
 def cmd_importance(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     result = cached_head_result(lm, windows, args.metric, args.layers, progress=_progress(args.metric))
     return {**result.to_json(), "windows": windows.metadata()}
 
@@ -447,7 +482,7 @@ def _head_map_arguments(p: argparse.ArgumentParser) -> None:
     text={"map": _map_summary},
 )
 def cmd_head_map(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     head_map = cached_head_map(lm, windows, args.metrics, args.clusters, args.seed, progress=_progress("head map"))
     return {"map": head_map.to_json(), "cluster_members": head_map.cluster_members(), "windows": windows.metadata()}
 
@@ -465,14 +500,7 @@ def _drift_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_drift(args: argparse.Namespace, lm: LoadedModel) -> Result:
     """The mask's drift; for a mask with drop-QK layers also the same mask with alpha = 1 there."""
-    windows = _windows(lm, args, args.text)
-    mask = _mask(lm, args.mask)
-    if mask.drop_qk:
-        pair = cached_harp_drift(lm, windows, mask)
-        reports = {"mask": pair["pruned_with_rescaling"], "without_rescaling": pair["pruned_without_rescaling"]}
-    else:
-        reports = {"mask": cached_layer_drift(lm, windows, mask)}
-    return {name: report.to_json() for name, report in reports.items()}
+    return cached_mask_drift(lm, _windows(lm, args), _mask(lm, args.mask)).to_json()
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -497,7 +525,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_export(args: argparse.Namespace, lm: LoadedModel) -> Result:
     mask = _mask(lm, args.mask)
-    windows = _windows(lm, args, args.text)
+    windows = _windows(lm, args)
     command = export_command(
         args.model,
         args.mask,
@@ -540,7 +568,7 @@ def _check_search(args: argparse.Namespace) -> None:
     before_load=_check_search,
 )
 def cmd_search(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     targets = parse_targets(args.save)
     result = cached_search(
         lm, calib, targets, args.seqlen, args.shortlist, args.proxy_windows, None, _progress("search"), args.no_cache
@@ -569,7 +597,7 @@ def _rescale_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_rescale(args: argparse.Namespace, lm: LoadedModel) -> Result:
     mask = _mask(lm, args.mask)
-    calib = _windows(lm, args, args.calib)
+    calib = _windows(lm, args, "calib")
     result = cached_rescale(lm, mask, calib, search=not args.closed_form, progress=_progress("alpha search"))
     return {
         **result.to_json(),
@@ -599,7 +627,7 @@ def _pareto_lines(points: list[dict[str, Any]]) -> Iterator[str]:
     text={"points": _pareto_lines},
 )
 def cmd_pareto(args: argparse.Namespace, lm: LoadedModel) -> Result:
-    result = pareto(lm, _windows(lm, args, args.eval), args.axis, progress=_progress("held-out evals"))
+    result = pareto(lm, _windows(lm, args, "eval"), args.axis, progress=_progress("held-out evals"))
     out = result.to_json()
     if not args.json:  # as text: the front (every point with --all), without the masks
         shown = range(len(result.points)) if args.all else result.front
@@ -607,3 +635,106 @@ def cmd_pareto(args: argparse.Namespace, lm: LoadedModel) -> Result:
         out["points"] = [{**p, "on_front": i in result.front} for i, p in zip(shown, points, strict=True)]
         del out["front"]
     return out
+
+
+def _tasks_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask", default=None, help="a mask JSON file (default: unpruned)")
+    p.add_argument(
+        "--tasks", type=_name_list, default=list(BUILT_IN), help=f"comma-separated (default {','.join(BUILT_IN)})"
+    )
+    p.add_argument(
+        "--task-file",
+        action="append",
+        default=[],
+        help='a JSONL file of {"prompt", "target"} or {"prompt", "choices", "answer"} items; repeat for several',
+    )
+    p.add_argument(
+        "--write-lm-eval",
+        metavar="DIR",
+        default=None,
+        help="instead of scoring, write the tasks (and task files) as lm-evaluation-harness YAMLs with data into DIR",
+    )
+    p.add_argument("--no-cache", action="store_true", help="recompute even if the results are cached")
+
+
+def _check_tasks(args: argparse.Namespace) -> None:
+    """Bad task names and task files stop before the model loads; the parsed files ride on ``args``."""
+    args.tasks = check_task_names(args.tasks)
+    args.user_tasks = tuple(load_task_file(path) for path in args.task_file)
+
+
+def _task_names(tasks: Result) -> Iterator[str]:
+    yield f"  {', '.join(tasks)} (every number with --json)"
+
+
+@command(
+    "tasks",
+    "offline tasks under a mask: passkey, induction, last word, continuation, long-context perplexity",
+    _tasks_arguments,
+    text={"tasks": _task_names},
+    before_load=_check_tasks,
+)
+def cmd_tasks(args: argparse.Namespace, lm: LoadedModel) -> Result:
+    if args.write_lm_eval:
+        return write_lm_eval(lm, args.write_lm_eval, args.user_tasks).to_json()
+    mask = _mask(lm, args.mask) if args.mask else None
+    results = {**run_suite(lm, args.tasks, mask, progress=_progress("tasks"), refresh=args.no_cache)}
+    for task in args.user_tasks:
+        bar = _progress(task.name)
+        results[f"user:{task.name}"] = cached_user_task(lm, task, mask, progress=bar, refresh=args.no_cache)
+    return {
+        "headline": {k: v for result in results.values() for k, v in result.headline().items()},
+        "tasks": {name: result.to_json() for name, result in results.items()},
+        "mask": mask.summary() if mask else "unpruned",
+    }
+
+
+# --- the cache, without a model -------------------------------------------------------------------------
+
+
+def _cache_pack(args: argparse.Namespace, _lm: None) -> Result:
+    name, fingerprint = model_fingerprint(args.model)
+    dtype = None if args.dtype == "all" else args.dtype
+    return pack(DiskCache(), fingerprint, Path(args.out), dtype, name).to_json()
+
+
+def _cache_unpack(args: argparse.Namespace, _lm: None) -> Result:
+    return unpack(DiskCache(), Path(args.archive), args.on_conflict).to_json()
+
+
+def _pack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model whose results to pack (as elsewhere; not loaded)")
+    p.add_argument("--dtype", default="all", choices=["all", *DTYPES], help="only results of this dtype (default all)")
+    p.add_argument("out", help="the tar file to write")
+
+
+def _unpack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("archive", help="a tar file written by `cache pack`")
+    p.add_argument(
+        "--on-conflict",
+        default="refuse",
+        choices=CONFLICT_CHOICES,
+        help="an entry that differs from a valid one in the cache: refuse the whole pack (default), "
+        "keep the cache's, or replace it with the pack's",
+    )
+
+
+CACHE_COMMANDS = (
+    Command(
+        "pack", "write every cached result of one model to a tar file", _pack_arguments, _cache_pack, loads_model=False
+    ),
+    Command(
+        "unpack", "verify a pack and add its results to this cache", _unpack_arguments, _cache_unpack, loads_model=False
+    ),
+)
+
+
+def _cache_commands(sub: argparse._SubParsersAction) -> None:
+    """``cache pack`` and ``cache unpack``: one model's results moved between machines (``analysis/cache_pack.py``)."""
+    cache = sub.add_parser("cache", help="move one model's cached results to another machine (pack, unpack)")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for cmd in CACHE_COMMANDS:
+        p = actions.add_parser(cmd.name, help=cmd.help)
+        cmd.arguments(p)
+        _output_args(p)
+        p.set_defaults(command=cmd)

@@ -74,7 +74,8 @@ def decode_text(name: str, data: bytes, encoding: str = "utf-8") -> Text:
         line = data[: e.start].count(b"\n") + 1
         raise HeadroomError(
             f"{name} is not valid {encoding}: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) {e.reason}. "
-            "Convert the file to UTF-8, or name its encoding (--encoding latin-1, for example)."
+            "Convert the file to UTF-8, or name its encoding (latin-1, for example).",
+            settings=("encoding",),
         ) from None
     if not text.strip():
         raise HeadroomError(f"{name} is empty; give a text with at least one window of tokens")
@@ -151,17 +152,19 @@ def make_windows(
     bos = adds_bos(tokenizer)
     if seqlen < (1 if bos else 2):
         raise HeadroomError(
-            f"seqlen must be at least {1 if bos else 2} tokens, got {seqlen}; give a window length such as 256"
+            f"seqlen must be at least {1 if bos else 2} tokens, got {seqlen}; give a window length such as 256",
+            settings=("seqlen",),
         )
     if max_positions is not None and seqlen + bos > max_positions:
         raise HeadroomError(
             f"seqlen {seqlen} is longer than the model's context of {max_positions} positions; "
-            f"use --seqlen {max_positions - bos} or less"
+            f"use a seqlen of {max_positions - bos} or less",
+            settings=("seqlen",),
         )
     if max_tokens is not None and max_tokens < seqlen:
         raise HeadroomError(
-            f"max-tokens {max_tokens} is smaller than one window of {seqlen} tokens; "
-            "raise --max-tokens or lower --seqlen"
+            f"max-tokens {max_tokens} is smaller than one window of {seqlen} tokens; raise max-tokens or lower seqlen",
+            settings=("max_tokens", "seqlen"),
         )
     ids = tokenizer(text.text, add_special_tokens=False, verbose=False).input_ids
     n = len(ids) // seqlen
@@ -170,7 +173,8 @@ def make_windows(
     if n == 0:
         raise HeadroomError(
             f"{text.name} has {len(ids)} tokens, fewer than one window of {seqlen}; "
-            "use a longer text or a smaller --seqlen"
+            "use a longer text or a smaller seqlen",
+            settings=("seqlen",),
         )
     chunks = torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
     if bos:

@@ -34,7 +34,7 @@ from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
-from analysis.evaluation import batches
+from analysis.evaluation import Progress, batches
 from analysis.hooks import hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
@@ -102,7 +102,7 @@ class DriftReport:
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no field-wise ==
 class PositionDrift:
-    """Drift of one window, per layer and token position; float64 tensors ``[num_layers, seq_len]``."""
+    """Drift of one window, per layer and token position; float64 tensors ``[num_layers, seqlen]``."""
 
     window: int
     input_ids: tuple[int, ...]
@@ -141,7 +141,7 @@ def _unpruned_pass(arch: Architecture, ids: torch.Tensor) -> tuple[list[torch.Te
 
 
 def _l2(reference: list[torch.Tensor]) -> torch.Tensor:
-    """Per-token L2 norms of layer outputs, float64 ``[num_layers, batch, seq_len]`` on the CPU."""
+    """Per-token L2 norms of layer outputs, float64 ``[num_layers, batch, seqlen]`` on the CPU."""
     return torch.stack([torch.linalg.vector_norm(h.double(), dim=-1).cpu() for h in reference])
 
 
@@ -149,7 +149,7 @@ def _masked_pass(
     arch: Architecture, ids: torch.Tensor, mask: Mask, reference: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token norm of every masked layer output and its cosine with ``reference`` (both float64
-    ``[num_layers, batch, seq_len]`` on the CPU), and the masked final-normed hidden state."""
+    ``[num_layers, batch, seqlen]`` on the CPU), and the masked final-normed hidden state."""
     l2 = torch.empty(arch.shape.num_layers, *ids.shape, dtype=torch.float64)
     cosine = torch.empty_like(l2)
 
@@ -181,12 +181,15 @@ def _kl_sum(arch: Architecture, unpruned: torch.Tensor, masked: torch.Tensor) ->
 
 
 @torch.no_grad()
-def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> list[DriftReport]:
-    """Drift of each mask against one unpruned pass per batch."""
+def _reports(
+    arch: Architecture, windows: Windows, masks: Sequence[Mask], progress: Progress | None = None
+) -> list[DriftReport]:
+    """Drift of each mask against one unpruned pass per batch; ``progress`` counts windows done."""
     unpruned_l2: list[torch.Tensor] = []  # per batch, [num_layers, tokens of the batch]
     masked_l2: list[list[torch.Tensor]] = [[] for _ in masks]
     cosine: list[list[torch.Tensor]] = [[] for _ in masks]
     kl = [0.0 for _ in masks]
+    done = 0
     for ids in batches(windows):
         reference, last = _unpruned_pass(arch, ids)
         unpruned_l2.append(_l2(reference).flatten(1))
@@ -196,6 +199,9 @@ def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> lis
             cosine[k].append(cos.flatten(1))
             kl[k] += _kl_sum(arch, last, masked_last)
         del reference, last  # free this batch before the next one is captured
+        done += ids.shape[0]
+        if progress:
+            progress(done, windows.num_windows)
 
     tokens = windows.input_ids.numel()
     base = torch.cat(unpruned_l2, dim=1)
@@ -220,9 +226,9 @@ def _reports(arch: Architecture, windows: Windows, masks: Sequence[Mask]) -> lis
     return reports
 
 
-def layer_drift(arch: Architecture, windows: Windows, mask: Mask) -> DriftReport:
+def layer_drift(arch: Architecture, windows: Windows, mask: Mask, progress: Progress | None = None) -> DriftReport:
     """Residual-stream norm and cosine drift of ``mask`` at every layer over all tokens of ``windows``."""
-    return _reports(arch, windows, [mask])[0]
+    return _reports(arch, windows, [mask], progress)[0]
 
 
 @torch.no_grad()
@@ -243,18 +249,39 @@ def position_drift(arch: Architecture, windows: Windows, mask: Mask, window: int
     )
 
 
-def without_rescaling(mask: Mask) -> Mask:
+def alpha_one(mask: Mask) -> Mask:
     """The same mask with alpha = 1 on every drop-QK layer."""
     return mask.with_drop_qk(sorted(mask.drop_qk))
 
 
-def harp_drift(arch: Architecture, windows: Windows, harp_mask: Mask) -> dict[str, DriftReport]:
-    """Drift of a HARP mask with its searched alphas, and of the same mask with alpha = 1 on every drop-QK layer.
+@dataclass(frozen=True)
+class MaskDrift:
+    """Drift of a mask and, for a mask with drop-QK layers, of the same mask at alpha = 1 there.
 
     The two differ only by the rescaling, so comparing them shows what the alphas do to the norm.
     """
-    rescaled, unscaled = _reports(arch, windows, [harp_mask, without_rescaling(harp_mask)])
-    return {"pruned_with_rescaling": rescaled, "pruned_without_rescaling": unscaled}
+
+    mask: DriftReport
+    without_rescaling: DriftReport | None  # None for a mask without drop-QK layers: nothing to rescale
+
+    def to_json(self) -> dict[str, Any]:
+        obj = {"mask": self.mask.to_json()}
+        if self.without_rescaling is not None:
+            obj["without_rescaling"] = self.without_rescaling.to_json()
+        return obj
+
+
+def _compared(mask: Mask) -> list[Mask]:
+    return [mask, alpha_one(mask)] if mask.drop_qk else [mask]
+
+
+def _pair(reports: Sequence[DriftReport]) -> MaskDrift:
+    return MaskDrift(reports[0], reports[1] if len(reports) > 1 else None)
+
+
+def mask_drift(arch: Architecture, windows: Windows, mask: Mask, progress: Progress | None = None) -> MaskDrift:
+    """:class:`MaskDrift` of ``mask``; both reports come from one unpruned pass (``progress`` counts windows)."""
+    return _pair(_reports(arch, windows, _compared(mask), progress))
 
 
 def _drift_parts(lm: LoadedModel, windows: Windows, mask: Mask) -> dict[str, Any]:
@@ -266,27 +293,33 @@ def _named(value: dict[str, Any], windows: Windows) -> DriftReport:
 
 
 def cached_layer_drift(
-    lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None, refresh: bool = False
+    lm: LoadedModel,
+    windows: Windows,
+    mask: Mask,
+    cache: DiskCache | None = None,
+    refresh: bool = False,
+    progress: Progress | None = None,
 ) -> DriftReport:
     """:func:`layer_drift`, read from the disk cache when this model, text, windowing and mask were seen."""
     parts = _drift_parts(lm, windows, mask)
-    value = (cache or DiskCache()).json("drift", parts, lambda: layer_drift(lm.arch, windows, mask).to_json(), refresh)
+
+    def compute() -> dict[str, Any]:
+        return layer_drift(lm.arch, windows, mask, progress).to_json()
+
+    value = (cache or DiskCache()).json("drift", parts, compute, refresh)
     return _named(value, windows)
 
 
-def cached_harp_drift(
-    lm: LoadedModel, windows: Windows, harp_mask: Mask, cache: DiskCache | None = None
-) -> dict[str, DriftReport]:
-    """:func:`harp_drift` through the same cache entries as :func:`cached_layer_drift`.
+def cached_mask_drift(
+    lm: LoadedModel, windows: Windows, mask: Mask, cache: DiskCache | None = None, progress: Progress | None = None
+) -> MaskDrift:
+    """:func:`mask_drift` through the same cache entries as :func:`cached_layer_drift` (one per mask).
 
-    When either report is missing both are computed together, on one unpruned pass.
+    When a report is missing all are computed together, on one unpruned pass.
     """
     cache = cache or DiskCache()
-    masks = {"pruned_with_rescaling": harp_mask, "pruned_without_rescaling": without_rescaling(harp_mask)}
-    parts = {name: _drift_parts(lm, windows, mask) for name, mask in masks.items()}
-    values = {name: cache.get_json("drift", p) for name, p in parts.items()}
-    if any(v is None for v in values.values()):
-        for name, report in harp_drift(lm.arch, windows, harp_mask).items():
-            cache.put_json("drift", parts[name], report.to_json())
-            values[name] = cache.get_json("drift", parts[name])
-    return {name: _named(value, windows) for name, value in values.items()}
+    parts = [_drift_parts(lm, windows, m) for m in _compared(mask)]
+    if any(cache.get_json("drift", p) is None for p in parts):
+        for p, report in zip(parts, _reports(lm.arch, windows, _compared(mask), progress), strict=True):
+            cache.put_json("drift", p, report.to_json())
+    return _pair([_named(cache.get_json("drift", p), windows) for p in parts])

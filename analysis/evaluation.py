@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ class PerplexityResult:
     mask: Any  # Mask.summary()
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def _result(nll_sum: float, windows: Windows, mask: Mask | None) -> PerplexityResult:
@@ -193,7 +193,9 @@ class IncrementalEvaluator:
     passed to each layer, and the per-token NLL. Each batch remembers the mask its stream belongs
     to, so batches may be brought up to date one at a time (``tokens_per_batch`` of one window
     gives the live evaluator its window-by-window answers) and a refresh can be cancelled between
-    layers. Not thread-safe: callers take turns (``analysis.live`` holds a lock).
+    layers. One call at a time: the methods change that state, so an evaluator shared by several
+    sessions is used under a lock (``analysis.live.LivePerplexity`` holds one), which makes
+    concurrent callers take turns on it.
     """
 
     def __init__(

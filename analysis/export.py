@@ -29,7 +29,8 @@ import os
 import shlex
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,49 +83,49 @@ class ExportResult:
     command: str
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "kind": self.kind,
-            "dtype": self.dtype,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "budget": self.budget.to_json(),
-            "perplexity_before": self.perplexity_before.to_json() if self.perplexity_before else None,
-            "perplexity_after": self.perplexity_after.to_json() if self.perplexity_after else None,
-            "max_abs_logit_difference": self.max_abs_logit_difference,
-            "command": self.command,
-        }
+        return asdict(self)
 
 
 # --- what each layer keeps ------------------------------------------------------------------------
 
 
-def layer_structure(mask: Mask, arch: Architecture) -> list[dict[str, Any]]:
-    """Per layer: kind (attention / drop_qk / none), kept query heads and kept KV heads (source numbering).
+@dataclass(frozen=True)
+class LayerStructure:
+    """What one layer of an export keeps; heads are numbered as in the source."""
+
+    kind: str  # ATTENTION, DROP_QK or NONE (see analysis/exported/configuration_headroom.py)
+    query_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    o_bias: bool = False  # o_proj gets a bias (the mask's) that the family's o_proj lacks
+
+    def to_json(self) -> dict[str, Any]:
+        """The layer's entry of the compact export's ``headroom_layers`` (``o_bias`` only where true)."""
+        obj: dict[str, Any] = {"kind": self.kind, "query_heads": list(self.query_heads)}
+        obj["kv_heads"] = list(self.kv_heads)
+        return {**obj, "o_bias": True} if self.o_bias else obj
+
+
+def layer_structure(mask: Mask, arch: Architecture) -> list[LayerStructure]:
+    """Per layer: kind (attention / drop_qk / none), kept query heads and kept KV heads.
 
     A layer with every query head pruned adds only o_proj's bias, if any (the source's or the mask's): without
-    one it is ``none``, with one it is a drop-QK layer with no heads (its output is the bias). A layer whose
-    mask adds a bias where the family's o_proj has none says so with ``"o_bias": True``.
+    one it is ``none``, with one it is a drop-QK layer with no heads (its output is the bias).
     """
     shape = arch.shape
     layers = []
     for i in range(shape.num_layers):
         spec = mask.layer(i)
-        query = [h for h, keep in enumerate(spec.heads) if keep]
-        kv = sorted({shape.kv_group(h) for h in query})
+        query = tuple(h for h, keep in enumerate(spec.heads) if keep)
+        kv = tuple(sorted({shape.kv_group(h) for h in query}))
         if spec.alpha == 0.0 or (not query and not shape.o_bias and spec.bias is None):
-            kind, query, kv = NONE, [], []
-        elif spec.drop_qk or not query:
-            kind = DROP_QK
-        else:
-            kind = ATTENTION
-        layers.append({"kind": kind, "query_heads": query, "kv_heads": kv})
-        if kind != NONE and spec.bias is not None and not shape.o_bias:
-            layers[-1]["o_bias"] = True
+            layers.append(LayerStructure(NONE, (), ()))
+            continue
+        kind = DROP_QK if spec.drop_qk or not query else ATTENTION
+        layers.append(LayerStructure(kind, query, kv, o_bias=spec.bias is not None and not shape.o_bias))
     return layers
 
 
-def _rows(heads: list[int], head_dim: int) -> torch.Tensor:
+def _rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
     """Indices of the rows (or columns) of ``heads`` in a projection with heads of ``head_dim``."""
     return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
 
@@ -139,7 +140,7 @@ def _keep(t: torch.Tensor, dim: int, rows: torch.Tensor, compact: bool) -> torch
 
 
 def _keep_projection(
-    projection: Projection, heads: list[int], head_dim: int, compact: bool
+    projection: Projection, heads: Sequence[int], head_dim: int, compact: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (weight, bias) rows of ``heads`` of a q, k or v projection, on the CPU (see ``_keep``)."""
     rows = _rows(heads, head_dim)
@@ -148,7 +149,7 @@ def _keep_projection(
     return weight, bias
 
 
-def _state_dict(arch: Architecture, mask: Mask, layers: list[dict[str, Any]], compact: bool) -> dict[str, torch.Tensor]:
+def _state_dict(arch: Architecture, mask: Mask, layers: list[LayerStructure], compact: bool) -> dict[str, torch.Tensor]:
     """The export's tensors on the CPU: the source's, with alpha folded and each layer's attention pruned.
 
     Alpha is folded first (``Architecture.branch_scale_state``), since scaling commutes with removing heads. Where
@@ -170,25 +171,25 @@ def _state_dict(arch: Architecture, mask: Mask, layers: list[dict[str, Any]], co
             extra = torch.tensor(bias, dtype=state[f"{prefix}.o_proj.weight"].dtype) * o_scale
             state[f"{prefix}.o_proj.bias"] = state.get(f"{prefix}.o_proj.bias", 0.0) + extra
         own = {k.removeprefix(prefix + "."): state.pop(k) for k in list(state) if k.startswith(prefix + ".")}
-        query, kv = layer["query_heads"], layer["kv_heads"]
+        query, kv = layer.query_heads, layer.kv_heads
         q_heads, k_heads = (
             (range(shape.num_heads), range(shape.num_kv_heads)) if shape.qk_norm_spans_heads else (query, kv)
         )
         q, k, v = arch.query_key_value(i)
         kept: dict[str, torch.Tensor] = {}
-        if layer["kind"] != NONE or not compact:
+        if layer.kind != NONE or not compact:
             kept["o_proj.weight"] = _keep(own["o_proj.weight"], 1, _rows(query, hd), compact)
             if "o_proj.bias" in own:
-                kept["o_proj.bias"] = own["o_proj.bias"] * (1.0 if layer["kind"] != NONE else 0.0)
+                kept["o_proj.bias"] = own["o_proj.bias"] * (1.0 if layer.kind != NONE else 0.0)
             values = _keep_projection(v, kv, hd, compact)
-        if layer["kind"] == ATTENTION or not compact:
+        if layer.kind == ATTENTION or not compact:
             queries, keys = (
-                _keep_projection(q, list(q_heads), hd, compact),
-                _keep_projection(k, list(k_heads), hd, compact),
+                _keep_projection(q, q_heads, hd, compact),
+                _keep_projection(k, k_heads, hd, compact),
             )
             kept.update(arch.qkv_state(queries, keys, values))
             kept.update({name: t for name, t in own.items() if name.startswith(("q_norm.", "k_norm."))})
-        elif layer["kind"] == DROP_QK:
+        elif layer.kind == DROP_QK:
             kept.update(arch.qkv_state(None, None, values))
         state.update({f"{prefix}.{name}": t for name, t in kept.items()})
     return state
@@ -220,7 +221,7 @@ def _compact_model(arch: Architecture, mask: Mask) -> nn.Module:
         **{
             **_config_dict(arch),
             "head_dim": arch.shape.head_dim,
-            "headroom_layers": layers,
+            "headroom_layers": [layer.to_json() for layer in layers],
             "headroom_qkv_bias": arch.shape.qkv_bias,
             "headroom_o_bias": arch.shape.o_bias,
             "headroom_qk_norm_spans_heads": arch.shape.qk_norm_spans_heads,
@@ -236,13 +237,15 @@ def _check_stock(mask: Mask, shape: ModelShape) -> None:
     if mask.bias and not shape.o_bias:
         raise HeadroomError(
             f"a stock export cannot express the mask's o_proj bias (layers {[i for i, _ in mask.bias]}): this "
-            "family's o_proj has no bias. Use --kind compact (loads with trust_remote_code=True), which adds one"
+            "family's o_proj has no bias. Use the compact kind (loads with trust_remote_code=True), which adds one",
+            settings=("kind",),
         )
     if mask.drop_qk:
         raise HeadroomError(
             f"a stock export cannot express drop-QK (layers {sorted(mask.drop_qk)}): the source architecture always "
-            "computes queries and keys. Use --kind compact (loads with trust_remote_code=True), or remove the "
-            "drop-QK layers from the mask"
+            "computes queries and keys. Use the compact kind (loads with trust_remote_code=True), or remove the "
+            "drop-QK layers from the mask",
+            settings=("kind",),
         )
 
 
@@ -332,7 +335,8 @@ def check_destination(out: str | Path, force: bool) -> Path:
     if path.is_dir() and any(path.iterdir()):
         if not force:
             raise HeadroomError(
-                f"{path} already exists and is not empty; pick another folder, or ask to replace it (--force)"
+                f"{path} already exists and is not empty; pick another folder, or ask to replace it",
+                settings=("force",),
             )
         if problem := export_problem(path):
             raise _refuse_to_replace(path, problem)
@@ -379,7 +383,7 @@ def _ppl_line(label: str, p: PerplexityResult | None) -> str:
     return f"| {label} | {p.perplexity:.4f} | {p.mean_nll:.6f} | {p.predicted_tokens:,} | {json.dumps(p.mask)} |"
 
 
-def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[dict[str, Any]]) -> str:
+def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[LayerStructure]) -> str:
     """The export's README.md: source, mask, budget on all three axes, perplexity, check and command."""
     b = result.budget
     p = result.perplexity_after or result.perplexity_before
@@ -420,7 +424,7 @@ def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[d
         ]
     lines += [
         "",
-        f"## Budget (attention FLOPs at sequence length {b.seq_len})",
+        f"## Budget (attention FLOPs at sequence length {b.seqlen})",
         "",
         "| axis | source | export | saved |",
         "|---|---:|---:|---:|",
@@ -459,8 +463,8 @@ def model_card(lm: LoadedModel, mask: Mask, result: ExportResult, layers: list[d
         "|---:|---|---|---|---:|",
     ]
     for i, layer in enumerate(layers):
-        kind = layer["kind"] if compact else ("none" if layer["kind"] == NONE else "attention (zeroed heads)")
-        lines.append(f"| {i} | {kind} | {layer['query_heads']} | {layer['kv_heads']} | {mask.alpha[i]:g} |")
+        kind = layer.kind if compact else ("none" if layer.kind == NONE else "attention (zeroed heads)")
+        lines.append(f"| {i} | {kind} | {list(layer.query_heads)} | {list(layer.kv_heads)} | {mask.alpha[i]:g} |")
     lines += ["", "## Command", "", "```sh", result.command, "```", ""]
     return "\n".join(lines)
 

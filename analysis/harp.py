@@ -77,7 +77,7 @@ class HarpResult:
             "layers": list(self.layers),
             "grid": list(self.grid),
             "alpha": {str(k): v for k, v in sorted(self.alpha.items())},
-            "trace": [s.__dict__ for s in self.trace],
+            "trace": [asdict(s) for s in self.trace],
             "calib_perplexity": self.calib_perplexity,
             "unpruned_perplexity": self.unpruned_perplexity,
             "alpha1_perplexity": self.alpha1_perplexity,
@@ -109,7 +109,9 @@ class HarpResult:
 
 def top_layers(num_layers: int, n: int) -> tuple[int, ...]:
     if not 1 <= n <= num_layers:
-        raise HeadroomError(f"--layers must be between 1 and {num_layers} for this model, got {n}")
+        raise HeadroomError(
+            f"the number of top layers must be between 1 and {num_layers} for this model, got {n}", settings=("layers",)
+        )
     return tuple(range(num_layers - n, num_layers))
 
 
@@ -124,7 +126,7 @@ def check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
 
 def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
     if not grid:
-        raise HeadroomError("the alpha grid is empty; give at least one value, e.g. --grid 0,0.5,1")
+        raise HeadroomError("the alpha grid is empty; give at least one value, e.g. 0,0.5,1", settings=("grid",))
     for a in grid:
         if not (math.isfinite(a) and 0.0 <= a <= ALPHA_MAX):
             raise HeadroomError(f"alpha grid value {a} is not a number in [0, {ALPHA_MAX:g}]")

@@ -520,9 +520,9 @@ def cached_head_result(
         raise HeadroomError(f"unknown metric '{metric}'; choose one of {', '.join(HEAD_METRICS)}")
     num_layers = lm.shape.num_layers
     if layers is not None and (not layers or any(not 0 <= i < num_layers for i in layers)):
-        raise HeadroomError(f"--layers {list(layers)} must name layers in 0..{num_layers - 1}")
+        raise HeadroomError(f"layers {list(layers)} must name layers in 0..{num_layers - 1}", settings=("layers",))
     chosen = sorted(set(layers)) if layers is not None else None
-    parts = {**lm.cache_key(), **windows.cache_key(), "metric": metric, "layers": chosen, "format": 2}
+    parts = _head_result_key(lm, windows, metric, chosen)
 
     def compute() -> dict[str, Any]:
         result = HEAD_METRICS[metric](lm.arch, windows, chosen, progress)
@@ -532,6 +532,16 @@ def cached_head_result(
 
     value = (cache or DiskCache()).json("importance", parts, compute)
     return HeadScores(value["metric"], value["scores"], value["details"])
+
+
+def _head_result_key(lm: LoadedModel, windows: Windows, metric: str, layers: list[int] | None) -> dict[str, Any]:
+    return {**lm.cache_key(), **windows.cache_key(), "metric": metric, "layers": layers, "format": 2}
+
+
+def stored_head_result(lm: LoadedModel, windows: Windows, metric: str, cache: DiskCache) -> HeadScores | None:
+    """Scores of every head by ``metric`` if :func:`cached_head_result` has them on disk; never computes."""
+    value = cache.get_json("importance", _head_result_key(lm, windows, metric, None))
+    return None if value is None else HeadScores(value["metric"], value["scores"], value["details"])
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ so clients take turns. A mask seen recently is answered exactly at once.
 from __future__ import annotations
 
 import math
+import queue
 import random
 import threading
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,7 @@ from scipy.stats import t as student_t
 
 from analysis.architecture import Architecture
 from analysis.corpus import Windows
+from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, PerplexityResult, Progress
 from analysis.masks import Mask
 
@@ -110,6 +112,11 @@ class LivePerplexity:
         self._lock = threading.Lock()
         self._latest: dict[str, object] = {}  # client -> its newest request
 
+    def remembered(self, mask: Mask) -> PerplexityResult | None:
+        """The exact perplexity of ``mask`` if it was settled recently, else None (never computes)."""
+        with self._lock:
+            return self.evaluator.remembered(mask)
+
     def exact(self, mask: Mask) -> PerplexityResult:
         """The exact perplexity at once (no estimates), taking its turn on the lock."""
         with self._lock:
@@ -121,13 +128,22 @@ class LivePerplexity:
         The request counts from this call (not from the first ``next``), so a later call cancels it
         even before it is iterated.
         """
+        shape = self.evaluator.arch.shape
+        if (mask.num_layers, mask.num_heads) != (shape.num_layers, shape.num_heads):
+            raise HeadroomError(
+                f"the mask is {mask.num_layers} layers x {mask.num_heads} heads but the model is "
+                f"{shape.num_layers} x {shape.num_heads}; use a mask made for this model"
+            )
         request = object()
         self._latest[client] = request
         return self._refine(mask, lambda: self._latest.get(client) is not request)
 
+    def start(self, mask: Mask, client: str = "") -> Refinement:
+        """:meth:`estimates` computed in a background thread, so that the caller stays free (a page can be rerun)."""
+        return Refinement(self.estimates(mask, client))
+
     def _refine(self, mask: Mask, cancelled: Any) -> Iterator[LiveEstimate]:
-        with self._lock:
-            known = self.evaluator.remembered(mask)
+        known = self.remembered(mask)
         if known is not None:
             yield self._answer(mask, known.mean_nll, 0.0, self.windows.predicted_tokens)
             return
@@ -162,9 +178,47 @@ class LivePerplexity:
         )
 
 
+class Refinement:
+    """The answers of one request, produced by a background thread; :meth:`next` waits for each.
+
+    Dropping a refinement does not stop its thread: a newer request from the same client does
+    (:meth:`LivePerplexity.estimates`), between layers.
+    """
+
+    def __init__(self, answers: Iterator[LiveEstimate]) -> None:
+        self.finished = False  # the last answer was taken, or the request was cancelled
+        self._answers: queue.Queue[LiveEstimate | BaseException | None] = queue.Queue()
+        threading.Thread(target=self._run, args=(answers,), name="headroom-live-refine", daemon=True).start()
+
+    def _run(self, answers: Iterator[LiveEstimate]) -> None:
+        try:
+            for answer in answers:
+                self._answers.put(answer)
+        except Exception as e:  # handed to the caller of next(), who reports it
+            self._answers.put(e)
+        self._answers.put(None)
+
+    def next(self, timeout_s: float) -> LiveEstimate | None:
+        """The next answer, or None if none came within ``timeout_s`` or the request is over (see :attr:`finished`)."""
+        if self.finished:
+            return None
+        try:
+            item = self._answers.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item is None
+        return item
+
+
 _WARMER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headroom-live-warm")
 
 
-def warm(arch: Architecture, windows: Windows) -> Future[LivePerplexity]:
-    """Build a :class:`LivePerplexity` (one full capturing pass) in the background, e.g. as soon as a model loads."""
-    return _WARMER.submit(LivePerplexity, arch, windows)
+def warm(arch: Architecture, windows: Windows, progress: Progress | None = None) -> Future[LivePerplexity]:
+    """Build a :class:`LivePerplexity` (one full capturing pass) in the background, e.g. as soon as a model loads.
+
+    ``progress`` is called from the background thread.
+    """
+    return _WARMER.submit(LivePerplexity, arch, windows, progress)

@@ -262,7 +262,7 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise HeadroomError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise HeadroomError("a CUDA GPU was asked for but none is available; use the CPU", settings=("device",))
     if device not in ("cpu", "cuda"):
         raise HeadroomError(f"unknown device '{device}'; use cpu, cuda or auto")
     return device

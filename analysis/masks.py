@@ -375,7 +375,7 @@ def _check_mask_size(name: str, size: int) -> None:
     if size > MAX_MASK_BYTES:
         raise HeadroomError(
             f"mask file {name} is {size:,} bytes; a mask is at most {MAX_MASK_BYTES:,} bytes. "
-            "Choose the .json that Headroom wrote (harp --out or an export)"
+            "Choose the .json that Headroom wrote (a saved mask or an export)"
         )
 
 
@@ -419,13 +419,13 @@ class Budget:
 
     ``attention_flops_per_token`` counts multiply-adds as 2 FLOPs for the attention block of every
     layer (q/k/v/o projections, scores and weighted values) for one token that attends to
-    ``seq_len`` positions. ``kv_bytes_per_token`` is the KV cache one token adds across all layers,
+    ``seqlen`` positions. ``kv_bytes_per_token`` is the KV cache one token adds across all layers,
     at the model's element size. Parameters are attention parameters removed, as a share of the
     whole model's (tied embeddings counted once). A mask's o_proj bias (v2) where the family has none
     adds ``hidden_size`` parameters to its layer, so it counts against the parameters removed.
     """
 
-    seq_len: int
+    seqlen: int
     params_total: int
     params_removed: int
     params_removed_pct: float
@@ -447,7 +447,7 @@ class _LayerCost:
     flops: int
 
 
-def _layer_cost(shape: ModelShape, spec: LayerSpec, seq_len: int) -> _LayerCost:
+def _layer_cost(shape: ModelShape, spec: LayerSpec, seqlen: int) -> _LayerCost:
     """Attention parameters, KV bytes per token and FLOPs per token left in one layer."""
     d, hd = shape.hidden_size, shape.head_dim
     q = sum(spec.heads)
@@ -467,27 +467,27 @@ def _layer_cost(shape: ModelShape, spec: LayerSpec, seq_len: int) -> _LayerCost:
     q_rows, k_rows = (shape.num_heads, shape.num_kv_heads) if shape.qk_norm_spans_heads and q else (q, groups)
     params = proj(q_rows) + proj(k_rows) + proj(groups) + o_params + (shape.qk_norm_params_per_layer if q else 0)
     kv = 2 * groups * hd * shape.bytes_per_element
-    flops = 2 * (q_rows + q + k_rows + groups) * hd * d + 4 * q * hd * seq_len
+    flops = 2 * (q_rows + q + k_rows + groups) * hd * d + 4 * q * hd * seqlen
     return _LayerCost(params, kv, flops)
 
 
-def budget(mask: Mask, shape: ModelShape, seq_len: int) -> Budget:
+def budget(mask: Mask, shape: ModelShape, seqlen: int) -> Budget:
     """Exact savings of ``mask``; grouped-query attention is counted per KV group, never averaged."""
-    if seq_len < 1:
-        raise HeadroomError(f"sequence length for the budget must be at least 1, got {seq_len}")
+    if seqlen < 1:
+        raise HeadroomError(f"sequence length for the budget must be at least 1, got {seqlen}")
     if (mask.num_layers, mask.num_heads) != (shape.num_layers, shape.num_heads):
         raise HeadroomError(
             f"the mask is {mask.num_layers} layers x {mask.num_heads} heads but the model is "
             f"{shape.num_layers} x {shape.num_heads}; use a mask made for this model"
         )
     full = Mask.unpruned(shape, mask.model_name)
-    left = [_layer_cost(shape, mask.layer(i), seq_len) for i in range(shape.num_layers)]
-    base = [_layer_cost(shape, full.layer(i), seq_len) for i in range(shape.num_layers)]
+    left = [_layer_cost(shape, mask.layer(i), seqlen) for i in range(shape.num_layers)]
+    base = [_layer_cost(shape, full.layer(i), seqlen) for i in range(shape.num_layers)]
     removed = sum(b.params - c.params for b, c in zip(base, left, strict=True))
     kv, kv0 = sum(c.kv_bytes for c in left), sum(c.kv_bytes for c in base)
     fl, fl0 = sum(c.flops for c in left), sum(c.flops for c in base)
     return Budget(
-        seq_len=seq_len,
+        seqlen=seqlen,
         params_total=shape.total_params,
         params_removed=removed,
         params_removed_pct=100.0 * removed / shape.total_params,

@@ -18,6 +18,7 @@ from analysis.errors import HeadroomError
 MEMORY_LIMIT_ENV = "HEADROOM_MEMORY_LIMIT"
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _CGROUP = Path("/sys/fs/cgroup")
+_MEMINFO = Path("/proc/meminfo")
 
 
 def parse_size(text: str) -> int:
@@ -30,7 +31,7 @@ def parse_size(text: str) -> int:
 
 def _meminfo_available() -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in _MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -64,7 +65,8 @@ def require(needed: int, what: str) -> None:
     if free is not None and needed > free:
         raise HeadroomError(
             f"{what} needs about {_size(needed)} of memory but only {_size(max(free, 0))} is {why}; "
-            "use fewer tokens (--max-tokens) or shorter windows (--seqlen)"
+            "use fewer tokens (max-tokens) or shorter windows (seqlen)",
+            settings=("max_tokens", "seqlen"),
         )
 
 

@@ -83,7 +83,7 @@ class SearchResult:
 
     mask: Mask
     targets: dict[str, int]
-    seq_len: int
+    seqlen: int
     budget: Budget
     calib_perplexity: float | None  # None only when interrupted before any mask met the budget
     unpruned_calib_perplexity: float
@@ -113,23 +113,24 @@ def parse_targets(specs: Sequence[str]) -> dict[str, int]:
         axis, _, amount = spec.partition(":")
         if axis not in AXES or not amount.strip().isdigit() or int(amount) <= 0:
             raise HeadroomError(
-                f"--save {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
-                "integer, e.g. --save kv:12288"
+                f"budget {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
+                "integer, e.g. kv:12288",
+                settings=("targets",),
             )
         if axis in targets:
-            raise HeadroomError(f"--save names axis '{axis}' twice; give each axis once")
+            raise HeadroomError(f"the budget names axis '{axis}' twice; give each axis once", settings=("targets",))
         targets[axis] = int(amount)
     if not targets:
-        raise HeadroomError("give at least one budget, e.g. --save kv:12288")
+        raise HeadroomError("give at least one budget, e.g. kv:12288", settings=("targets",))
     return targets
 
 
-def check_targets(targets: dict[str, int], shape: ModelShape, seq_len: int) -> None:
+def check_targets(targets: dict[str, int], shape: ModelShape, seqlen: int) -> None:
     """Refuse a budget that even removing every layer's attention cannot save."""
     everything = Mask.unpruned(shape, "")
     for layer in range(shape.num_layers):
         everything = everything.with_layer(layer, alpha=0.0)
-    most = budget(everything, shape, seq_len)
+    most = budget(everything, shape, seqlen)
     for axis, amount in targets.items():
         if saved(most, axis) < amount:
             raise HeadroomError(
@@ -200,19 +201,19 @@ def search(
     model_name: str,
     calib: Windows,
     targets: dict[str, int],
-    seq_len: int,
+    seqlen: int,
     shortlist: int = SHORTLIST,
     proxy_windows: int = PROXY_WINDOWS,
     progress: Progress | None = None,
 ) -> SearchResult:
-    """The mask of lowest calibration perplexity found that saves at least ``targets`` at ``seq_len``.
+    """The mask of lowest calibration perplexity found that saves at least ``targets`` at ``seqlen``.
 
     Interruptible: a ``KeyboardInterrupt`` (Ctrl-C, or raised by ``progress``) returns the best mask
     so far that meets the budget, marked ``interrupted``; if none met it yet, the remaining need is
     filled with the best-scored moves without evaluating them (``calib_perplexity`` None).
     """
     shape = arch.shape
-    check_targets(targets, shape, seq_len)
+    check_targets(targets, shape, seqlen)
     if shortlist < 1 or proxy_windows < 1:
         raise HeadroomError("shortlist and proxy windows must be at least 1")
     started = time.perf_counter()
@@ -243,24 +244,24 @@ def search(
         for move in moves:  # highest layer first
             scores[move] = proxy.nll(proxy.candidate(unpruned, move)) - base
             tick()
-        _structure_phase(full, moves, targets, seq_len, shortlist, scores, state, tick)
-        _alpha_phase(full, targets, seq_len, state, tick)
+        _structure_phase(full, moves, targets, seqlen, shortlist, scores, state, tick)
+        _alpha_phase(full, targets, seqlen, state, tick)
         interrupted = False
     except KeyboardInterrupt:
         interrupted = True
     if state["best"] is None:  # interrupted before the budget was met: fill it without evaluating
         mask = state["mask"]
-        while not meets(budget(mask, shape, seq_len), targets):
-            mask = apply_move(mask, _ranked(mask, moves, scores, targets, shape, seq_len)[0][1], shape)
+        while not meets(budget(mask, shape, seqlen), targets):
+            mask = apply_move(mask, _ranked(mask, moves, scores, targets, shape, seqlen)[0][1], shape)
         state["best"] = (None, mask)
     nll, mask = state["best"]
     if progress and not interrupted:
         progress(state["done"], state["done"])
     return SearchResult(
-        mask=replace(mask, note=f"search: saves at least {targets} at seq_len {seq_len}"),
+        mask=replace(mask, note=f"search: saves at least {targets} at seqlen {seqlen}"),
         targets=dict(targets),
-        seq_len=seq_len,
-        budget=budget(mask, shape, seq_len),
+        seqlen=seqlen,
+        budget=budget(mask, shape, seqlen),
         calib_perplexity=None if nll is None else math.exp(nll),
         unpruned_calib_perplexity=math.exp(state.get("unpruned", math.nan)),
         trace=tuple(state["trace"]),
@@ -278,17 +279,17 @@ def _ranked(
     scores: dict[Move, float],
     targets: dict[str, int],
     shape: ModelShape,
-    seq_len: int,
+    seqlen: int,
 ) -> list[tuple[float, Move, float]]:
     """Legal moves that make progress and take nothing back, best first: (efficiency, move, progress).
 
     Efficiency is the move's (possibly stale) NLL increase per unit of progress; an unscored move
     ranks last. Ties keep the order of ``moves``.
     """
-    before = budget(mask, shape, seq_len)
+    before = budget(mask, shape, seqlen)
     ranked = []
     for move in moves:
-        after = budget(apply_move(mask, move, shape), shape, seq_len)
+        after = budget(apply_move(mask, move, shape), shape, seqlen)
         if any(saved(after, axis) < saved(before, axis) for axis in targets):
             continue
         step = _progress_of(before, after, targets)
@@ -302,7 +303,7 @@ def _structure_phase(
     full: _Scorer,
     moves: list[Move],
     targets: dict[str, int],
-    seq_len: int,
+    seqlen: int,
     shortlist: int,
     scores: dict[Move, float],
     state: dict[str, Any],
@@ -310,8 +311,8 @@ def _structure_phase(
 ) -> None:
     """Commit moves until the budget is met; each decided on the whole calibration set among the shortlist."""
     shape = full.evaluator.arch.shape
-    while not meets(budget(state["mask"], shape, seq_len), targets):
-        short = _ranked(state["mask"], moves, scores, targets, shape, seq_len)[:shortlist]
+    while not meets(budget(state["mask"], shape, seqlen), targets):
+        short = _ranked(state["mask"], moves, scores, targets, shape, seqlen)[:shortlist]
         fresh = []
         for _, move, step in sorted(short, key=lambda r: -r[1].layer):  # highest layer first
             candidate = full.candidate(state["mask"], move)
@@ -321,7 +322,7 @@ def _structure_phase(
             fresh.append((scores[move] / step, move, candidate, nll))
         _, move, mask, nll = min(fresh, key=lambda r: r[0])
         state["mask"], state["nll"] = mask, nll
-        b = budget(mask, shape, seq_len)
+        b = budget(mask, shape, seqlen)
         state["trace"].append(
             TraceStep("structure", str(move), move.layer, mask.alpha[move.layer], math.exp(nll), len(fresh), _saved(b))
         )
@@ -341,7 +342,7 @@ def _layer_options(full: _Scorer, mask: Mask, layer: int) -> list[Mask]:
 
 
 def _alpha_phase(
-    full: _Scorer, targets: dict[str, int], seq_len: int, state: dict[str, Any], tick: Callable[[], None]
+    full: _Scorer, targets: dict[str, int], seqlen: int, state: dict[str, Any], tick: Callable[[], None]
 ) -> None:
     """Per changed layer, highest first: the alpha (or drop-QK alpha) of lowest NLL that keeps the budget."""
     shape = full.evaluator.arch.shape
@@ -351,7 +352,7 @@ def _alpha_phase(
         tried = 0
         best = (nll, mask)
         for candidate in _layer_options(full, mask, layer):
-            if candidate.layer(layer) == mask.layer(layer) or not meets(budget(candidate, shape, seq_len), targets):
+            if candidate.layer(layer) == mask.layer(layer) or not meets(budget(candidate, shape, seqlen), targets):
                 continue
             value = full.nll(candidate)
             tick()
@@ -360,7 +361,7 @@ def _alpha_phase(
                 best = (value, candidate)
         nll, mask = best
         state["mask"], state["nll"], state["best"] = mask, nll, (nll, mask)
-        b = budget(mask, shape, seq_len)
+        b = budget(mask, shape, seqlen)
         change = f"alpha({layer})" + (" drop_qk" if layer in mask.drop_qk else "")
         state["trace"].append(TraceStep("alpha", change, layer, mask.alpha[layer], math.exp(nll), tried, _saved(b)))
 
@@ -373,7 +374,7 @@ def cached_search(
     lm: LoadedModel,
     calib: Windows,
     targets: dict[str, int],
-    seq_len: int,
+    seqlen: int,
     shortlist: int = SHORTLIST,
     proxy_windows: int = PROXY_WINDOWS,
     cache: DiskCache | None = None,
@@ -382,11 +383,11 @@ def cached_search(
 ) -> SearchResult:
     """:func:`search` through the disk cache; an interrupted search is returned but never stored."""
     cache = cache or DiskCache()
-    parts = {**lm.cache_key(), **calib.cache_key(), "targets": targets, "seq_len": seq_len}
+    parts = {**lm.cache_key(), **calib.cache_key(), "targets": targets, "seqlen": seqlen}
     parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": list(MOVE_KINDS)}
     value = None if refresh else cache.get_json("search", parts)
     if value is None:
-        result = search(lm.arch, lm.name, calib, targets, seq_len, shortlist, proxy_windows, progress)
+        result = search(lm.arch, lm.name, calib, targets, seqlen, shortlist, proxy_windows, progress)
         if result.interrupted:
             return result
         value = result.to_json()

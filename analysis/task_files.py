@@ -1,4 +1,4 @@
-"""User tasks from JSONL files, and the built-in tasks written out for lm-evaluation-harness.
+"""User tasks from JSONL files: validated with clear errors, scored under a mask, cached by content.
 
 A task file has one JSON object per line, all of one kind:
 
@@ -9,11 +9,7 @@ A task file has one JSON object per line, all of one kind:
 
 The prompt and the target (or choice) are concatenated as they are: put the space in front of the
 target (``" Paris"``), as lm-evaluation-harness does with ``target_delimiter: ""``.
-
-``write_lm_eval`` writes the passkey and last-word items (and any user task) as lm-eval task YAMLs
-with local JSONL data files and ``output_type: loglikelihood`` (metric ``acc``: the continuation is
-greedy) or ``multiple_choice``, so that the field's standard harness scores an export on exactly
-the items Headroom scores.
+:mod:`analysis.lm_eval_tasks` writes a task file out for lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -28,21 +24,16 @@ from typing import Any
 from analysis.cache import DiskCache
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress
-from analysis.files import atomic_write_text
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import Mask
-from analysis.tasks import (
-    PASSKEY_DEPTHS,
-    PASSKEY_LENGTHS,
+from analysis.task_scoring import (
     TASK_VERSION,
     Item,
     JsonResult,
     choice_logliks,
     exact_match,
-    last_word_items,
     mask_summary,
-    passkey_items,
     progress_steps,
 )
 
@@ -72,6 +63,9 @@ class UserTaskResult(JsonResult):
     accuracy: float
     item_correct: tuple[bool, ...]
     mask: Any
+
+    def headline(self) -> dict[str, float]:
+        return {f"{self.name} accuracy": self.accuracy}
 
 
 def _item(obj: Any) -> tuple[str | None, Any, str | None]:
@@ -190,80 +184,3 @@ def cached_user_task(
         "user_task", parts, lambda: score_user_task(lm, task, mask, progress).to_json(), refresh
     )
     return UserTaskResult.from_json({**value, "name": task.name})
-
-
-# --- lm-evaluation-harness --------------------------------------------------------------------------
-
-
-def length_label(tokens: int) -> str:
-    """512 -> '512', 2048 -> '2k'."""
-    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
-
-
-def _yaml(name: str, data: Path, multiple_choice: bool) -> str:
-    """An lm-eval task over a local JSONL file (JSON strings are valid YAML scalars)."""
-    lines = [
-        f"task: {name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {json.dumps(str(data.resolve()))}",
-        "test_split: test",
-        f"output_type: {'multiple_choice' if multiple_choice else 'loglikelihood'}",
-        "doc_to_text: prompt",
-        f"doc_to_target: {'answer' if multiple_choice else 'target'}",
-        *(["doc_to_choice: choices"] if multiple_choice else []),
-        'target_delimiter: ""',
-        "metric_list:",
-        "  - metric: acc",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "metadata:",
-        f"  version: {TASK_VERSION}.0",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _write_task(out: Path, name: str, rows: list[dict[str, Any]], multiple_choice: bool = False) -> str:
-    data = out / f"{name}.jsonl"
-    atomic_write_text(data, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    atomic_write_text(out / f"{name}.yaml", _yaml(name, data, multiple_choice))
-    return name
-
-
-def write_lm_eval(
-    lm: LoadedModel,
-    out: str | Path,
-    user_tasks: tuple[UserTask, ...] = (),
-    samples: int = 1,
-    seed: int = 0,
-) -> list[str]:
-    """Write lm-eval task YAMLs and their JSONL data into ``out``; return the task names.
-
-    One task per passkey context length that fits the model (``headroom_passkey_2k``: every depth of
-    :data:`analysis.tasks.PASSKEY_DEPTHS`, the same items as the passkey task with this ``samples`` and
-    ``seed``), ``headroom_last_word``, and ``headroom_user_<file stem>`` per user task. Passkey
-    filler is cut in this model's tokens, so the files belong to this tokenizer.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HeadroomError(f"{out} exists and is not a folder; give a folder for the lm-eval tasks")
-    if not out.parent.is_dir():
-        raise HeadroomError(f"folder {out.parent} does not exist; create it first")
-    out.mkdir(exist_ok=True)
-    names = []
-    for length in PASSKEY_LENGTHS:
-        if lm.max_positions is not None and length > lm.max_positions:
-            continue
-        items = [i for depth in PASSKEY_DEPTHS for i in passkey_items(lm, length, depth, samples, seed)]
-        rows = [{"prompt": i.prompt, "target": i.target} for i in items]
-        names.append(_write_task(out, f"headroom_passkey_{length_label(length)}", rows))
-    last = [{"prompt": i.prompt, "target": i.target} for i in last_word_items(lm)]
-    names.append(_write_task(out, "headroom_last_word", last))
-    for task in user_tasks:
-        if task.kind == EXACT:
-            rows = [{"prompt": i.prompt, "target": i.target} for i in task.items]
-        else:
-            rows = [{"prompt": p, "choices": list(c), "answer": a} for p, c, a in task.items]
-        names.append(_write_task(out, f"headroom_user_{task.name}", rows, task.kind == CHOICE))
-    return names

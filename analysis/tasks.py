@@ -1,9 +1,9 @@
 """An offline task suite: what a mask keeps beyond short-context perplexity.
 
 Every task is deterministic under its seed, downloads nothing (filler and prompts come from the
-default corpus, :mod:`analysis.corpus`), runs under any mask through ``apply_mask``, reports
-``(done, total)`` progress and is cached on disk under the model fingerprint, its parameters and the
-mask's cache key. Each returns a small frozen dataclass whose ``to_json`` is what the CLI prints.
+default corpus, :mod:`analysis.corpus`), runs under any mask through ``apply_mask`` and reports
+``(done, total)`` progress. Each returns a small frozen dataclass whose ``to_json`` is what the CLI
+prints and the cache stores.
 
 * ``passkey``: a five-digit number hidden at several depths of filler text, asked for at the end;
   greedy exact match at context lengths up to the model's context (longer ones are listed as skipped).
@@ -12,44 +12,44 @@ mask's cache key. Each returns a small frozen dataclass whose ``to_json`` is wha
 * ``last_word``: LAMBADA-style greedy prediction of the last word of each ``default-eval`` article.
 * ``continuation``: greedy continuations of prompts from ``default-eval``, compared token by token
   with the unpruned model's (match rate, position of first divergence).
-* ``long_ppl``: protocol perplexity at long window lengths and the mean loss by token position.
+* ``long_ppl``: protocol perplexity at long window lengths and the mean loss by token position
+  (:mod:`analysis.long_context`).
 
-Scoring is by teacher forcing: a target counts as greedily produced when, fed the prompt and the
-target, the model's argmax at every target position is the target's token. That is exactly "greedy
-decoding of ``len(target)`` tokens reproduces the target", and it is lm-evaluation-harness's ``acc``
-of a ``loglikelihood`` task (``is_greedy``), which is what :mod:`analysis.task_files` exports.
+:mod:`analysis.task_suite` names them, caches them and runs several at once.
+
+How targets are scored (greedy exact match by teacher forcing, as lm-evaluation-harness's ``acc``)
+is in :mod:`analysis.task_scoring`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
 import re
-import typing
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from analysis.cache import DiskCache
-from analysis.corpus import EVALUATION_ARTICLES, adds_bos, default_text, lee_articles, make_windows
+from analysis.corpus import EVALUATION_ARTICLES, adds_bos, default_text, lee_articles
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import Mask
+from analysis.task_scoring import (
+    Item,
+    JsonResult,
+    device_of,
+    exact_match,
+    mask_summary,
+    progress_steps,
+)
 
-BUILT_IN = ("passkey", "induction", "last_word", "continuation", "long_ppl")
 PASSKEY_LENGTHS = (512, 1024, 2048, 4096, 8192)
 PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-LONG_SEQLENS = (1024, 2048, 4096, 8192)
-POSITION_BINS = 32
 CONTINUATION = {"prompts": 8, "prompt_tokens": 64, "new_tokens": 32}  # defaults of the continuation task
-LOGIT_POSITIONS = 1024  # positions whose float32 logits are made at once (200 MB for a 49k vocabulary)
-TASK_VERSION = 1  # part of every cache key; bump when a task's definition changes
 
 PASSKEY_INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
 PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -57,27 +57,6 @@ PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 # --- results ----------------------------------------------------------------------------------------
-
-
-class JsonResult:
-    """JSON round trip of the result dataclasses (nested dataclasses in tuples included)."""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Any:
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            value, hint = obj[f.name], hints[f.name]
-            item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
-            if isinstance(item, type) and issubclass(item, JsonResult):
-                value = tuple(item.from_json(v) for v in value)
-            elif typing.get_origin(hint) is tuple:
-                value = tuple(value)
-            values[f.name] = value
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -99,6 +78,16 @@ class PasskeyResult(JsonResult):
     seed: int
     mask: Any
 
+    def headline(self) -> dict[str, float]:
+        return {"passkey accuracy": self.accuracy}
+
+    def grid(self) -> tuple[list[int], list[float], list[list[float]]]:
+        """Context lengths, depths and the accuracy of each (length, depth) cell, one row per depth."""
+        lengths = sorted({c.context_tokens for c in self.cells})
+        depths = sorted({c.depth for c in self.cells})
+        at = {(c.context_tokens, c.depth): c.accuracy for c in self.cells}
+        return lengths, depths, [[at[n, d] for n in lengths] for d in depths]
+
 
 @dataclass(frozen=True)
 class InductionResult(JsonResult):
@@ -111,6 +100,9 @@ class InductionResult(JsonResult):
     seed: int
     mask: Any
 
+    def headline(self) -> dict[str, float]:
+        return {"induction accuracy": self.accuracy}
+
 
 @dataclass(frozen=True)
 class LastWordResult(JsonResult):
@@ -121,6 +113,9 @@ class LastWordResult(JsonResult):
     text: str
     text_sha256: str
     mask: Any
+
+    def headline(self) -> dict[str, float]:
+        return {"last-word accuracy": self.accuracy}
 
 
 @dataclass(frozen=True)
@@ -136,120 +131,11 @@ class ContinuationResult(JsonResult):
     text_sha256: str
     mask: Any
 
-
-@dataclass(frozen=True)
-class LongContextRow(JsonResult):
-    seqlen: int
-    windows: int
-    predicted_tokens: int
-    perplexity: float
-    mean_nll: float
-    bin_tokens: int  # width of each loss_by_position bin
-    loss_by_position: tuple[float, ...]  # mean NLL of the targets in each bin of window positions
-
-
-@dataclass(frozen=True)
-class LongContextResult(JsonResult):
-    rows: tuple[LongContextRow, ...]
-    skipped_seqlens: tuple[int, ...]  # longer than the model's context or the text
-    tokens_per_seqlen: int
-    text: str
-    text_sha256: str
-    mask: Any
-
-
-# --- scoring ----------------------------------------------------------------------------------------
-
-
-def _device(lm: LoadedModel) -> torch.device:
-    return lm.model.get_input_embeddings().weight.device
-
-
-def encode_pair(lm: LoadedModel, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """Prompt and target token ids, split as lm-evaluation-harness splits them.
-
-    Trailing whitespace of the prompt moves to the target, the pair is tokenized whole, and the
-    target is what follows the prompt's own tokens; a BOS token leads when the tokenizer adds one.
-    """
-    spaces = len(prompt) - len(prompt.rstrip())
-    if spaces:
-        prompt, target = prompt[:-spaces], prompt[-spaces:] + target
-    tok = lm.tokenizer
-    whole = tok(prompt + target, add_special_tokens=False, verbose=False).input_ids
-    context = tok(prompt, add_special_tokens=False, verbose=False).input_ids
-    bos = [tok.bos_token_id] if adds_bos(tok) else []
-    return bos + context, whole[len(context) :]
-
-
-def _target_logits(lm: LoadedModel, context: list[int], target: list[int]) -> torch.Tensor:
-    """float32 logits ``[len(target), vocab]`` predicting each target after ``context``, under the active mask."""
-    if not target:
-        raise HeadroomError("a target is empty after tokenization; give every item a non-empty target")
-    ids = torch.tensor([context + target[:-1]], device=_device(lm))
-    hidden = lm.arch.final_hidden(ids)[:, -len(target) :]
-    return lm.arch.logits(hidden)[0].float()
-
-
-def greedy_match(logits: torch.Tensor, target: Sequence[int]) -> bool:
-    """Whether the argmax of every row of ``logits`` is the matching target token."""
-    return bool((logits.argmax(-1).cpu() == torch.tensor(list(target))).all())
-
-
-def target_loglik(logits: torch.Tensor, target: Sequence[int]) -> float:
-    """Sum of the log-probabilities of the target tokens."""
-    logp = logits.log_softmax(-1).cpu()
-    return float(logp.gather(-1, torch.tensor(list(target)).unsqueeze(-1)).sum())
-
-
-def exact_match(lm: LoadedModel, prompt: str, target: str) -> bool:
-    """Greedy decoding after ``prompt`` reproduces ``target`` (by teacher forcing, under the active mask)."""
-    context, target_ids = encode_pair(lm, prompt, target)
-    return greedy_match(_target_logits(lm, context, target_ids), target_ids)
-
-
-def choice_logliks(lm: LoadedModel, prompt: str, choices: Sequence[str]) -> list[float]:
-    """Log-likelihood of each choice as the continuation of ``prompt`` (under the active mask)."""
-    out = []
-    for choice in choices:
-        context, target_ids = encode_pair(lm, prompt, choice)
-        out.append(target_loglik(_target_logits(lm, context, target_ids), target_ids))
-    return out
-
-
-def token_nll(lm: LoadedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL ``[b, t - 1]`` (float32 logits, a slice of positions at a time), under the active mask."""
-    hidden = lm.arch.final_hidden(input_ids)[:, :-1]
-    targets = input_ids[:, 1:].to(hidden.device)
-    parts = []
-    for h, t in zip(hidden.split(LOGIT_POSITIONS, 1), targets.split(LOGIT_POSITIONS, 1), strict=True):
-        z = lm.arch.logits(h).float()
-        parts.append(F.cross_entropy(z.flatten(0, 1), t.reshape(-1), reduction="none").view(t.shape).cpu())
-    return torch.cat(parts, 1)
-
-
-@torch.no_grad()
-def greedy_tokens(lm: LoadedModel, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuations ``[b, new_tokens]`` of equal-length prompts, full recompute per token, no cache.
-
-    The drop-QK hooks never write a KV cache, so every step reruns the whole sequence (cheap for the
-    short prompts of the continuation task).
-    """
-    ids = prompts.to(_device(lm))
-    for _ in range(new_tokens):
-        last = lm.arch.logits(lm.arch.final_hidden(ids)[:, -1:]).float()
-        ids = torch.cat([ids, last.argmax(-1)], 1)
-    return ids[:, prompts.shape[1] :].cpu()
+    def headline(self) -> dict[str, float]:
+        return {"continuation token match": self.token_match_rate}
 
 
 # --- the items of the text tasks --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Item:
-    """One exact-match item: greedy decoding after ``prompt`` must give ``target``."""
-
-    prompt: str
-    target: str
 
 
 def filler_tokens(lm: LoadedModel) -> list[int]:
@@ -315,21 +201,6 @@ def last_word_items(lm: LoadedModel, samples: int = 100, max_context_tokens: int
 # --- the tasks --------------------------------------------------------------------------------------
 
 
-def mask_summary(mask: Mask | None) -> Any:
-    return mask.summary() if mask is not None else "unpruned"
-
-
-def progress_steps(progress: Progress | None, total: int) -> Callable[[], None]:
-    done = [0]
-
-    def step() -> None:
-        done[0] += 1
-        if progress:
-            progress(done[0], total)
-
-    return step
-
-
 @torch.no_grad()
 def passkey(
     lm: LoadedModel,
@@ -342,6 +213,11 @@ def passkey(
 ) -> PasskeyResult:
     limit = lm.max_positions
     fit = [n for n in lengths if limit is None or n <= limit]
+    if not fit:
+        raise HeadroomError(
+            f"every passkey length ({', '.join(map(str, lengths))} tokens) exceeds the model's context of "
+            f"{limit} positions; leave passkey out or give shorter lengths"
+        )
     filler = filler_tokens(lm)
     step = progress_steps(progress, len(fit) * len(depths) * samples)
     cells = []
@@ -353,9 +229,8 @@ def passkey(
                     correct += exact_match(lm, item.prompt, item.target)
                     step()
                 cells.append(PasskeyCell(length, depth, samples, correct, correct / samples))
-    total = sum(c.samples for c in cells)
     return PasskeyResult(
-        accuracy=sum(c.correct for c in cells) / total if total else math.nan,
+        accuracy=sum(c.correct for c in cells) / sum(c.samples for c in cells),
         cells=tuple(cells),
         skipped_lengths=tuple(n for n in lengths if n not in fit),
         max_positions=limit,
@@ -460,6 +335,20 @@ def continuation_prompts(lm: LoadedModel, prompts: int, prompt_tokens: int) -> t
     return ids
 
 
+@torch.no_grad()
+def greedy_tokens(lm: LoadedModel, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuations ``[b, new_tokens]`` of equal-length prompts, full recompute per token, no cache.
+
+    The drop-QK hooks never write a KV cache, so every step reruns the whole sequence (cheap for the
+    short prompts of the continuation task).
+    """
+    ids = prompts.to(device_of(lm))
+    for _ in range(new_tokens):
+        last = lm.arch.logits(lm.arch.final_hidden(ids)[:, -1:]).float()
+        ids = torch.cat([ids, last.argmax(-1)], 1)
+    return ids[:, prompts.shape[1] :].cpu()
+
+
 def greedy_continuations(
     lm: LoadedModel, mask: Mask | None, prompts: int, prompt_tokens: int, new_tokens: int
 ) -> torch.Tensor:
@@ -471,7 +360,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, list
     """Token match rate and, per row, the number of tokens before the first difference."""
     same = reference == other
     first = [int(row.logical_not().nonzero()[0]) if not row.all() else row.numel() for row in same]
-    return float(same.float().mean()), first
+    return float(same.double().mean()), first
 
 
 def continuation(
@@ -505,120 +394,3 @@ def continuation(
         text_sha256=text.sha256,
         mask=mask_summary(mask),
     )
-
-
-def position_bins(nll: torch.Tensor, bins: int) -> tuple[int, list[float]]:
-    """Mean of ``nll [windows, positions]`` over windows and over consecutive position bins of equal width."""
-    width = math.ceil(nll.shape[1] / bins)
-    per_position = nll.double().mean(0)
-    return width, [float(chunk.mean()) for chunk in per_position.split(width)]
-
-
-@torch.no_grad()
-def long_ppl(
-    lm: LoadedModel,
-    mask: Mask | None = None,
-    seqlens: Sequence[int] = LONG_SEQLENS,
-    tokens_per_seqlen: int = 8192,
-    progress: Progress | None = None,
-) -> LongContextResult:
-    """Protocol perplexity of ``default-eval`` at each window length, the first ``tokens_per_seqlen`` tokens each."""
-    text = default_text("default-eval")
-    available = len(lm.tokenizer(text.text, add_special_tokens=False, verbose=False).input_ids)
-    limit = lm.max_positions
-    bos = adds_bos(lm.tokenizer)
-    fit = [n for n in seqlens if (limit is None or n + bos <= limit) and n <= min(available, tokens_per_seqlen)]
-    windows = {n: make_windows(lm.tokenizer, text, n, tokens_per_seqlen, limit) for n in fit}
-    step = progress_steps(progress, sum(w.num_windows for w in windows.values()))
-    rows = []
-    with apply_mask(lm.arch, mask):
-        for n, w in windows.items():
-            parts = []
-            for ids in w.input_ids:
-                parts.append(token_nll(lm, ids.unsqueeze(0)))
-                step()
-            nll = torch.cat(parts)
-            mean = float(nll.double().mean())
-            width, curve = position_bins(nll, POSITION_BINS)
-            rows.append(LongContextRow(n, w.num_windows, w.predicted_tokens, math.exp(mean), mean, width, tuple(curve)))
-    return LongContextResult(
-        rows=tuple(rows),
-        skipped_seqlens=tuple(n for n in seqlens if n not in fit),
-        tokens_per_seqlen=tokens_per_seqlen,
-        text=text.name,
-        text_sha256=text.sha256,
-        mask=mask_summary(mask),
-    )
-
-
-# --- the suite, cached ------------------------------------------------------------------------------
-
-TaskResult = PasskeyResult | InductionResult | LastWordResult | ContinuationResult | LongContextResult
-_TASKS: dict[str, tuple[Callable[..., TaskResult], type]] = {
-    "passkey": (passkey, PasskeyResult),
-    "induction": (induction, InductionResult),
-    "last_word": (last_word, LastWordResult),
-    "continuation": (continuation, ContinuationResult),
-    "long_ppl": (long_ppl, LongContextResult),
-}
-
-
-def check_task_names(names: Sequence[str]) -> list[str]:
-    unknown = [n for n in names if n not in _TASKS]
-    if unknown or not names:
-        raise HeadroomError(f"unknown task {', '.join(unknown) or '(none given)'}; choose among {', '.join(BUILT_IN)}")
-    return list(dict.fromkeys(names))
-
-
-def _key(lm: LoadedModel, name: str, mask: Mask | None, params: dict[str, Any]) -> dict[str, Any]:
-    mask = mask or Mask.unpruned(lm.shape, "")
-    return {**lm.cache_key(), "task": name, "version": TASK_VERSION, "params": params, "mask": mask.cache_key()}
-
-
-def cached_task(
-    lm: LoadedModel,
-    name: str,
-    mask: Mask | None = None,
-    cache: DiskCache | None = None,
-    progress: Progress | None = None,
-    refresh: bool = False,
-    **params: Any,
-) -> TaskResult:
-    """Task ``name`` under ``mask`` with ``params`` (the task function's keywords), from the disk cache when seen."""
-    run, cls = _TASKS[check_task_names([name])[0]]
-    cache = cache or DiskCache()
-    if name == "continuation":  # the unpruned continuations are shared by every mask
-        ref_params = {k: params.get(k, v) for k, v in CONTINUATION.items()}
-        reference = cache.json(
-            "task_reference",
-            _key(lm, name, None, ref_params),
-            lambda: greedy_continuations(lm, None, **ref_params).tolist(),
-            refresh,
-        )
-        params = {**params, "reference": torch.tensor(reference)}
-    key_params = {k: v for k, v in params.items() if k != "reference"}
-    value = cache.json(
-        "task", _key(lm, name, mask, key_params), lambda: run(lm, mask, progress=progress, **params).to_json(), refresh
-    )
-    return cls.from_json(value)
-
-
-def run_suite(
-    lm: LoadedModel,
-    names: Sequence[str] = BUILT_IN,
-    mask: Mask | None = None,
-    cache: DiskCache | None = None,
-    progress: Progress | None = None,
-    refresh: bool = False,
-) -> dict[str, TaskResult]:
-    """Every task of ``names`` with its default parameters.
-
-    Progress is in thousandths of a task: task ``i`` half done reports ``(1000 * i + 500, 1000 * len(names))``.
-    """
-    names = check_task_names(names)
-    total = 1000 * len(names)
-
-    def within(i: int) -> Progress | None:
-        return (lambda done, of: progress(1000 * i + 1000 * done // of, total)) if progress else None
-
-    return {name: cached_task(lm, name, mask, cache, within(i), refresh) for i, name in enumerate(names)}

@@ -10,16 +10,29 @@ from analysis.attention_patterns import attention_pattern
 from analysis.importance import CHEAP_METRICS, HEAD_METRICS, metric_agreement, ranks
 from ui import backend, plots, session
 
+GRID, LAYER, HEAD, CLICKED = "importance_grid", "details_layer", "details_head", "importance_clicked"
+
 lm = backend.model()
 calib = backend.windows(lm, session.CALIB_TEXT)
 shape = lm.shape
-a, b, c = st.columns([2, 2, 3])
+# A click on the grid selects that head for the details beside it (the number inputs can change it after).
+clicked = plots.selected_head(st.session_state.get(GRID))
+if clicked is not None and clicked != st.session_state.get(CLICKED):
+    st.session_state[CLICKED] = clicked
+    st.session_state[LAYER], st.session_state[HEAD] = clicked
+st.session_state.setdefault(LAYER, shape.num_layers - 1)
+st.session_state.setdefault(HEAD, 0)
+
+a, b, c = st.columns([2, 3, 3])
 metric = a.selectbox("Metric", list(HEAD_METRICS), index=list(HEAD_METRICS).index("magnitude"))
-scale = b.radio("Colour", plots.SCALES, horizontal=True, help="log needs positive scores; rank 1 is the lowest")
+scale = b.radio("Colour", plots.SCALES, horizontal=True, help=plots.SCALE_HELP)
 layers = c.multiselect(
     "Layers to score (empty: all; ablation costs a pass of the layers above per head)",
     list(range(shape.num_layers)),
 )
+job = backend.metric_job(lm, metric)
+units = shape.num_heads * len(layers or range(shape.num_layers)) if metric == "ablation" else calib.num_windows
+st.caption(f"Scoring by {metric} (once; then from the disk cache): {job.expected(units)}")
 result = backend.head_result(lm, calib, metric, layers or None)
 scores = result.scores
 if metric == "integrated_gradients":
@@ -31,20 +44,25 @@ if metric == "integrated_gradients":
         "a large miss means the loss is rough along the path and the attributions are unreliable."
     )
 
-left, right = st.columns([3, 1])
-with left:
+layer, head = int(st.session_state[LAYER]), int(st.session_state[HEAD])
+grid, bars, details = st.columns([6, 2, 3])
+with grid:
     fig = plots.head_heatmap(
         scores,
-        f"{metric} per head ({calib.text_name}, {calib.predicted_tokens} tokens)",
+        f"{metric} per head ({calib.text_name}, {calib.predicted_tokens:,} tokens)",
         metric,
         scale,
         shape.num_heads,
+        selected=(layer, head),
     )
-    event = st.plotly_chart(fig, key="importance_grid", on_select="rerun", selection_mode="points")
-with right:
+    st.plotly_chart(fig, key=GRID, on_select="rerun", selection_mode="points")
+    st.caption(
+        "Dark heads are the cheapest to remove by this metric. If a few layers take the whole colour range, "
+        "'robust' or 'per layer' shows the rest. The red square is the head detailed on the right."
+    )
+with bars:
     means = [sum(row) / len(row) if row else None for row in scores]
-    st.plotly_chart(plots.layer_bars(means, f"mean {metric} per layer", f"mean {metric}"))
-
+    st.plotly_chart(plots.layer_bars(means, "layer mean", f"mean {metric}"))
 st.subheader("Agreement between metrics")
 chosen = st.multiselect(
     "Metrics to compare", list(HEAD_METRICS), default=[m for m in HEAD_METRICS if m in CHEAP_METRICS or m == metric]
@@ -61,6 +79,24 @@ tensors = {
     for m, rows in loaded.items()
     if m in chosen
 }
+with details:
+    st.markdown("**Head details**")
+    a, b = st.columns(2)
+    a.number_input("Layer", 0, shape.num_layers - 1, key=LAYER)
+    b.number_input("Head", 0, shape.num_heads - 1, key=HEAD)
+    order = {m: ranks(rows) for m, rows in loaded.items()}
+    st.table(
+        {
+            "metric": list(loaded),
+            "score": [f"{rows[layer][head]:.4g}" if rows[layer] else "not scored" for rows in loaded.values()],
+            "rank (1 = lowest)": [str(order[m][layer][head]) for m in loaded],
+        }
+    )
+    st.caption(
+        f"Rank among {sum(v is not None for row in scores for v in row)} scored heads; turn on the "
+        "comparison below to add every chosen metric."
+    )
+
 if len(tensors) >= 2:
     k = st.slider("k lowest heads for the overlap", 1, shape.num_layers * shape.num_heads, shape.num_heads * 2)
     agreement = metric_agreement(tensors, k)
@@ -86,7 +122,7 @@ if len(tensors) >= 2:
                 colorbar={"title": {"text": "share" if col is cols[1] else "rho"}},
             )
         )
-        fig.update_layout(title=title, xaxis_title="metric", yaxis_title="metric", **plots.LAYOUT)
+        fig.update_layout(title=plots.title(title), xaxis_title="metric", yaxis_title="metric", **plots.LAYOUT)
         col.plotly_chart(fig)
 
 st.subheader("Block Influence per layer (ShortGPT: 1 - mean cosine of input and output)")
@@ -100,20 +136,8 @@ if st.toggle("Show Block Influence (two passes over the calibration windows, the
         )
     )
 
-st.subheader("Head details")
-cell = plots.selected_head(event)
-a, b, c = st.columns(3)
-layer = a.number_input("Layer", 0, shape.num_layers - 1, cell[0] if cell else shape.num_layers - 1)
-head = b.number_input("Head", 0, shape.num_heads - 1, cell[1] if cell else 0)
-window = c.number_input("Window", 0, calib.num_windows - 1, 0)
-order = {m: ranks(rows) for m, rows in loaded.items()}
-st.table(
-    {
-        "metric": list(loaded),
-        "score": [f"{rows[layer][head]:.4g}" if rows[layer] else "not scored" for rows in loaded.values()],
-        "rank (1 = lowest)": [str(order[m][layer][head]) for m in loaded],
-    }
-)
+st.subheader(f"Attention pattern of layer {layer}, head {head}")
+window = st.number_input("Window of the attention pattern", 0, calib.num_windows - 1, 0)
 ids = calib.input_ids[int(window)]
 pattern = attention_pattern(lm.arch, ids, int(layer), int(head))
 tokens = [f"{i}: {lm.tokenizer.decode([t])!r}" for i, t in enumerate(ids.tolist())]
@@ -128,7 +152,7 @@ fig = go.Figure(
     )
 )
 fig.update_layout(
-    title=f"Attention of layer {layer}, head {head} on window {window} (rows sum to 1)",
+    title=plots.title(f"Attention of layer {layer}, head {head} on window {window} (rows sum to 1)"),
     xaxis={"title": "key position", "showticklabels": False},
     yaxis={"title": "query position (0 at the top)", "autorange": "reversed", "showticklabels": False},
     height=560,

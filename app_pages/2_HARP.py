@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.baselines import AXES, saved
+from analysis.baselines import AXES
 from analysis.harp import DEFAULT_GRID, top_layers
 from ui import backend, plots, session
 
@@ -15,11 +15,18 @@ AXIS_LABELS = {
     "flops": "attention FLOPs per token saved",
 }
 
+LAYER_CHOICES = ("top N", "chosen N (greedy on perplexity)", "a layer set")
+
 lm = backend.model()
 num_layers = lm.shape.num_layers
 with st.form("harp"):
     a, b, c, d = st.columns(4)
-    by = a.radio("Layers", ("top N", "a layer set"))
+    by = a.radio(
+        "Layers",
+        LAYER_CHOICES,
+        help="chosen N: each step tries every remaining layer in drop-QK with its norm-matching alpha and keeps "
+        "the one of lowest calibration perplexity; slower than top N (a pass per candidate layer)",
+    )
     n = a.number_input("N", 1, num_layers, min(4, num_layers))
     layer_set = b.multiselect("Layer set", list(range(num_layers)), default=[num_layers - 1])
     step = c.number_input("alpha grid step", 0.01, 1.0, 0.1, 0.05)
@@ -33,16 +40,17 @@ with st.form("harp"):
     )
     if st.form_submit_button("Run HARP"):
         st.session_state[session.HARP_RUN] = backend.HarpRun(
-            layers=tuple(top_layers(num_layers, int(n))) if by == "top N" else tuple(sorted(layer_set)),
+            layers=tuple(top_layers(num_layers, int(n))) if by != LAYER_CHOICES[2] else tuple(sorted(layer_set)),
             grid=tuple(round(i * step, 6) for i in range(round(top / step) + 1)),
             calib_tokens=int(calib_tokens),
+            choose=int(n) if by == LAYER_CHOICES[1] else 0,
         )
 
 run = st.session_state.get(session.HARP_RUN)
 planned = run or backend.HarpRun(tuple(top_layers(num_layers, min(4, num_layers))), DEFAULT_GRID, 0)
-candidates = len(planned.layers) * len(planned.grid)
-size = f"A search of {len(planned.layers)} layers x {len(planned.grid)} alphas: "
-st.caption(size + backend.harp_job(lm).expected(candidates))
+what = f"choosing {planned.choose} layers" if planned.choose else f"{len(planned.layers)} layers"
+size = f"A search of {what} x {len(planned.grid)} alphas: "
+st.caption(size + backend.harp_job(lm).expected(planned.candidates(num_layers)))
 if run is None:
     st.info("Choose the layers and the grid, then run HARP. A run seen before comes from the disk cache.")
     st.stop()
@@ -62,22 +70,32 @@ for col, (label, value) in zip(
     strict=True,
 ):
     col.metric(f"Calibration perplexity, {label}", f"{value:.3f}")
+if result.selection:
+    st.caption("Layers chosen, in order: " + ", ".join(str(s.layer) for s in result.selection))
 
 layers = list(result.layers)
 fig = go.Figure(
     [
-        go.Bar(x=layers, y=[result.alpha[i] for i in layers], name="searched"),
-        go.Bar(x=layers, y=[result.norm_matching_alpha[i] for i in layers], name="norm-matching"),
+        go.Bar(
+            x=layers, y=[result.alpha[i] for i in layers], name="searched", marker_color=plots.method_colour("harp")
+        ),
+        go.Bar(
+            x=layers,
+            y=[result.norm_matching_alpha[i] for i in layers],
+            name="norm-matching",
+            marker_color=plots.method_colour("harp-norm-matching-alpha"),
+        ),
     ]
 )
 fig.update_layout(
-    title="alpha per layer",
+    title=plots.title("alpha per layer"),
     xaxis={"title": "layer", "dtick": 1, "type": "category"},
     yaxis_title="alpha (branch scale)",
     **plots.LAYOUT,
 )
 left, right = st.columns(2)
 left.plotly_chart(fig)
+left.caption("How much of each drop-QK layer's attention output is kept: 1 all of it, 0 none.")
 fig = go.Figure()
 for layer in sorted(layers, reverse=True):
     steps = [s for s in result.trace if s.layer == layer]
@@ -89,14 +107,18 @@ for layer in sorted(layers, reverse=True):
             name=f"layer {layer} (chose {result.alpha[layer]:g})",
         )
     )
-fig.add_hline(y=result.unpruned_perplexity, line_dash="dot", annotation_text="unpruned")
+plots.log_hline(fig, result.unpruned_perplexity, f"unpruned {result.unpruned_perplexity:.2f}")
 fig.update_layout(
-    title="Search trace: calibration perplexity vs alpha, searched from the top layer down",
+    title=plots.title("Search trace, top layer first"),
     xaxis_title="alpha",
-    yaxis={"title": "calibration perplexity (log)", "type": "log"},
+    yaxis=plots.log_axis([s.perplexity for s in result.trace] + [result.unpruned_perplexity], "calibration perplexity"),
     **plots.LAYOUT,
 )
 right.plotly_chart(fig)
+right.caption(
+    "Each curve is one layer's alpha search with the layers above already set; its lowest point is the alpha "
+    "chosen. The closer the minima come to the dotted unpruned line, the less the drop-QK layers cost."
+)
 
 st.subheader("Matched-budget comparison on held-out text")
 axis = st.radio("Match the baselines on", AXES, format_func=AXIS_LABELS.get, horizontal=True)
@@ -104,30 +126,38 @@ st.caption("Comparison: " + backend.compare_job(lm).expected())
 if st.button("Compare with the baselines") or st.session_state.get("compared") == (run, axis):
     st.session_state["compared"] = (run, axis)
     comparison = backend.comparison(lm, run, axis)
-    rows = comparison.rows
-    fig = go.Figure(
-        go.Scatter(
-            x=[saved(r.budget, axis) for r in rows],
-            y=[r.eval_perplexity for r in rows],
-            mode="markers+text",
-            text=[r.method for r in rows],
-            textposition="top center",
-        )
+    rows = sorted(comparison.rows, key=lambda r: r.eval_perplexity)
+    st.plotly_chart(plots.matched_budget(rows, axis))
+    st.caption(
+        f"Lower is better. Every baseline saves at least what HARP (the red star) saves in {AXIS_LABELS[axis]} "
+        f"(at sequence length {comparison.seqlen:,}; each row says how much), so the methods left of the star beat "
+        "HARP at its own budget. The dotted line is the unpruned model."
     )
-    fig.update_layout(
-        title=f"Perplexity vs budget ({AXIS_LABELS[axis]}, sequence length {comparison.seq_len})",
-        xaxis_title=AXIS_LABELS[axis],
-        yaxis={"title": "evaluation perplexity (log)", "type": "log"},
-        height=520,
-        **plots.LAYOUT,
-    )
-    st.plotly_chart(fig)
-    st.dataframe(
+    table = st.dataframe(
         {
             "method": [r.method for r in rows],
             "eval perplexity": [round(r.eval_perplexity, 3) for r in rows],
             "params removed": [r.budget.params_removed for r in rows],
             "KV B/token saved": [r.budget.kv_bytes_per_token_saved for r in rows],
             "attn FLOPs/token saved": [r.budget.attention_flops_per_token_saved for r in rows],
-        }
+        },
+        column_config={
+            name: st.column_config.NumberColumn(format="localized")
+            for name in ("params removed", "KV B/token saved", "attn FLOPs/token saved")
+        },
+        height=plots.table_height(len(rows)),
+        hide_index=True,
+        key="comparison_table",
+        on_select="rerun",
+        selection_mode="single-row",
     )
+    picked = table.selection.rows if table is not None and hasattr(table, "selection") else []
+    a, b = st.columns([2, 1])
+    method = a.selectbox(
+        "Load a row's mask into the editor (or click its row)",
+        [r.method for r in rows],
+        index=picked[0] if picked else 0,
+    )
+    if b.button("Send to the mask editor", key="compare_send"):
+        session.change_mask(lm, next(r.mask for r in rows if r.method == method))
+        st.switch_page("app_pages/4_Mask_editor.py")

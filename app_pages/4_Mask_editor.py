@@ -1,7 +1,10 @@
-"""Mask editor: toggle heads, set per-layer modes and alpha, and watch the live perplexity and budget.
+"""Mask editor: toggle heads, set per-layer modes and alpha, rescale, and watch the live perplexity and budget.
 
-The mask lives in this session only (``session.current_mask`` / ``session.change_mask``) and is mirrored in
-the URL; the live perplexity comes from the incremental evaluator shared by all sessions.
+The mask lives in this session only (``session.current_mask``, changed through ``ui.editor.change``)
+and is mirrored in the URL. The live perplexity comes from the live evaluator shared by all sessions
+(built in the background when the model loaded), on the evaluation slice Home uses; its refinement
+starts first and is drawn last, in a fragment, so the grid and the meters show a click at once and
+the number settles in place.
 """
 
 from __future__ import annotations
@@ -10,17 +13,21 @@ import streamlit as st
 
 from analysis.errors import HeadroomError
 from analysis.generation import greedy_continuation
-from analysis.importance import HEAD_METRICS
+from analysis.importance import HEAD_METRICS, HeadScores, stored_head_result
+from analysis.loading import LoadedModel
 from analysis.masks import MAX_MASK_BYTES, Mask, budget, decode_mask
-from ui import backend, plots, scaffold, session
+from ui import backend, collection, editor, plots, session
+from ui.editor import MODES, guarded
 
-MODES = ("full", "drop-QK", "attention removed")
+PRESETS = ("unpruned", "HARP result", "lowest heads of a metric")
 
 
 def toggle(layer: int, head: int) -> None:
     lm = backend.model()
     mask = session.current_mask(lm)
-    session.change_mask(lm, mask.with_head(layer, head, not mask.heads[layer][head]))
+    keep = not mask.heads[layer][head]
+    what = f"{'restored' if keep else 'pruned'} layer {layer} head {head}"
+    editor.change(lm, mask.with_head(layer, head, keep), what)
 
 
 def clicked(chart_key: str) -> None:
@@ -37,8 +44,8 @@ def toggle_from_form() -> None:
 def set_layer() -> None:
     lm, layer, mode = backend.model(), int(st.session_state.mode_layer), st.session_state.mode_mode
     alpha = 0.0 if mode == MODES[2] else float(st.session_state.mode_alpha)
-    mask = session.current_mask(lm).with_layer(layer, drop_qk=mode == "drop-QK", alpha=alpha)
-    session.change_mask(lm, mask)
+    mask = session.current_mask(lm).with_layer(layer, drop_qk=mode == MODES[1], alpha=alpha)
+    editor.change(lm, mask, f"layer {layer} set to {mode}, α={alpha:g}")
 
 
 def preset(name: str, metric: str, k: int) -> None:
@@ -51,132 +58,154 @@ def preset(name: str, metric: str, k: int) -> None:
         mask = backend.harp_result(lm, run).mask
     elif name == "lowest heads of a metric":
         mask = mask.with_heads(backend.cheapest_heads(lm, backend.windows(lm, session.CALIB_TEXT), metric, k), False)
-    session.change_mask(lm, mask)
+        name = f"the {k} lowest heads of {metric}"
+    editor.change(lm, mask, f"preset: {name}")
+
+
+def preset_from_form() -> None:
+    state = st.session_state
+    preset(state.preset_name, state.preset_metric, int(state.preset_k))
 
 
 def upload(key: str) -> None:
     lm, file = backend.model(), st.session_state.get(key)
     if file is not None:
-        session.change_mask(lm, decode_mask(file.name, file.getvalue(), lm.shape, lm.name, lm.fingerprint))
+        mask = decode_mask(file.name, file.getvalue(), lm.shape, lm.name, lm.fingerprint)
+        editor.change(lm, mask, f"loaded {file.name}")
+
+
+def prefill_layer_form(mask: Mask, layer: int) -> None:
+    """Show the chosen layer's mode and alpha in the layer form, whenever the layer or its settings change.
+
+    Streamlit drops a widget's state on a run of another page, so back from there the form is filled again.
+    """
+    spec = mask.layer(layer)
+    if st.session_state.get("mode_prefilled") != (layer, spec) or "mode_alpha" not in st.session_state:
+        st.session_state["mode_prefilled"] = (layer, spec)
+        st.session_state.mode_mode = editor.mode_of(mask, layer)
+        st.session_state.mode_alpha = float(spec.alpha)
+
+
+def colour_scores(lm: LoadedModel, options: dict[str, HeadScores | None]) -> HeadScores | None:
+    """The scores the grid is coloured by: none, one on disk, or a cheap one computed now (then on disk)."""
+    chosen = st.selectbox(
+        "Colour the grid by",
+        ["kept / pruned", *options],
+        key="colour_by",
+        help="Head metrics already computed for this model and calibration text (Importance page), and the cheap "
+        "ones, computed on first use",
+    )
+    if chosen == "kept / pruned":
+        return None
+    return options[chosen] or backend.head_result(lm, backend.windows(lm, session.CALIB_TEXT), chosen)
 
 
 lm = backend.model()
 mask = session.current_mask(lm)
 session.show_in_link(mask)
-seqlen = int(session.choice(session.SEQLEN))
-session.setting(
-    st.sidebar.number_input,
-    "Live evaluation tokens",
-    session.LIVE_TOKENS,
-    min_value=seqlen,
-    step=seqlen,
-    help="Fewer tokens answer faster; the home page's perplexity uses the evaluation tokens setting.",
-)
-evaluation = backend.windows(lm, session.EVAL_TEXT, int(session.choice(session.LIVE_TOKENS)))
+evaluation = backend.windows(lm)  # Home's slice: the editor's settled number is Home's and the export card's
+shape = lm.shape
 
 left, right = st.columns([3, 2])
 with right:
-    unpruned = backend.live_perplexity(lm, evaluation, Mask.unpruned(lm.shape, lm.name))
-    live = backend.live_perplexity(lm, evaluation, mask)
-    st.metric(
-        "Live perplexity",
-        f"{live.perplexity:.3f}",
-        f"{live.perplexity - unpruned.perplexity:+.3f} vs unpruned",
-        delta_color="inverse",
-    )
-    st.caption(f"{live.text}, seqlen {live.seqlen}, {live.predicted_tokens} predicted tokens; mask: {mask.describe()}")
-    if mask.pruned_heads == lm.shape.num_layers * lm.shape.num_heads:
+    panel = st.container()  # the live number, drawn last (see the end of the page)
+    with panel:
+        live = backend.live_evaluator(lm, evaluation)
+        editor.start_live(live, mask)  # computes while the rest of the page draws
+    if mask.pruned_heads == shape.num_layers * shape.num_heads:
         st.warning(
             "Every query head is pruned: only the MLPs (and drop-QK layers' values) remain. The number is exact."
         )
-    seq = st.number_input("Budget at sequence length", min_value=1, value=seqlen, step=256)
-    b = budget(mask, lm.shape, int(seq))
-    st.metric(
-        "Parameters removed",
-        f"{b.params_removed:,}",
-        f"{b.params_removed_pct:.2f} % of the model",
-        delta_color="off",
-    )
-    st.progress(min(b.params_removed_pct / 100, 1.0))
-    for name, saved, total, unit in (
-        ("KV cache saved", b.kv_bytes_per_token_saved, b.kv_bytes_per_token_unpruned, "bytes/token"),
-        (
-            "Attention FLOPs saved",
-            b.attention_flops_per_token_saved,
-            b.attention_flops_per_token_unpruned,
-            "FLOPs/token",
-        ),
-    ):
-        st.metric(name, f"{saved:,} {unit}", f"{100 * saved / total:.1f} % of attention", delta_color="off")
-        st.progress(min(saved / total, 1.0))
+    with st.expander("Budget targets (save at least, %)"):
+        targets = {
+            label: st.number_input(label, 0.0, 100.0, 0.0, 5.0, key=f"target_{i}")
+            for i, (label, _, _) in enumerate(editor.AXES)
+        }
+    seq = st.number_input("Budget at sequence length", min_value=1, value=evaluation.seqlen, step=256)
+    editor.budget_meters(budget(mask, shape, int(seq)), targets)
     undo_col, reset_col = st.columns(2)
-    undo_col.button("Undo", on_click=session.undo, disabled=not st.session_state.get(session.HISTORY))
-    reset_col.button("Reset", on_click=scaffold.safe(preset), args=("unpruned", "", 0), disabled=mask.is_unpruned)
+    undo_col.button("Undo", on_click=editor.undo, args=(lm,), disabled=not st.session_state.get(session.HISTORY))
+    reset_col.button("Reset", on_click=guarded("reset", preset), args=(PRESETS[0], "", 0), disabled=mask.is_unpruned)
+    editor.errors_at("reset")
+    with st.expander("Save this mask to the collection (Pareto page)"):
+        collection.save_mask_box(lm, mask, key="editor_save")
 
 with left:
-    colour = [[float(keep) for keep in row] for row in mask.heads]
-    hover = [
-        [
-            f"layer {layer}, head {head}: {'kept' if keep else 'pruned'} (click to toggle)"
-            for head, keep in enumerate(row)
-        ]
-        for layer, row in enumerate(mask.heads)
-    ]
-    fig = plots.grid_figure(
-        colour,
-        hover,
-        "Heads (light kept, dark pruned); layer modes on the right",
-        None,
-        [[0, "#1f2d5c"], [1, "#cfe8cf"]],
-        zmin=0,
-        zmax=1,
-    )
-    specs = [mask.layer(layer) for layer in range(lm.shape.num_layers)]
-    labels = {
-        layer: f"{MODES[2] if s.alpha == 0 else 'drop-QK' if s.drop_qk else ''} α={s.alpha:g}".strip()
-        for layer, s in enumerate(specs)
-        if s.drop_qk or s.alpha != 1
-    }
-    notes = [
-        {"x": 1.01, "xref": "paper", "y": y, "text": t, "showarrow": False, "xanchor": "left"}
-        for y, t in labels.items()
-    ]
-    fig.update_layout(margin={"r": 150}, annotations=notes)  # one update: add_annotation per layer is slow
+    calib = backend.windows(lm, session.CALIB_TEXT)
+    cache = backend.disk_cache()
+    stored = {m: stored_head_result(lm, calib, m, cache) for m in HEAD_METRICS}
+    offered = {m: s for m, s in stored.items() if s is not None or HEAD_METRICS[m].cost in ("weights", "forward")}
+    scores = colour_scores(lm, offered)
     chart = f"grid_{st.session_state.get('grid_version', 0)}"
-    st.plotly_chart(fig, key=chart, on_select=scaffold.safe(clicked, chart), selection_mode="points")
+    st.plotly_chart(
+        editor.mask_grid(mask, scores), key=chart, on_select=guarded("grid", clicked, chart), selection_mode="points"
+    )
+    st.caption(
+        "Click a cell to toggle its head. Rows: dashed orange outline = drop-QK (queries and keys dropped, values "
+        "kept), grey with a red outline = attention removed; each row's mode and alpha are written at its right."
+    )
+    editor.errors_at("grid")
 
     with st.form("toggle_head"):
         a, b_col = st.columns(2)
-        layer = a.number_input("Layer", 0, lm.shape.num_layers - 1, lm.shape.num_layers - 1, key="toggle_layer")
-        head = b_col.number_input("Head", 0, lm.shape.num_heads - 1, 0, key="toggle_head")
-        st.form_submit_button("Toggle head", on_click=scaffold.safe(toggle_from_form))
+        a.number_input("Layer", 0, shape.num_layers - 1, shape.num_layers - 1, key="toggle_layer")
+        b_col.number_input("Head", 0, shape.num_heads - 1, 0, key="toggle_head")
+        st.form_submit_button("Toggle head", on_click=guarded("toggle", toggle_from_form))
+    editor.errors_at("toggle")
+
+    chosen_layer = st.number_input(
+        "Layer to set", 0, shape.num_layers - 1, shape.num_layers - 1, key="mode_layer", help="The form shows its mode"
+    )
+    prefill_layer_form(mask, int(chosen_layer))
     with st.form("layer_mode"):
-        a, b_col, c = st.columns(3)
-        a.number_input("Layer", 0, lm.shape.num_layers - 1, lm.shape.num_layers - 1, key="mode_layer")
-        b_col.selectbox("Mode", MODES, key="mode_mode")
-        c.number_input("alpha", 0.0, 4.0, 1.0, 0.05, key="mode_alpha")
-        st.form_submit_button("Apply to layer", on_click=scaffold.safe(set_layer))
+        a, b_col = st.columns(2)
+        a.selectbox("Mode", MODES, key="mode_mode")
+        b_col.number_input("alpha", 0.0, max(4.0, float(st.session_state.mode_alpha)), step=0.05, key="mode_alpha")
+        st.form_submit_button("Apply to layer", on_click=guarded("layer", set_layer))
+    editor.errors_at("layer")
+
+    a, b_col = st.columns([2, 1])
+    how = a.radio("Rescale", ("closed-form alpha", "greedy search"), horizontal=True, key="rescale_how")
+    if b_col.button("Rescale this mask", help="Per-layer alpha for every drop-QK or head-pruned layer, on calibration"):
+        with editor.reported():
+            result = backend.rescaled(lm, mask, search=how == "greedy search")
+            alphas = ", ".join(f"{i}: {a:g}" for i, a in result.alpha.items())
+            editor.change(lm, result.mask, f"rescaled ({how}: α {alphas})")
+            st.session_state["rescaled"] = (
+                result.mask.to_json(),
+                f"Calibration perplexity {result.start_perplexity:.3f} as given, {result.norm_matching_perplexity:.3f} "
+                f"with closed-form alphas, {result.calib_perplexity:.3f} after rescaling ({how}).",
+            )
+            st.rerun()
+    rescaled_mask, outcome = st.session_state.get("rescaled", (None, ""))
+    if rescaled_mask == mask.to_json():  # only while the rescaled mask is the one shown
+        st.caption(outcome)
 
 st.subheader("Presets")
 a, b_col, c, d = st.columns(4)
-name = a.selectbox("Preset", ("unpruned", "HARP result", "lowest heads of a metric"))
-metric = b_col.selectbox("Metric", list(HEAD_METRICS), index=list(HEAD_METRICS).index("magnitude"))
-k = c.number_input("k heads", 1, lm.shape.num_layers * lm.shape.num_heads, lm.shape.num_heads)
-d.button("Apply preset", on_click=scaffold.safe(preset), args=(name, metric, int(k)))
+a.selectbox("Preset", PRESETS, key="preset_name")
+b_col.selectbox("Metric", list(HEAD_METRICS), index=list(HEAD_METRICS).index("magnitude"), key="preset_metric")
+c.number_input("k heads", 1, shape.num_layers * shape.num_heads, shape.num_heads, key="preset_k")
+d.button("Apply preset", on_click=guarded("preset", preset_from_form))
+editor.errors_at("preset")
 st.file_uploader(
-    f"…or upload a mask file (headroom.mask v1 JSON, at most {MAX_MASK_BYTES // 2**20} MiB)",
+    f"…or upload a mask file (headroom.mask JSON, at most {MAX_MASK_BYTES // 2**20} MiB)",
     type=["json"],
     max_upload_size=MAX_MASK_BYTES // 2**20,  # Streamlit's megabytes are MiB; decode_mask checks the bytes too
     key="mask_file",
-    on_change=scaffold.safe(upload),
+    on_change=guarded("upload", upload),
     args=("mask_file",),
 )
+editor.errors_at("upload")
 
 st.subheader("Greedy continuations")
-prompt = st.text_input("Prompt", "The history of the city begins")
+prompt = st.text_input("Prompt", "The history of the city begins", key="prompt")
 new_tokens = st.number_input("New tokens", 1, 128, 24)
 if st.button("Generate"):
-    with st.spinner("Generating (no KV cache, so drop-QK layers stay exact)…"):
+    with st.spinner("Generating with the KV cache (drop-QK layers store nothing)…"), editor.reported():
         a, b_col = st.columns(2)
         a.markdown(f"**Unpruned**\n\n{prompt} _{greedy_continuation(lm, prompt, None, int(new_tokens))}_")
         b_col.markdown(f"**Masked**\n\n{prompt} _{greedy_continuation(lm, prompt, mask, int(new_tokens))}_")
+
+with panel:
+    editor.live_panel(live, mask, editor.last_change(lm, mask))

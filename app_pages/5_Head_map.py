@@ -31,7 +31,7 @@ def scatter(head_map: HeadMap, projection: str, colour_by: str) -> go.Figure:
                     customdata=[list(head_map.heads[i]) for i in idx],
                     hovertext=[hover[i] for i in idx],
                     name=f"cluster {c}",
-                    marker={"size": 9},
+                    marker={"size": 9, "color": plots.cluster_colour(c)},
                     **common,
                 )
             )
@@ -59,7 +59,7 @@ def scatter(head_map: HeadMap, projection: str, colour_by: str) -> go.Figure:
     else:
         axes = ("UMAP 1 (no unit)", "UMAP 2 (no unit)")
     fig.update_layout(
-        title=f"{projection} of {len(head_map.heads)} heads, coloured by {colour_by}",
+        title=plots.title(f"{projection} of {len(head_map.heads)} heads, coloured by {colour_by}"),
         xaxis={"title": axes[0]},
         yaxis={"title": axes[1]},
         height=560,
@@ -87,6 +87,9 @@ metrics = a.multiselect(
 )
 clusters = b.number_input("Clusters (k-means)", 2, 20, DEFAULT_CLUSTERS)
 seed = c.number_input("Seed", 0, 2**31 - 1, 0, help="UMAP and k-means use it: the same seed draws the same map")
+st.caption(
+    "Head features, once per choice of metrics (then from the disk cache): " + backend.head_map_job(lm).expected()
+)
 head_map = backend.head_map(lm, calib, metrics, int(clusters), int(seed))
 
 a, b = st.columns([1, 2])
@@ -94,13 +97,30 @@ projection = a.radio("Projection", ["UMAP", "PCA"], horizontal=True)
 colour_by = b.selectbox("Colour by", ["cluster", *head_map.feature_names])
 figure = scatter(head_map, projection, colour_by)
 event = st.plotly_chart(figure, key="head_map", on_select="rerun", selection_mode=("points", "box", "lasso"))
-labels = [[None] * lm.shape.num_heads for _ in range(lm.shape.num_layers)]
-for (layer, head), cluster in zip(head_map.heads, head_map.clusters, strict=True):
-    labels[layer][head] = cluster
-st.plotly_chart(plots.head_heatmap(labels, "Cluster of every head", "cluster", "value", lm.shape.num_heads))
+st.caption(
+    "Heads close together behave alike. With colour by cluster, each cluster keeps its colour in the grid below; "
+    "a cluster confined to a few layers is a family of heads worth pruning or keeping together."
+)
+st.plotly_chart(plots.cluster_grid(head_map.heads, head_map.clusters, lm.shape.num_layers, lm.shape.num_heads))
+st.caption("Where each cluster sits in the model: the same colours as the map above.")
 
 st.subheader("Clusters")
-st.dataframe(head_map.cluster_means())
+means = head_map.cluster_means()
+st.dataframe(
+    {
+        "feature": ["heads", *(name.removeprefix("mean ") for name in list(means)[2:])],
+        **{
+            f"cluster {c}": [means["heads"][i], *(means[name][i] for name in list(means)[2:])]
+            for i, c in enumerate(means["cluster"])
+        },
+    },
+    column_config={
+        f"cluster {c}": st.column_config.NumberColumn(format="%.4g", width="small") for c in means["cluster"]
+    },
+    hide_index=True,
+    height=plots.table_height(len(means) - 1),
+)
+st.caption("Mean of every feature per cluster (one column per cluster), so that the table fits the page.")
 
 st.subheader("Edit the mask")
 whole = st.multiselect("Whole clusters", sorted(set(head_map.clusters)), key="map_clusters")

@@ -26,14 +26,28 @@ lm = backend.model()
 mask = session.current_mask(lm)
 st.markdown(f"**Mask** {mask.describe()}")
 b = budget(mask, lm.shape, int(session.choice(session.SEQLEN)))
-params, kv, flops = st.columns(3)
-params.metric("Parameters", f"{b.params_total - b.params_removed:,}", f"-{b.params_removed_pct:.2f}%")
-kv.metric("KV cache bytes per token", f"{b.kv_bytes_per_token:,}", f"-{b.kv_bytes_per_token_saved:,}")
-flops.metric(
-    f"Attention FLOPs per token at {b.seq_len}",
-    f"{b.attention_flops_per_token:,}",
-    f"-{b.attention_flops_per_token_saved:,}",
-)
+for col, (label, value, saved, total) in zip(
+    st.columns(3),
+    (
+        ("Parameters", b.params_total - b.params_removed, b.params_removed, b.params_total),
+        ("KV cache bytes per token", b.kv_bytes_per_token, b.kv_bytes_per_token_saved, b.kv_bytes_per_token_unpruned),
+        (
+            f"Attention FLOPs per token at {b.seqlen:,}",
+            b.attention_flops_per_token,
+            b.attention_flops_per_token_saved,
+            b.attention_flops_per_token_unpruned,
+        ),
+    ),
+    strict=True,
+):
+    # A saving is good news: green, the arrow pointing down at what shrinks.
+    col.metric(
+        label,
+        f"{value:,}",
+        f"{saved:,} saved ({100 * saved / total:.2f} %)" if saved else None,
+        delta_color="normal",
+        delta_arrow="down",
+    )
 st.download_button(
     "Download the mask (JSON)",
     json.dumps(mask.to_json(), indent=2) + "\n",
@@ -57,10 +71,12 @@ else:
     replace = "Replace the folder if it is an earlier Headroom export (once the new export is complete)"
 kind = st.radio("Kind", KINDS, horizontal=True, key="export_kind", captions=[KIND_HELP[k] for k in KINDS])
 force = st.checkbox(replace, key="export_force", help="Only a folder an earlier export wrote is ever replaced.")
-if st.button("Export", key="export_run", type="primary"):
-    out = str(policy.export_path(name)) if policy.demo else folder
-    evaluation = backend.windows(lm)
-    command = export_command(
+evaluation = backend.windows(lm)
+
+
+def command_for(out: str) -> str:
+    """The CLI command making this export into ``out``, with the mask downloaded above."""
+    return export_command(
         str(session.choice(session.MODEL)),
         MASK_FILE,
         out,
@@ -70,6 +86,13 @@ if st.button("Export", key="export_run", type="primary"):
         int(session.choice(session.MAX_TOKENS)),
         force=force,
     )
+
+
+st.caption(f"The same export from the command line, with the mask downloaded above as {MASK_FILE}:")
+st.code(command_for((name or "NAME") if policy.demo else (folder or "OUT")), language="bash", wrap_lines=True)
+if st.button("Export", key="export_run", type="primary"):
+    out = str(policy.export_path(name)) if policy.demo else folder
+    command = command_for(out)
     with progress.progress_bar("Evaluating, building, checking and writing the export") as bar:
         result = export_model(
             lm,

@@ -14,6 +14,7 @@ import streamlit as st
 
 from analysis.corpus import DEFAULT_TEXTS, MAX_TEXT_BYTES
 from analysis.evaluation import cached_perplexity
+from analysis.loading import DTYPE_CHOICES
 from ui import backend, progress, scaffold, session
 
 policy = backend.access()
@@ -33,6 +34,14 @@ with st.sidebar:
             help="`default` (the embedded SmolLM2-135M-Instruct), a local Hugging Face directory, a .gguf file or a "
             "hub id",
         )
+    session.setting(
+        st.selectbox,
+        "Weights dtype",
+        session.DTYPE,
+        options=DTYPE_CHOICES,
+        help="auto: bfloat16 where the model runs on a CUDA GPU, float32 on the CPU. Logits are upcast to float32 "
+        "and sums kept in float64 whatever the dtype; results of different dtypes are cached apart",
+    )
     with scaffold.guard():
         uploaded = st.file_uploader(
             f"Upload an evaluation text (UTF-8, at most {MAX_TEXT_BYTES // 2**20} MiB)", type=["txt", "md"]

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest.mock import MagicMock, patch
@@ -120,30 +120,47 @@ def shown_problems(at: AppTest) -> list[str]:
 
 @contextmanager
 def one_runtime() -> Iterator[None]:
-    """One Streamlit runtime for every test-client session, as a real server has.
+    """One Streamlit runtime, configuration and script cache for every test-client session, as a real server has.
 
-    ``AppTest`` installs a runtime of its own for each run and removes it when the run ends, which
-    is fine one session at a time; with sessions in threads one session's end would pull the runtime
-    from under another's start. This gives them all one (built like ``AppTest``'s) and puts back the
-    config getter ``AppTest`` patches per run.
+    ``AppTest`` sets each of these up for one run and takes it down when the run ends, which is fine
+    one session at a time; with sessions in threads, one session's end would pull them from under
+    another that is still running:
+
+    - the runtime: a session starting while another ends would find none;
+    - the ``global.appTest`` option, which ``AppTest`` turns on by patching ``config.get_option`` for
+      the run: restored by one session mid-way through another's run, that run's widgets stop
+      recording what the test client reads back (a KeyError on ``$$ID-...`` in the test thread);
+    - the script cache, new per run, so every click of every session would parse the page again, in
+      threads at once. Under CPython 3.11 a parse interrupted by another thread (garbage collection
+      can switch threads inside ``ast.parse``) fails with ``SystemError: AST constructor recursion
+      depth mismatch``, a counter being shared by all threads. A server compiles each page once.
+
+    Errors from those would be artefacts of the harness, never something a visitor sees.
     """
-    from streamlit import config, runtime
+    from streamlit import runtime
     from streamlit.runtime import Runtime
     from streamlit.runtime.caching.storage.dummy_cache_storage import MemoryCacheStorageManager
     from streamlit.runtime.dataframe_source_manager import DataframeSourceManager
     from streamlit.runtime.media_file_manager import MediaFileManager
     from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+    from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+    from streamlit.testing.v1 import app_test, local_script_runner
+    from streamlit.testing.v1.util import patch_config_options
 
     shared = MagicMock(spec=Runtime)
     shared.media_file_mgr = MediaFileManager(MemoryMediaFileStorage("/mock/media"))
     shared.cache_storage_manager = MemoryCacheStorageManager()
     shared.dataframe_source_mgr = DataframeSourceManager()
-    get_option = config.get_option
-    with patch.object(runtime, "get_instance", return_value=shared), patch.object(runtime, "exists", return_value=True):
-        try:
-            yield
-        finally:
-            config.get_option = get_option
+    scripts = ScriptCache()
+    with (
+        patch.object(runtime, "get_instance", return_value=shared),
+        patch.object(runtime, "exists", return_value=True),
+        patch_config_options({"global.appTest": True}),  # for the whole load, not per run
+        patch.object(app_test, "patch_config_options", lambda overrides: nullcontext()),
+        patch.object(app_test, "ScriptCache", return_value=scripts),
+        patch.object(local_script_runner, "ScriptCache", return_value=scripts),
+    ):
+        yield
 
 
 def run_load(
@@ -236,7 +253,7 @@ def run_load(
         lm.tokenizer,
         load_text(str(settings.get(session.EVAL_TEXT, session.DEFAULTS[session.EVAL_TEXT]))),
         int(settings.get(session.SEQLEN, session.DEFAULTS[session.SEQLEN])),
-        int(settings.get(session.LIVE_TOKENS, session.DEFAULTS[session.LIVE_TOKENS])),
+        int(settings.get(session.MAX_TOKENS, session.DEFAULTS[session.MAX_TOKENS])),
         lm.max_positions,
     )
     base = Mask.unpruned(lm.shape, lm.name)
@@ -280,14 +297,22 @@ def run_load(
 
 def print_report(report: LoadReport, rss_bound_bytes: int) -> None:
     print(f"{report.sessions} sessions for {report.seconds:g} s; load average {os.getloadavg()}")
-    print(f"clicks per session: {report.clicks_per_session} (min {min(report.clicks_per_session)}, "
-          f"max {max(report.clicks_per_session)})")
-    print(f"click-to-number latency: p50 {report.latency_p50_s:.3f} s, p95 {report.latency_p95_s:.3f} s, "
-          f"max {report.latency_max_s:.3f} s over {report.numbers_checked} clicks, every number checked")
-    print(f"closed mid-computation: {report.closed_sessions} sessions; their scripts ran at most "
-          f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}")
-    print(f"RSS: {report.rss_before_bytes / GIB:.2f} GiB before, peak {report.rss_peak_bytes / GIB:.2f} GiB "
-          f"(bound {rss_bound_bytes / GIB:.2f} GiB); weights bit-identical: {report.weights_bit_identical}")
+    print(
+        f"clicks per session: {report.clicks_per_session} (min {min(report.clicks_per_session)}, "
+        f"max {max(report.clicks_per_session)})"
+    )
+    print(
+        f"click-to-number latency: p50 {report.latency_p50_s:.3f} s, p95 {report.latency_p95_s:.3f} s, "
+        f"max {report.latency_max_s:.3f} s over {report.numbers_checked} clicks, every number checked"
+    )
+    print(
+        f"closed mid-computation: {report.closed_sessions} sessions; their scripts ran at most "
+        f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}"
+    )
+    print(
+        f"RSS: {report.rss_before_bytes / GIB:.2f} GiB before, peak {report.rss_peak_bytes / GIB:.2f} GiB "
+        f"(bound {rss_bound_bytes / GIB:.2f} GiB); weights bit-identical: {report.weights_bit_identical}"
+    )
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     print("all checks passed" if not report.problems else f"{len(report.problems)} problems")
@@ -300,14 +325,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seqlen", type=int, default=session.DEFAULTS[session.SEQLEN])
-    parser.add_argument("--live-tokens", type=int, default=session.DEFAULTS[session.LIVE_TOKENS])
+    parser.add_argument("--tokens", type=int, default=session.DEFAULTS[session.MAX_TOKENS], help="evaluation tokens")
     parser.add_argument("--rss-bound-gib", type=float, default=3.0)
     args = parser.parse_args()
     settings = {
         session.MODEL: args.model,
         session.EVAL_TEXT: args.text,
         session.SEQLEN: args.seqlen,
-        session.LIVE_TOKENS: args.live_tokens,
+        session.MAX_TOKENS: args.tokens,
     }
     bound = int(args.rss_bound_gib * GIB)
     report = run_load(settings, args.sessions, args.seconds, bound, log=print)

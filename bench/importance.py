@@ -9,12 +9,18 @@ On the default model and 1,024 calibration tokens (default-calib, seqlen 256):
   score difference between the two (target 1e-4 in mean NLL);
 - integrated gradients' completeness check.
 
+``--ig-steps 4,8,16``: integrated gradients alone at each number of steps, with its time and its
+error against the most steps (largest score difference, Spearman rank correlation, overlap of the
+cheapest num_heads heads, completeness error), then exits: how few steps are enough.
+
     .venv/bin/python -m bench.importance [--model default] [--max-tokens 1024] [--naive sample|all]
+    .venv/bin/python -m bench.importance --ig-steps 4,8,16 [--max-tokens 1024]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import tempfile
@@ -22,11 +28,32 @@ import time
 from pathlib import Path
 
 from analysis.cache import DiskCache
-from analysis.corpus import default_text, make_windows
+from analysis.corpus import Windows, default_text, make_windows
 from analysis.evaluation import perplexity
-from analysis.importance import HEAD_METRICS, ablation, cached_head_result
-from analysis.loading import load_model
+from analysis.importance import HEAD_METRICS, ablation, cached_head_result, integrated_gradients, lowest_heads
+from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
+
+
+def ig_steps(lm: LoadedModel, windows: Windows, steps: list[int]) -> None:
+    """Integrated gradients at each step count, against the largest one."""
+    from scipy.stats import spearmanr
+
+    results = {}
+    for n in sorted(steps):
+        t = time.perf_counter()
+        results[n] = integrated_gradients(lm.arch, windows, steps=n)
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"  {n:>3} steps: {time.perf_counter() - t:7.1f} s (load average {load})", flush=True)
+    best = results[max(steps)]
+    k = lm.shape.num_heads
+    cheapest = set(lowest_heads(best.scores.tolist(), k))
+    print(f"\n{'steps':>6} {'max |diff|':>11} {'spearman':>9} {'cheapest ' + str(k):>11} {'completeness':>13}")
+    for n, r in results.items():
+        diff = (r.scores - best.scores).abs().max().item()
+        rho = spearmanr(r.scores.flatten().numpy(), best.scores.flatten().numpy()).statistic
+        overlap = len(cheapest & set(lowest_heads(r.scores.tolist(), k)))
+        print(f"{n:>6} {diff:>11.2e} {rho:>9.4f} {overlap:>8}/{k:<2} {r.completeness_error:>13.2e}")
 
 
 def main() -> None:
@@ -34,6 +61,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--naive", choices=["sample", "all"], default="sample")
+    parser.add_argument("--ig-steps", default="", help="e.g. 4,8,16: integrated gradients' error by step count")
     parser.add_argument("--metrics", default=",".join(m for m in HEAD_METRICS if m != "ablation"))
     args = parser.parse_args()
 
@@ -42,6 +70,9 @@ def main() -> None:
     shape = lm.shape
     heads = shape.num_layers * shape.num_heads
     print(f"model {lm.name}: {shape.num_layers} layers x {shape.num_heads} heads, {windows.predicted_tokens} tokens")
+    if args.ig_steps:
+        ig_steps(lm, windows, [int(n) for n in args.ig_steps.split(",")])
+        return
 
     print(f"\n{'metric':>22} {'direct s':>9} {'cached: 1st s':>14} {'2nd s':>7}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,9 @@ the default eval slice (2,048 tokens at seqlen 256), prints the median time of t
 evaluator and of a full recompute and their ratio, then the median time of the live evaluator's
 first answer (an estimate after one window) and of its exact answer. Every repetition prunes a
 different head of that layer, so no result is served from the evaluators' memory of recent masks.
-Also prints the model load time from the converted cache, the peak RSS and the load average.
+Also prints the model load time from the converted cache, the live evaluator's build time (the
+capturing pass the app runs in the background when it loads the model), the peak RSS and the load
+average.
 
 ``--coverage N``: N random single-head toggles (a random walk from the unpruned model, back to it
 every 25 toggles) through the live evaluator; prints how often the 95 % interval of the answer
@@ -40,7 +42,9 @@ def load() -> str:
 
 def speed(lm: LoadedModel, windows: Windows, repeats: int) -> None:
     evaluator = IncrementalEvaluator(lm.arch, windows)
+    t = time.perf_counter()
     live = LivePerplexity(lm.arch, windows)
+    print(f"live evaluator build (the app warms it at model load): {time.perf_counter() - t:.2f} s ({load()})")
     base = Mask.unpruned(lm.shape, lm.name)
     layers = lm.shape.num_layers
     columns = ("incremental s", "full s", "ratio", "live first s", "live exact s")

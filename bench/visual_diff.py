@@ -9,6 +9,7 @@ A helper for review, not a test: fonts and anti-aliasing make exact equality mea
 
     .venv/bin/python -m bench.visual_diff            # after `pytest tests/test_browser.py`
     .venv/bin/python -m bench.visual_diff --accept   # keep these pictures as the baseline
+    .venv/bin/python -m bench.visual_diff --docs docs/screenshots   # the README's pictures of the main pages
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ BASELINE = ROOT / "test-output" / "screenshots-baseline"
 DIFFS = ROOT / "test-output" / "screenshots-diff"
 TOLERANCE = 16  # per-channel difference (0-255) below which two pixels count as equal
 CHANGED_SHARE = 0.001  # a page whose differing pixels exceed this share is listed as changed
+DOC_PAGES = ("Home", "Importance", "HARP", "Norm_drift", "Mask_editor", "Head_map", "Export")
+DOC_WIDTH, DOC_MAX_HEIGHT, DOC_COLOURS = 1280, 2400, 256  # README pictures: page width, top of long pages, palette
 
 
 @dataclass(frozen=True)
@@ -76,15 +79,38 @@ def _draw(current: Path, baseline: Path, out: Path) -> None:
     faded.save(out)
 
 
+def write_docs(current: Path, out: Path, pages: tuple[str, ...] = DOC_PAGES) -> list[Path]:
+    """Small copies of the main pages for the README: at most 1280 wide, the top 2,400 px, a 256-colour palette."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in pages:
+        source = current / f"{name}.png"
+        if not source.exists():
+            continue
+        image = Image.open(source).convert("RGB")
+        if image.width > DOC_WIDTH:
+            image = image.resize((DOC_WIDTH, round(image.height * DOC_WIDTH / image.width)), Image.LANCZOS)
+        image = image.crop((0, 0, image.width, min(image.height, DOC_MAX_HEIGHT)))
+        path = out / f"{name.lower()}.png"
+        image.quantize(DOC_COLOURS).save(path, optimize=True)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--current", type=Path, default=CURRENT)
     parser.add_argument("--baseline", type=Path, default=BASELINE)
     parser.add_argument("--accept", action="store_true", help="make the current pictures the baseline")
+    parser.add_argument("--docs", type=Path, help="write small copies of the main pages there (the README's)")
     args = parser.parse_args(argv)
     if not any(args.current.glob("*.png")):
         print(f"no screenshots in {args.current}: run `pytest tests/test_browser.py` first", file=sys.stderr)
         return 2
+    if args.docs:
+        for path in write_docs(args.current, args.docs):
+            print(f"{path}  {path.stat().st_size // 1024} KiB")
+        return 0
     if args.accept:
         shutil.rmtree(args.baseline, ignore_errors=True)
         shutil.copytree(args.current, args.baseline)

@@ -6,7 +6,7 @@ every module that needs it shares one conversion and no run depends on an earlie
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,12 +84,17 @@ def random_windows(vocab: int = 96, n: int = 5, length: int = 24, seed: int = 0)
     return Windows(ids, seqlen=length, has_bos=False, text_name="random", text_sha256="0" * 64)
 
 
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
-    """A cache root for this run, exported so subprocesses (CLI, app) share it."""
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Iterator[Path]:
+    """A cache root for this run, exported as $HEADROOM_CACHE so subprocesses (CLI, app) share it.
+
+    From the first test on, so no test reads or writes the project's own ``cache/``; the variable is
+    put back as it was when the run ends.
+    """
     root = tmp_path_factory.mktemp("headroom-cache")
-    os.environ["HEADROOM_CACHE"] = str(root)
-    return root
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEADROOM_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture

@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
+import analysis.attention_patterns as attention_patterns
 from analysis.architecture import Architecture
 from analysis.attention_patterns import STATISTICS, attention_pattern, attention_stats, cached_attention_stats
 from analysis.cache import DiskCache
 from analysis.errors import HeadroomError
 from tests.conftest import random_windows
+from tests.helpers import forbid
 
 
 def _eager_weights(arch: Architecture, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -65,12 +67,13 @@ def test_a_head_that_does_not_exist_is_refused(tiny_arch):
 
 
 @pytest.mark.slow
-def test_real_model_stats_are_cached_and_show_sink_heads(default_model, tmp_path):
+def test_real_model_stats_are_cached_and_show_sink_heads(default_model, tmp_path, monkeypatch):
     from analysis.corpus import default_text, make_windows
 
     windows = make_windows(default_model.tokenizer, default_text("default-calib"), 128, 256)
     cache = DiskCache(tmp_path)
     first = cached_attention_stats(default_model, windows, cache)
+    forbid(monkeypatch, attention_patterns, "attention_stats")
     again = cached_attention_stats(default_model, windows, cache)
     assert torch.equal(first.sink, again.sink)
     # Sink heads are a known property of trained LMs: some head puts most of its weight on token 0.

@@ -16,13 +16,15 @@ import transformers.utils.logging as hf_logging
 
 import analysis.cli as cli
 import analysis.evaluation as evaluation
+import analysis.harp as harp
+import analysis.head_map as head_map
 from analysis.corpus import Windows, load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.masks import Mask, parse_mask
 from tests.conftest import TINY
-from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+from tests.helpers import forbid, save_checkpoint, word_text, word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN = 16
@@ -105,7 +107,7 @@ def test_eval_json_reports_protocol_perplexity_with_its_metadata(capsys, checkpo
     assert out["model"] == lm.card()
     assert out["model"]["family"] == "Llama"
     budget = out["budget"]
-    assert budget["seq_len"] == SEQLEN
+    assert budget["seqlen"] == SEQLEN
     assert budget["params_removed"] == 0
     assert budget["params_total"] == lm.card()["parameters"]
     assert budget["kv_bytes_per_token_saved"] == 0
@@ -270,7 +272,9 @@ def _error_case(name: str, tmp: Path, checkpoint: Path, text: Path) -> tuple[lis
         mask.write_text(json.dumps(mask_json([], layers=30)))
         return eval_args(checkpoint, text, "--mask", str(mask)), f"'heads' must have {TINY['num_hidden_layers']} rows"
     if name == "max-tokens-below-seqlen":
-        return eval_args(checkpoint, text, "--max-tokens", "8"), "max-tokens 8 is smaller than one window of 16"
+        return eval_args(checkpoint, text, "--max-tokens", "8"), (
+            "arguments --max-tokens, --seqlen: max-tokens 8 is smaller than one window of 16"
+        )
     if name == "seqlen-beyond-context":
         args = ["--model", str(checkpoint), "--text", str(text), "--seqlen", "200"]
         return args, f"seqlen 200 is longer than the model's context of {TINY['max_position_embeddings']} positions"
@@ -307,11 +311,22 @@ def test_user_error_is_exactly_one_line_on_stderr(capsys, tmp_path, checkpoint, 
     assert expected in err
 
 
+def test_the_error_names_the_option_of_this_command_that_the_setting_came_from(capsys, checkpoint, text_file):
+    """The backend names its setting (max_tokens, targets); the CLI names its own option for it."""
+    common = ["--model", str(checkpoint), "--calib", str(text_file), "--seqlen", str(SEQLEN)]
+    assert cli.main(["search", *common, "--save", "kv:-3"]) == 2
+    assert capsys.readouterr().err.startswith("error: argument --save: budget 'kv:-3' must be AXIS:AMOUNT")
+    # A setting this command has no option for is not attributed to any.
+    assert cli._options(HeadroomError("x", settings=("kind", "seqlen")), cli.build_parser().parse_args(["eval"])) == (
+        "argument --seqlen: "
+    )
+
+
 def test_cuda_without_a_gpu_exits_2(capsys, monkeypatch, checkpoint, text_file):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["eval", *eval_args(checkpoint, text_file, "--device", "cuda")]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == ["error: --device cuda was asked for but no CUDA GPU is available; use --device cpu"]
+    assert err.splitlines() == ["error: argument --device: a CUDA GPU was asked for but none is available; use the CPU"]
 
 
 def test_debug_raises_the_error_with_its_traceback(tmp_path, text_file):
@@ -458,7 +473,9 @@ def run_harp(capsys, *args: str) -> tuple[int, dict | None, str]:
     return code, (json.loads(out) if code == 0 else None), err
 
 
-def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(capsys, tmp_path, checkpoint, text_file):
+def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(
+    capsys, monkeypatch, tmp_path, checkpoint, text_file
+):
     out_file = tmp_path / "harp.json"
     args = ["--model", str(checkpoint), "--calib", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
     code, out, err = run_harp(capsys, *args, "--layers", "2", "--grid", "0,0.5,1", "--out", str(out_file))
@@ -482,6 +499,7 @@ def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(capsys, tmp_
     assert out["budget"]["kv_bytes_per_token_saved"] == out["budget"]["kv_bytes_per_token_unpruned"] // 2
 
     # The same search again comes from the cache, with the same numbers.
+    forbid(monkeypatch, harp, "harp")
     code, again, _ = run_harp(capsys, *args, "--layer-set", "2,3", "--grid", "1,0.5,0")
     assert code == 0 and again["alpha"] == out["alpha"] and again["calib_perplexity"] == out["calib_perplexity"]
 
@@ -489,8 +507,8 @@ def test_harp_writes_a_mask_whose_calibration_perplexity_it_reports(capsys, tmp_
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--layers", "2", "--grid", ""], "the alpha grid is empty"),
-        (["--layers", "9"], "--layers must be between 1 and 4"),
+        (["--layers", "2", "--grid", ""], "argument --grid: the alpha grid is empty"),
+        (["--layers", "9"], "argument --layers: the number of top layers must be between 1 and 4"),
         (["--layer-set", "1,7"], "must name layers in 0..3"),
         (["--layers", "2", "--out", "/no/such/folder/m.json"], "folder /no/such/folder does not exist"),
     ],
@@ -499,6 +517,34 @@ def test_harp_bad_arguments_are_one_line_errors(capsys, checkpoint, text_file, e
     code, _, err = run_harp(capsys, "--model", str(checkpoint), "--calib", str(text_file), "--seqlen", "16", *extra)
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("error: ") and message in err
+
+
+# --- rescale -------------------------------------------------------------------------------------------
+
+
+def test_rescale_writes_the_norm_matching_mask_and_reports_its_held_out_perplexity(
+    capsys, tmp_path, checkpoint, text_file
+):
+    from analysis.harp import rescale
+
+    lm = load_model(str(checkpoint))
+    (tmp_path / "m.json").write_text(json.dumps(mask_json([(3, 0), (3, 1)])))
+    args = ["--model", str(checkpoint), "--calib", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
+    args += ["--mask", str(tmp_path / "m.json"), "--eval", str(text_file), "--eval-max-tokens", "96"]
+    code = cli.main(["rescale", *args, "--closed-form", "--out", str(tmp_path / "r.json"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    calib = make_windows(lm.tokenizer, load_text(str(text_file)), SEQLEN, 160, lm.max_positions)
+    direct = rescale(lm.arch, parse_mask(mask_json([(3, 0), (3, 1)]), lm.shape, lm.name), calib, search=False)
+    assert result["alpha"] == {"3": direct.alpha[3]} and direct.alpha[3] != 1.0
+    assert json.loads((tmp_path / "r.json").read_text())["alpha"] == {"3": direct.alpha[3]}
+    held_out = make_windows(lm.tokenizer, load_text(str(text_file)), SEQLEN, 96, lm.max_positions)
+    assert result["eval_perplexity"] == perplexity(lm.arch, held_out, direct.mask).perplexity
+    assert result["mask_file"] == str(tmp_path / "r.json") and result["model"] == lm.card()
+    # A held-out request too short for one window names the option it came from.
+    assert cli.main(["rescale", *args[:-1], "8", "--closed-form"]) == 2
+    assert capsys.readouterr().err.startswith("error: arguments --eval-max-tokens, --seqlen: max-tokens 8 is smaller")
 
 
 # --- compare -------------------------------------------------------------------------------------------
@@ -585,7 +631,7 @@ def test_drift_reports_the_mask_and_for_drop_qk_the_unrescaled_variant(capsys, t
 # --- head map ------------------------------------------------------------------------------------------
 
 
-def test_head_map_lists_every_head_once_and_a_second_run_is_the_same_map(capsys, checkpoint, text_file):
+def test_head_map_lists_every_head_once_and_a_second_run_is_the_same_map(capsys, monkeypatch, checkpoint, text_file):
     args = ["--model", str(checkpoint), "--text", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
     code = cli.main(["head-map", *args, "--metrics", "magnitude,wanda_sp", "--clusters", "3", "--json"])
     out, err = capsys.readouterr()
@@ -595,6 +641,7 @@ def test_head_map_lists_every_head_once_and_a_second_run_is_the_same_map(capsys,
     members = [h for group in result["cluster_members"].values() for h in group]
     assert len(members) == len(set(members)) == heads and len(result["cluster_members"]) == 3
     assert result["map"]["feature_names"][-2:] == ["magnitude", "wanda_sp"]
+    forbid(monkeypatch, head_map, "project")  # the second run comes from the cache
     assert cli.main(["head-map", *args, "--metrics", "magnitude,wanda_sp", "--clusters", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["map"] == result["map"]
     code = cli.main(["head-map", *args, "--metrics", "magnitude,bogus"])

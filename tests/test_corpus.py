@@ -80,7 +80,7 @@ def test_latin1_text_is_rejected_with_position():
     message = str(info.value)
     assert "menu.txt is not valid utf-8" in message
     assert "byte 0xe9 at offset 9 (line 2)" in message
-    assert "--encoding latin-1" in message
+    assert "name its encoding (latin-1, for example)" in message and info.value.settings == ("encoding",)
 
 
 def test_latin1_text_decodes_with_its_encoding():
@@ -275,11 +275,11 @@ def test_seqlen_one_without_bos_predicts_nothing_and_is_rejected():
 
 def test_seqlen_beyond_the_context_is_rejected():
     assert make_windows(FakeTokenizer(False), numbered(50), seqlen=16, max_positions=16).num_windows == 3
-    with pytest.raises(HeadroomError, match=r"seqlen 17 is longer than the model's context of 16 .* --seqlen 16 or"):
+    with pytest.raises(HeadroomError, match=r"seqlen 17 is longer than .* context of 16 .* use a seqlen of 16 or"):
         make_windows(FakeTokenizer(False), numbered(50), seqlen=17, max_positions=16)
     # With BOS a window takes seqlen + 1 positions.
     assert make_windows(FakeTokenizer(True), numbered(50), seqlen=15, max_positions=16).input_ids.shape == (3, 16)
-    with pytest.raises(HeadroomError, match=r"seqlen 16 is longer than the model's context of 16 .* --seqlen 15 or"):
+    with pytest.raises(HeadroomError, match=r"seqlen 16 is longer than .* context of 16 .* use a seqlen of 15 or"):
         make_windows(FakeTokenizer(True), numbered(50), seqlen=16, max_positions=16)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from analysis import drift
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
-from analysis.drift import DriftReport, cached_layer_drift, harp_drift, layer_drift, position_drift
+from analysis.drift import DriftReport, cached_layer_drift, layer_drift, mask_drift, position_drift
 from analysis.errors import HeadroomError
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
@@ -125,8 +125,8 @@ def test_quantiles_are_ordered(tiny_arch):
 
 def test_rescaling_changes_drift_only_at_drop_qk_layers(tiny_arch):
     mask = unpruned(tiny_arch).with_layer(2, drop_qk=True, alpha=0.3).with_layer(3, drop_qk=True, alpha=0.3)
-    reports = harp_drift(tiny_arch, WINDOWS, mask)
-    scaled, unscaled = reports["pruned_with_rescaling"], reports["pruned_without_rescaling"]
+    reports = mask_drift(tiny_arch, WINDOWS, mask)
+    scaled, unscaled = reports.mask, reports.without_rescaling
     assert scaled == layer_drift(tiny_arch, WINDOWS, mask)
     alpha1 = mask.with_layer(2, alpha=1.0).with_layer(3, alpha=1.0)
     assert unscaled == layer_drift(tiny_arch, WINDOWS, alpha1)
@@ -145,7 +145,7 @@ def test_weights_and_hooks_unchanged_afterwards(tiny_arch):
     mask = mixed_mask(tiny_arch)
     layer_drift(tiny_arch, WINDOWS, mask)
     position_drift(tiny_arch, WINDOWS, mask, window=0)
-    harp_drift(tiny_arch, WINDOWS, mask)
+    mask_drift(tiny_arch, WINDOWS, mask)
     assert all(torch.equal(state[k], v) for k, v in tiny_arch.model.state_dict().items())
     for module in tiny_arch.model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
@@ -195,20 +195,30 @@ def test_cached_layer_drift_second_call_reads_the_cache(tmp_path, monkeypatch):
         cached_layer_drift(lm, WINDOWS, mask.with_layer(3, alpha=0.5), cache)
 
 
-def test_cached_harp_drift_shares_entries_with_cached_layer_drift(tmp_path, monkeypatch):
+def test_cached_mask_drift_shares_entries_with_cached_layer_drift(tmp_path, monkeypatch):
     arch = Architecture(tiny_model("llama"))
     lm = LoadedModel(model=arch.model, tokenizer=None, arch=arch, name="tiny", fingerprint="tiny-fp", source="test")
     cache = DiskCache(root=tmp_path)
     mask = (
         Mask.unpruned(arch.shape, "tiny").with_layer(2, drop_qk=True, alpha=0.3).with_layer(3, drop_qk=True, alpha=0.6)
     )
-    pair = drift.cached_harp_drift(lm, WINDOWS, mask, cache)
-    assert pair == harp_drift(arch, WINDOWS, mask)
+    pair = drift.cached_mask_drift(lm, WINDOWS, mask, cache)
+    assert pair == mask_drift(arch, WINDOWS, mask)
+    assert pair.without_rescaling == layer_drift(arch, WINDOWS, mask.with_layer(2, alpha=1.0).with_layer(3, alpha=1.0))
 
     def fail(*args: object) -> DriftReport:
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(drift, "harp_drift", fail)
+    monkeypatch.setattr(drift, "_reports", fail)
     monkeypatch.setattr(drift, "layer_drift", fail)
-    assert drift.cached_harp_drift(lm, WINDOWS, mask, cache) == pair
-    assert cached_layer_drift(lm, WINDOWS, drift.without_rescaling(mask), cache) == pair["pruned_without_rescaling"]
+    assert drift.cached_mask_drift(lm, WINDOWS, mask, cache) == pair
+    assert cached_layer_drift(lm, WINDOWS, drift.alpha_one(mask), cache) == pair.without_rescaling
+    assert cached_layer_drift(lm, WINDOWS, mask, cache) == pair.mask
+    # A mask without drop-QK layers has only its own report, from the same entry as cached_layer_drift's.
+    plain = Mask.unpruned(arch.shape, "tiny").with_head(1, 0, False)
+    with pytest.raises(AssertionError, match="recomputed"):
+        drift.cached_mask_drift(lm, WINDOWS, plain, cache)
+    monkeypatch.undo()
+    single = drift.cached_mask_drift(lm, WINDOWS, plain, cache)
+    assert single.without_rescaling is None and single.mask == cached_layer_drift(lm, WINDOWS, plain, cache)
+    assert single.to_json() == {"mask": single.mask.to_json()}

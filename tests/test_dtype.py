@@ -16,18 +16,22 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from analysis.cache import DiskCache
+from analysis.cache import DiskCache, read_entry
 from analysis.cli import main
+from analysis.corpus import load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, cached_perplexity, head_token_nll, perplexity
 from analysis.export import CARD_FILE, export_model, max_logit_difference
-from analysis.harp import cached_harp
+from analysis.harp import cached_chosen_harp, cached_harp, cached_rescale
 from analysis.importance import cached_head_result
 from analysis.loading import load_model, pick_dtype
 from analysis.masks import Mask, budget
+from analysis.search import cached_search
 from tests.conftest import random_windows
+from tests.helpers import open_page
 from tests.test_export import IDS, every_kind_of_pruning, masked_logits_and_greedy
 from tests.test_loading import save_checkpoint, word_text
+from ui import session
 
 LOW = ["bfloat16", "float16"]
 # A tiny random model's perplexity (about its vocabulary, 96) in a 16-bit dtype against float32: 16-bit
@@ -201,3 +205,49 @@ def test_the_converted_default_model_stays_float32_on_disk_and_loads_in_bfloat16
     (converted,) = (session_cache / "models").glob("gguf-*")
     assert stored_dtypes(next(converted.glob("*.safetensors"))) == {torch.float32}
     assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+
+
+def test_the_home_page_dtype_setting_loads_that_dtype_everywhere(llama_dir, tmp_path, cache_dir):
+    """auto is float32 on this CPU; bfloat16 reaches the card, the perplexity and the editor's live evaluator
+    (which must not reuse the float32 evaluator built on the same fingerprint and windows)."""
+    text = tmp_path / "words.txt"
+    text.write_text(word_text(200, seed=2), encoding="utf-8")
+    settings = {session.MODEL: str(llama_dir), session.EVAL_TEXT: str(text), session.CALIB_TEXT: str(text)}
+    settings |= {session.SEQLEN: 16, session.MAX_TOKENS: 64}
+    expected = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(str(llama_dir), cache_root=tmp_path / "memo", dtype=dtype)
+        windows = make_windows(lm.tokenizer, load_text(str(text)), 16, 64, lm.max_positions)
+        expected[dtype] = f"{perplexity(lm.arch, windows).perplexity:.3f}"
+    assert expected["float32"] != expected["bfloat16"]
+
+    def live(at) -> str:
+        assert not at.exception and not at.error, at.error
+        shown = {m.label: m.value for m in at.metric}
+        assert shown["Live perplexity"] == shown["Unpruned, same tokens"]
+        return shown["Live perplexity"]
+
+    assert live(open_page("app_pages/4_Mask_editor.py", settings).run()) == expected["float32"]  # auto, built first
+    at = open_page(settings=settings).run()  # another session, on the home page
+    assert not at.exception and not at.error, at.error
+    for dtype in ("float32", "bfloat16"):
+        if dtype == "bfloat16":
+            at.selectbox(key=f"widget_{session.DTYPE}").set_value("bfloat16").run()
+        assert at.selectbox(key=f"widget_{session.DTYPE}").value == ("auto" if dtype == "float32" else dtype)
+        assert at.table[0].value["dtype"].iloc[0] == dtype
+        assert at.metric[0].value == expected[dtype]
+    assert live(at.switch_page("app_pages/4_Mask_editor.py").run()) == expected["bfloat16"]
+
+
+def test_searches_are_cached_per_dtype(loaded, tmp_path):
+    """search, the greedy layer choice and rescale key their results by fingerprint and dtype like every result."""
+    cache = DiskCache(tmp_path)
+    windows = random_windows(vocab=loaded["float32"].model.config.vocab_size, n=2, length=16)
+    for lm in (loaded["float32"], loaded["bfloat16"]):
+        mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True)
+        cached_search(lm, windows, {"kv": lm.shape.head_dim * 4}, 16, shortlist=2, proxy_windows=1, cache=cache)
+        cached_chosen_harp(lm, windows, 1, [2, 3], [0.0, 1.0], cache=cache)
+        cached_rescale(lm, mask, windows, search=False, cache=cache)
+    for kind in ("search", "harp_chosen", "rescale"):
+        entries = [read_entry(p) for p in (tmp_path / "results" / kind).iterdir()]
+        assert sorted(e.parts["dtype"] for e in entries) == ["bfloat16", "float32"], kind

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
 import pytest
 import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from analysis.architecture import Architecture
-from analysis.corpus import Windows
-from analysis.evaluation import IncrementalEvaluator, perplexity
+from analysis.corpus import Text, Windows, make_windows
+from analysis.evaluation import TOKENS_PER_BATCH, IncrementalEvaluator, batches, perplexity
 from analysis.masks import Mask
-from tests.conftest import random_windows
+from tests.conftest import TINY, random_windows
+from tests.helpers import word_text, word_tokenizer
 
 
 def test_perplexity_matches_plain_transformers_loss(tiny_arch):
@@ -143,3 +146,49 @@ def test_a_mask_seen_recently_is_answered_without_recomputing(tiny_arch):
     assert evaluator.perplexity(later).perplexity == pytest.approx(
         perplexity(tiny_arch, windows, later).perplexity, rel=1e-6
     )
+
+
+# --- more than one batch, at the default batch cap --------------------------------------------------
+
+
+def test_many_batches_of_bos_windows_equal_transformers_window_by_window_also_under_a_mask():
+    """257-token windows (a BOS tokenizer, seqlen 256) at the default cap: batches of 7, 7 and 3 windows.
+
+    The reference is plain transformers, one window at a time, on the model and on a physically edited copy
+    (a pruned head's o_proj input columns zeroed: what pruning it means).
+    """
+    config = CONFIG_MAPPING["llama"](**{**TINY, "max_position_embeddings": 512})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+    with torch.no_grad():  # peaked predictions, so that pruning a few heads moves the perplexity visibly
+        model.lm_head.weight.mul_(30.0)
+    arch = Architecture(model)
+    windows = make_windows(word_tokenizer(bos=True), Text.of("words", word_text(17 * 256 + 5)), 256)
+    assert windows.input_ids.shape == (17, 257) and windows.has_bos
+    assert [len(b) for b in batches(windows)] == [7, 7, 3] == [TOKENS_PER_BATCH // 257] * 2 + [3]
+
+    pruned = [(0, 1), (2, 4), (2, 5), (3, 0)]
+    mask = Mask.unpruned(arch.shape, "tiny")
+    edited = copy.deepcopy(model)
+    for layer, head in pruned:
+        mask = mask.with_head(layer, head, False)
+        columns = slice(head * arch.shape.head_dim, (head + 1) * arch.shape.head_dim)
+        edited.model.layers[layer].self_attn.o_proj.weight[:, columns] = 0.0
+
+    def reference(m: torch.nn.Module) -> float:
+        """Mean NLL of every chunk token (BOS is never predicted), summed window by window in float64."""
+        total = 0.0
+        for window in windows.input_ids:
+            total += m(input_ids=window[None], labels=window[None]).loss.double().item() * 256
+        return total / (17 * 256)
+
+    evaluator = IncrementalEvaluator(arch, windows)
+    assert evaluator.num_batches == 3
+    expected = {None: reference(model), mask: reference(edited)}
+    assert abs(expected[mask] / expected[None] - 1) > 1e-3  # the mask matters far beyond the tolerance
+    for under, want in expected.items():
+        full = perplexity(arch, windows, under)
+        assert full.predicted_tokens == 17 * 256
+        assert full.mean_nll == pytest.approx(want, rel=1e-6)
+        incremental = evaluator.perplexity(under or Mask.unpruned(arch.shape, "tiny"))
+        assert incremental.mean_nll == pytest.approx(want, rel=1e-6)

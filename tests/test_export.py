@@ -32,8 +32,7 @@ from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 from tests.conftest import FAMILY_TYPES, TINY, random_windows, tiny_model
-from tests.helpers import open_page
-from tests.test_loading import save_checkpoint, word_text, word_tokenizer
+from tests.helpers import open_page, save_checkpoint, word_text, word_tokenizer
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +131,7 @@ def test_compact_export_loads_in_a_fresh_process_and_matches_the_masked_model(co
 def test_compact_export_keeps_only_kept_kv_heads_in_the_cache_and_the_budgets_parameters(compact_exports, model_type):
     lm, mask, result, got = compact_exports[model_type]
     layers = layer_structure(mask, lm.arch)
-    assert [layer["kind"] for layer in layers] == ["attention", "attention", "drop_qk", "none"]
+    assert [layer.kind for layer in layers] == ["attention", "attention", "drop_qk", "none"]
     assert got["cache_heads"] == [1, 2, None, None]  # kept KV heads only; no cache without attention
     removed = budget(mask, lm.shape, 20).params_removed
     assert got["params"] == result.params_after == lm.shape.total_params - removed
@@ -165,7 +164,7 @@ def test_export_leaves_the_shared_model_exactly_as_loaded(tmp_path, kind):
 
 def test_stock_export_refuses_drop_qk_and_points_to_compact(tmp_path):
     lm = tiny_lm("llama")
-    with pytest.raises(HeadroomError, match="--kind compact"):
+    with pytest.raises(HeadroomError, match="Use the compact kind"):
         export_model(lm, every_kind_of_pruning(lm), tmp_path / "stock", "stock")
     assert not (tmp_path / "stock").exists()
 
@@ -237,7 +236,7 @@ def test_stock_export_folds_the_bias_where_o_proj_has_one_and_otherwise_points_t
     logits, _ = masked_logits_and_greedy(lm, mask, IDS)
     assert (got - logits).abs().max() < 1e-4
     plain = tiny_lm("qwen2")
-    with pytest.raises(HeadroomError, match=r"o_proj has no bias\. Use --kind compact"):
+    with pytest.raises(HeadroomError, match=r"o_proj has no bias\. Use the compact kind"):
         export_model(plain, with_biases(plain, Mask.unpruned(plain.shape, plain.name)), tmp_path / "no", "stock")
     assert not (tmp_path / "no").exists()
 
@@ -260,8 +259,9 @@ def test_an_earlier_export_is_replaced_only_with_force_and_nothing_is_left_behin
     export_model(lm, Mask.unpruned(lm.shape, lm.name).with_head(0, 0, False), out)
     earlier = tree(tmp_path)
     mask = every_kind_of_pruning(lm)
-    with pytest.raises(HeadroomError, match="--force"):
+    with pytest.raises(HeadroomError, match="ask to replace it") as info:
         export_model(lm, mask, out)
+    assert info.value.settings == ("force",)
     assert tree(tmp_path) == earlier
     export_model(lm, mask, out, force=True)
     assert load_mask(out / MASK_FILE, lm.shape, lm.name) == mask
@@ -424,9 +424,9 @@ def test_cli_export_writes_the_folder_and_refuses_to_overwrite_in_one_line(tmp_p
     assert "--kind compact" in report["command"] and "--seqlen 32" in report["command"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "--force" in err and "\n" not in err
+    assert err.startswith("error: argument --force: ") and "ask to replace it" in err and "\n" not in err
     assert main([*argv, "--force", "--kind", "stock"]) == 2
-    assert "--kind compact" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: argument --kind: a stock export cannot express")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import analysis.head_map as head_map
 from analysis.architecture import Architecture
 from analysis.attention_patterns import attention_stats
 from analysis.cache import DiskCache
@@ -14,6 +15,7 @@ from analysis.head_map import cached_head_map, head_features, project
 from analysis.importance import magnitude, output_norm
 from analysis.loading import LoadedModel
 from tests.conftest import random_windows, tiny_model
+from tests.helpers import forbid
 
 
 def _tiny_lm(family: str = "llama") -> LoadedModel:
@@ -73,15 +75,16 @@ def test_clusters_recover_well_separated_groups_and_the_map_is_reproducible():
     assert (nearest == truth).all()
 
 
-def test_head_map_comes_back_from_the_cache_and_refuses_bad_requests(tmp_path):
+def test_head_map_comes_back_from_the_cache_and_refuses_bad_requests(tmp_path, monkeypatch):
     lm = _tiny_lm("qwen2")
     windows = random_windows(n=2, length=12)
     cache = DiskCache(tmp_path)
     first = cached_head_map(lm, windows, ["magnitude", "wanda_sp"], clusters=3, seed=0, cache=cache)
     assert len(first.heads) == len(first.umap) == len(first.clusters) == lm.shape.num_layers * lm.shape.num_heads
     assert set(first.clusters) == {0, 1, 2}
-    assert cached_head_map(lm, windows, ["magnitude", "wanda_sp"], clusters=3, seed=0, cache=cache) == first
     with pytest.raises(HeadroomError, match="unknown metric"):
         cached_head_map(lm, windows, ["nonsense"], cache=cache)
     with pytest.raises(HeadroomError, match="clusters must be between 2"):
         cached_head_map(lm, windows, ["magnitude"], clusters=500, cache=cache)
+    forbid(monkeypatch, head_map, "project")
+    assert cached_head_map(lm, windows, ["magnitude", "wanda_sp"], clusters=3, seed=0, cache=cache) == first

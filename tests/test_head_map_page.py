@@ -16,8 +16,10 @@ def test_head_map_page_prunes_and_keeps_a_whole_cluster(tiny, lm):
     at = ok(page("app_pages/5_Head_map.py", tiny).run())
     calib = make_windows(lm.tokenizer, load_text(tiny[session.CALIB_TEXT]), SEQLEN, TOKENS, lm.max_positions)
     expected = cached_head_map(lm, calib, DEFAULT_METRICS, DEFAULT_CLUSTERS, 0)
-    table = at.dataframe[0].value
-    assert table["heads"].tolist() == [expected.clusters.count(k) for k in sorted(set(expected.clusters))]
+    table = at.dataframe[0].value  # one column per cluster, one row per feature (so that it fits the page)
+    sizes = table.set_index("feature").loc["heads"]
+    assert sizes.tolist() == [expected.clusters.count(k) for k in sorted(set(expected.clusters))]
+    assert list(sizes.index) == [f"cluster {k}" for k in sorted(set(expected.clusters))]
     members = [h for h, c in zip(expected.heads, expected.clusters, strict=True) if c == 0]
 
     ok(at.multiselect(key="map_clusters").set_value([0]).run())

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import analysis.importance as importance
 from analysis.architecture import Architecture
 from analysis.head_map import DEFAULT_METRICS
 from analysis.importance import (
@@ -31,6 +32,7 @@ from analysis.importance import (
     wanda_sp,
 )
 from tests.conftest import random_windows, tiny_model
+from tests.helpers import forbid
 
 HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
 
@@ -183,9 +185,10 @@ def test_attention_block_influence_matches_a_hand_loop(tiny_arch):
     assert bi.dtype == torch.float64 and bi.shape == (4,)
     assert ((bi >= 0) & (bi <= 2)).all()
     blocks = list(tiny_arch.layers)
+    pre_norm = [hasattr(b, "input_layernorm") for b in blocks]
     mids = [
-        getattr(b, "pre_feedforward_layernorm", None) or (b.post_attention_layernorm if hasattr(b, "input_layernorm") else b.mlp)
-        for b in blocks
+        getattr(b, "pre_feedforward_layernorm", None) or (b.post_attention_layernorm if pre else b.mlp)
+        for b, pre in zip(blocks, pre_norm, strict=True)
     ]
     seen = run_with_pre_hooks(tiny_arch, windows.input_ids, blocks + mids)
     for layer in range(4):
@@ -367,7 +370,7 @@ def test_integrated_gradients_are_refused_where_a_post_attention_norm_undoes_the
         integrated_gradients(Architecture(tiny_model("gemma2")), random_windows(n=1, length=8))
 
 
-def test_integrated_gradients_details_come_back_from_the_cache(tmp_path):
+def test_integrated_gradients_details_come_back_from_the_cache(tmp_path, monkeypatch):
     from analysis.cache import DiskCache
     from analysis.importance import cached_head_result
     from analysis.loading import LoadedModel
@@ -379,6 +382,7 @@ def test_integrated_gradients_details_come_back_from_the_cache(tmp_path):
     first = cached_head_result(lm, windows, "integrated_gradients", cache=cache)
     assert set(first.details) >= {"loss_all_heads", "loss_no_heads", "attribution_sum", "completeness_error"}
     assert first.details["attribution_sum"] == pytest.approx(sum(map(sum, first.scores)))
+    forbid(monkeypatch, importance, "integrated_gradients")
     again = cached_head_result(lm, windows, "integrated_gradients", cache=cache)
     assert again == first
 

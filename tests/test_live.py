@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 from scipy import stats
 
 from analysis.architecture import Architecture
+from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, perplexity
 from analysis.intervention import apply_mask
 from analysis.live import BLOCKS_PER_WINDOW, LivePerplexity, window_order
@@ -173,3 +176,46 @@ def test_the_interval_covers_the_exact_value_in_about_95_percent_of_random_toggl
         first, settled = answers[0], answers[-1]
         hits += first.perplexity_low <= settled.perplexity <= first.perplexity_high
     assert hits / trials >= 0.90, (hits, trials)
+
+
+def test_a_refinement_hands_over_the_answers_of_a_background_thread_then_finishes():
+    arch = tiny_arch_of("llama")
+    windows = random_windows(n=WINDOWS, length=LENGTH)
+    live = LivePerplexity(arch, windows)
+    mask = Mask.unpruned(arch.shape, "tiny").with_head(2, 3, False)
+    refinement = live.start(mask, client="page")
+    answers = []
+    deadline = time.monotonic() + 60
+    while not refinement.finished and time.monotonic() < deadline:
+        answer = refinement.next(0.05)
+        if answer is not None:
+            answers.append(answer)
+    assert refinement.finished and refinement.next(0.0) is None
+    assert answers == list(LivePerplexity(arch, windows).estimates(mask))  # the same answers, in the same order
+    assert answers[-1].exact and answers[-1].perplexity == pytest.approx(perplexity(arch, windows, mask).perplexity)
+
+
+def test_a_refinement_raises_the_error_of_its_thread_in_the_caller():
+    arch = tiny_arch_of("llama")
+    live = LivePerplexity(arch, random_windows(n=WINDOWS, length=LENGTH))
+
+    def fail(module, args, output):
+        raise RuntimeError("layer 1 failed")
+
+    handle = arch.layers[1].register_forward_hook(fail)
+    try:
+        refinement = live.start(Mask.unpruned(arch.shape, "tiny").with_head(0, 0, False))
+        with pytest.raises(RuntimeError, match="layer 1 failed"):
+            while not refinement.finished:
+                refinement.next(1.0)
+    finally:
+        handle.remove()
+    assert refinement.finished
+
+
+def test_a_mask_for_another_model_is_refused_at_once():
+    arch = tiny_arch_of("llama")
+    live = LivePerplexity(arch, random_windows(n=WINDOWS, length=LENGTH))
+    wrong = Mask.unpruned(dataclasses.replace(arch.shape, num_layers=arch.shape.num_layers - 1), "other")
+    with pytest.raises(HeadroomError, match="3 layers x 6 heads but the model is 4 x 6"):
+        live.start(wrong)

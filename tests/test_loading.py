@@ -9,53 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 import analysis.loading as loading
 from analysis.architecture import FAMILIES
 from analysis.errors import HeadroomError
 from analysis.loading import load_model, pick_device
-from tests.conftest import FAMILY_TYPES, TINY, tiny_model
-
-BOS, EOS, UNK = "<s>", "</s>", "<unk>"
-WORDS = [f"w{i}" for i in range(TINY["vocab_size"] - 3)]  # ids 3..vocab-1
-
-
-def word_tokenizer(bos: bool = True, shuffle_seed: int | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``WORDS`` that fits the tiny models' vocabulary.
-
-    ``bos``: whether it puts ``<s>`` in front by default (the protocol's BOS rule).
-    ``shuffle_seed``: give the words a different id order (same words, other token ids).
-    """
-    words = list(WORDS)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(words)
-    vocab = {UNK: 0, BOS: 1, EOS: 2} | {w: i + 3 for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK)
-
-
-def word_text(n_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-def save_checkpoint(directory: Path, model_type: str = "llama", bos: bool = True, seed: int = 0) -> torch.nn.Module:
-    """Save a tiny random model of ``model_type`` and a word tokenizer as a HF directory; return the model."""
-    model = tiny_model(model_type, seed=seed)
-    model.save_pretrained(directory)
-    word_tokenizer(bos).save_pretrained(directory)
-    return model
+from tests.conftest import FAMILY_TYPES, TINY
+from tests.helpers import save_checkpoint, word_text, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -290,8 +251,9 @@ def test_remote_code_is_trusted_when_asked(tmp_path, llama_dir, monkeypatch):
 
 def test_cuda_without_a_gpu_is_a_headroom_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(HeadroomError, match=r"no CUDA GPU.*--device cpu"):
+    with pytest.raises(HeadroomError, match=r"CUDA GPU was asked for but none is available; use the CPU") as info:
         pick_device("cuda")
+    assert info.value.settings == ("device",)
 
 
 def test_auto_device_is_cpu_without_a_gpu(monkeypatch):
@@ -312,7 +274,7 @@ def test_unknown_device_is_a_headroom_error():
 
 def test_load_on_cuda_without_a_gpu_is_a_headroom_error(tmp_path, llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(HeadroomError, match="no CUDA GPU"):
+    with pytest.raises(HeadroomError, match="CUDA GPU was asked for but none is available"):
         load_model(str(llama_dir), device="cuda", cache_root=tmp_path / "cache")
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import re
 from dataclasses import replace
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 
@@ -39,10 +41,10 @@ LAYER_KV = 2 * 3 * 64 * 4  # K and V, 3 KV heads, head_dim 64, 4 bytes = 1,536 b
 GROUP_KV = 2 * 64 * 4  # K and V of one KV group = 512 bytes per token
 
 
-def layer_flops(seq_len: int) -> int:
+def layer_flops(seqlen: int) -> int:
     """FLOPs per token of one unpruned SmolLM2 attention layer (a multiply-add counts 2)."""
     projections = 2 * (9 + 3 + 3 + 9) * W  # q, k, v, o
-    scores_and_values = 2 * 2 * 9 * 64 * seq_len  # q.k and p.v for 9 heads over seq_len positions
+    scores_and_values = 2 * 2 * 9 * 64 * seqlen  # q.k and p.v for 9 heads over seqlen positions
     return projections + scores_and_values
 
 
@@ -331,7 +333,7 @@ def test_unpruned_budget_is_all_zero_savings():
     assert b.attention_flops_per_token == b.attention_flops_per_token_unpruned == 30 * layer_flops(256)
     assert b.kv_bytes_per_token_saved == 0 and b.attention_flops_per_token_saved == 0
     assert b.params_total == 134_515_008
-    assert b.seq_len == 256
+    assert b.seqlen == 256
 
 
 def test_pruning_a_whole_kv_group_saves_its_cache_and_kv_rows():
@@ -432,7 +434,7 @@ def test_top4_drop_qk_saves_four_thirtieths_of_the_kv_cache():
     assert b.params_removed_pct == pytest.approx(1.31545, abs=1e-5)
 
 
-def test_flops_depend_on_seq_len_only_through_non_drop_qk_layers():
+def test_flops_depend_on_seqlen_only_through_non_drop_qk_layers():
     mask = parse(example())
     short, long = budget(mask, SMOL, 128), budget(mask, SMOL, 1024)
     per_position = 2 * 2 * 9 * 64  # scores and weighted values of 9 heads, per attended position
@@ -440,11 +442,11 @@ def test_flops_depend_on_seq_len_only_through_non_drop_qk_layers():
     assert long.attention_flops_per_token - short.attention_flops_per_token == 26 * per_position * longer
     unpruned_growth = long.attention_flops_per_token_unpruned - short.attention_flops_per_token_unpruned
     assert unpruned_growth == 30 * per_position * longer
-    # The saving of 4 drop-QK layers: their q/k projections plus their whole seq_len term.
+    # The saving of 4 drop-QK layers: their q/k projections plus their whole seqlen term.
     for b in (short, long):
-        assert b.attention_flops_per_token_saved == 4 * (2 * (9 + 3) * W + per_position * b.seq_len)
+        assert b.attention_flops_per_token_saved == 4 * (2 * (9 + 3) * W + per_position * b.seqlen)
         assert b.attention_flops_per_token < b.attention_flops_per_token_unpruned
-    # KV bytes and parameters do not depend on seq_len.
+    # KV bytes and parameters do not depend on seqlen.
     assert (short.kv_bytes_per_token, short.params_removed) == (long.kv_bytes_per_token, long.params_removed)
 
 
@@ -458,14 +460,14 @@ def test_budget_fields_are_consistent():
     assert b.params_removed == 4 * 12 * W + 2 * W + 24 * W
     assert b.kv_bytes_per_token_saved == 5 * LAYER_KV
     out = b.to_json()
-    assert out["params_removed"] == b.params_removed and out["seq_len"] == 512
+    assert out["params_removed"] == b.params_removed and out["seqlen"] == 512
     json.dumps(out, allow_nan=False)
 
 
-@pytest.mark.parametrize("seq_len", [0, -5])
-def test_budget_rejects_non_positive_seq_len(seq_len):
-    with pytest.raises(HeadroomError, match=f"sequence length for the budget must be at least 1, got {seq_len}"):
-        budget(unpruned(), SMOL, seq_len)
+@pytest.mark.parametrize("seqlen", [0, -5])
+def test_budget_rejects_non_positive_seqlen(seqlen):
+    with pytest.raises(HeadroomError, match=f"sequence length for the budget must be at least 1, got {seqlen}"):
+        budget(unpruned(), SMOL, seqlen)
 
 
 # --- budget: biases and q/k norms -----------------------------------------------------------------
@@ -621,6 +623,21 @@ def test_a_link_carries_every_digit_of_alpha_and_reads_back_the_same_mask():
     back = mask_from_query(query, SMOL, NAME)
     assert back == mask and back.alpha[26] == third and back.alpha[27] == many
     assert mask_to_query(unpruned()) == {}
+
+
+def test_alphas_of_every_kind_survive_a_real_url_bit_for_bit():
+    """Random doubles and the awkward ones (just below 1, the smallest subnormal, 4) through urlencode and back."""
+    rng = random.Random(0)
+    awkward = [1 - 2**-53, 5e-324, 4.0, 2**-30, 0.1 + 0.2, 3.999999999999999]
+    for trial in range(100):
+        alphas = awkward if trial == 0 else [rng.uniform(0.0, 4.0) for _ in range(6)]
+        mask = unpruned()
+        for layer, alpha in zip(rng.sample(range(SMOL.num_layers), len(alphas)), alphas, strict=True):
+            mask = mask.with_layer(layer, alpha=alpha)
+        url = "http://localhost:8501/Mask_editor?" + urlencode(mask_to_query(mask))
+        back = mask_from_query(dict(parse_qsl(urlsplit(url).query, strict_parsing=True)), SMOL, NAME)
+        assert back == mask
+        assert [a.hex() for a in back.alpha] == [a.hex() for a in mask.alpha]  # every bit, not only ==
 
 
 @pytest.mark.parametrize(

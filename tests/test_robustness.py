@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import os
 import signal
@@ -36,7 +37,7 @@ from analysis.loading import load_model
 from analysis.masks import MAX_MASK_BYTES, Mask, decode_mask, mask_warnings
 from analysis.memory import MEMORY_LIMIT_ENV
 from tests.conftest import TINY, random_windows
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import save_checkpoint, word_text
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,12 +132,12 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
     if case == "empty-text":
         return with_text(b" \n\n "), "text.txt is empty", "give a text with at least one window"
     if case == "text-shorter-than-one-window":
-        return with_text(word_text(10).encode()), "fewer than one window of 16", "use a longer text or a smaller"
+        return with_text(word_text(10).encode()), "fewer than one window of 16", "argument --seqlen: "
     if case == "latin-1-text":
         return (
             with_text("w3 w4 caf\xe9 w5".encode("latin-1")),
             "text.txt is not valid utf-8: byte 0xe9 at offset 9 (line 1)",
-            "--encoding latin-1",
+            "argument --encoding: text.txt is not valid utf-8",
         )
     if case == "binary-text":
         return with_text(b"w3 w4\x00\x01\x02"), "looks like binary data (a NUL byte at offset 5)", "give a plain text"
@@ -172,21 +173,21 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
             "save the mask",
         )
     if case == "negative-seqlen":
-        return [*ev[:-1], "-5"], "seqlen must be at least 1 tokens, got -5", "give a window length such as 256"
+        return [*ev[:-1], "-5"], "argument --seqlen: seqlen must be at least 1 tokens, got -5", "a window length"
     if case == "empty-alpha-grid":
         harp = ["harp", "--model", str(checkpoint), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
-        return [*harp, "--grid", "", "--out", str(tmp / "kept.json")], "the alpha grid is empty", "e.g. --grid 0,0.5,1"
+        return [*harp, "--grid", "", "--out", str(tmp / "kept.json")], "argument --grid: the alpha grid", "e.g. 0,0.5,1"
     if case == "request-beyond-the-memory-limit":
         monkeypatch.setenv(MEMORY_LIMIT_ENV, "64KiB")
         return (
             [*ev, "--no-cache"],
             f"MiB is allowed by {MEMORY_LIMIT_ENV}",
-            "use fewer tokens (--max-tokens) or shorter windows",
+            "arguments --max-tokens, --seqlen: ",
         )
     if case == "incremental-evaluator-beyond-the-memory-limit":
         monkeypatch.setenv(MEMORY_LIMIT_ENV, "64KiB")
         harp = ["harp", "--model", str(checkpoint), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
-        return [*harp, "--out", str(tmp / "kept.json")], "keeping every layer's input for", "--max-tokens"
+        return [*harp, "--out", str(tmp / "kept.json")], "every layer's input", "arguments --max-tokens, --seqlen: "
     assert case == "unreadable-memory-limit"
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
     return [*ev, "--no-cache"], f"{MEMORY_LIMIT_ENV}='lots' is not a size", "write it like 4GiB"
@@ -353,15 +354,18 @@ evaluation.cached_perplexity(lm.arch, lm.fingerprint, windows, cache=DiskCache()
 """
 
 _KILLED_WRITING = """
-import sys
-import torch
 from analysis.cache import DiskCache
 
 cache = DiskCache()
 print("writing", flush=True)
-for i in range(1000):
-    cache.put_tensors("stream", {"key": 1}, {"x": torch.full((4_000_000,), float(i))}, meta={"i": i})
+for i in range(1_000_000):
+    cache.put_json("stream", {"key": 1}, {"i": i, "payload": [i] * 300_000})  # about 2 MB an entry
 """
+
+
+def _whole(value: dict) -> bool:
+    """Whether a value read back is one complete write: its payload all that write's own number."""
+    return len(value["payload"]) == 300_000 and set(value["payload"]) == {value["i"]}
 
 
 def _child(script: str, *args: str) -> subprocess.Popen:
@@ -383,19 +387,34 @@ def test_a_computation_killed_midway_leaves_no_entry_and_the_next_run_computes_i
     assert cached_perplexity(lm.arch, lm.fingerprint, windows, cache=DiskCache()) == perplexity(lm.arch, windows)
 
 
-def test_a_process_killed_while_writing_an_entry_never_leaves_a_torn_one(cache_dir):
-    child = _child(_KILLED_WRITING)
-    assert child.stdout.readline() == "writing\n"
+def test_a_process_killed_while_writing_an_entry_never_leaves_a_torn_one(cache_dir, caplog):
+    """A writer rewrites one entry over and over; it is read meanwhile, then killed with a write under way.
+
+    Every read that finds the entry must get one whole write, and after the kill the last whole write
+    must still be there (a torn file would be a miss: the checksum refuses it).
+    """
+    cache, key = DiskCache(), {"key": 1}
     folder = cache_dir / "results" / "stream"
-    while not any(p.name.startswith(".") for p in folder.glob("*")):  # wait until a write is under way
-        assert child.poll() is None, "the writer stopped before it wrote"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    got = DiskCache().get_tensors("stream", {"key": 1})
-    if got is not None:  # the last complete entry, never a torn one
-        tensors, meta = got
-        assert torch.equal(tensors["x"], torch.full((4_000_000,), float(meta["i"])))
-    assert DiskCache().json("stream_json", {"key": 1}, lambda: "fresh") == "fresh"
+    with caplog.at_level(logging.WARNING, logger="analysis.cache"):
+        for _attempt in range(5):
+            child = _child(_KILLED_WRITING)
+            assert child.stdout.readline() == "writing\n"
+            reads = 0
+            while reads == 0 or not any(p.name.startswith(".") for p in folder.iterdir()):
+                assert child.poll() is None, "the writer stopped by itself"
+                value = cache.get_json("stream", key)
+                if value is not None:
+                    assert _whole(value)
+                    reads += 1
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            if any(p.name.startswith(".") for p in folder.iterdir()):
+                break  # killed with a temporary file open: during a write
+        else:
+            pytest.fail("the writer was never killed during a write")
+        value = cache.get_json("stream", key)
+        assert value is not None and _whole(value)
+    assert "invalid" not in caplog.text  # no read ever met a torn entry
 
 
 # --- 4. untrusted files are not code ------------------------------------------------------------------
@@ -551,3 +570,38 @@ def test_an_uploaded_file_name_cannot_place_the_text_outside_the_uploads_folder(
     assert path.is_file() and path.read_bytes() == b"plain words for a text"
     assert path.resolve().is_relative_to((tmp_path / "uploads").resolve())
     assert not path.name.startswith(".")
+
+
+# --- 6. the test run leaves the environment as it found it ---------------------------------------------
+
+_RUN_AND_CHECK_ENV = """
+import json, os
+import pytest
+
+seen = set()
+
+
+class Record:
+    def pytest_runtest_call(self, item):
+        seen.add(os.environ.get("HEADROOM_CACHE"))
+
+
+code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_memory.py", "-k", "sizes"], plugins=[Record()])
+assert code == 0, code
+print(json.dumps({"during": sorted(seen), "after": os.environ.get("HEADROOM_CACHE")}))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "/somewhere/the/user/keeps/it"])
+def test_a_test_run_uses_a_cache_of_its_own_and_restores_headroom_cache(preset):
+    env = {k: v for k, v in os.environ.items() if k != "HEADROOM_CACHE"}
+    if preset is not None:
+        env["HEADROOM_CACHE"] = preset
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_RUN_AND_CHECK_ENV)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout.splitlines()[-1])
+    (during,) = report["during"]  # one temporary cache for the whole run, never the user's or the project's
+    assert during != preset and not Path(during).resolve().is_relative_to(ROOT)
+    assert report["after"] == preset

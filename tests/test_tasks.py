@@ -1,23 +1,19 @@
 """The task suite on a tiny character-level model, each task against an independent computation.
 
-One character is one token, so prompts, targets and greedy generations round-trip exactly through
-the tokenizer, and lengths in characters are lengths in tokens.
+One character is one token (:mod:`tests.char_model`), so prompts, targets and greedy generations
+round-trip exactly through the tokenizer, and lengths in characters are lengths in tokens.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import string
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from analysis import tasks
-from analysis.architecture import Architecture
+from analysis import long_context, task_scoring, task_suite, tasks
 from analysis.cache import DiskCache
 from analysis.corpus import default_text, make_windows
 from analysis.errors import HeadroomError
@@ -25,45 +21,12 @@ from analysis.evaluation import perplexity
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import Mask
-from tests.conftest import TINY
-
-CHARS = string.printable  # 100 characters, digits included
-MAX_POSITIONS = 600
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Printable ASCII only, no special tokens: other characters (rare in the corpus) are dropped."""
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
-
-
-def char_lm(seed: int = 0) -> LoadedModel:
-    config = CONFIG_MAPPING["llama"](**{**TINY, "vocab_size": len(CHARS), "max_position_embeddings": MAX_POSITIONS})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
-    arch = Architecture(model)
-    return LoadedModel(model, char_tokenizer(), arch, "tiny-chars", f"tiny-chars-{seed}", "test")
+from tests.char_model import CHARS, MAX_POSITIONS, VOCAB, char_lm, generate, pruned
 
 
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
     return char_lm()
-
-
-def pruned(lm: LoadedModel) -> Mask:
-    mask = Mask.unpruned(lm.shape, lm.name).with_heads([(0, 0), (1, 2), (2, 5)], keep=False)
-    return mask.with_layer(3, drop_qk=True, alpha=0.5)
-
-
-def generate(lm: LoadedModel, prompt: str, new_tokens: int, mask: Mask | None = None) -> str:
-    """Plain transformers greedy generation, the independent reference."""
-    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
-    with apply_mask(lm.arch, mask):
-        out = lm.model.generate(
-            ids, max_new_tokens=new_tokens, do_sample=False, use_cache=False, pad_token_id=0, eos_token_id=None
-        )
-    return lm.tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_tokenizer_is_one_character_per_token(lm):
@@ -77,13 +40,13 @@ def test_tokenizer_is_one_character_per_token(lm):
 
 def test_greedy_match_and_loglik_on_hand_made_logits():
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
-    assert tasks.greedy_match(logits, [1, 0, 2])
-    assert not tasks.greedy_match(logits, [1, 0, 1])
+    assert task_scoring.greedy_match(logits, [1, 0, 2])
+    assert not task_scoring.greedy_match(logits, [1, 0, 1])
     by_hand = sum(
         math.log(math.exp(row[t]) / sum(math.exp(v) for v in row))
         for row, t in zip(logits.tolist(), [2, 0, 1], strict=True)
     )
-    assert tasks.target_loglik(logits, [2, 0, 1]) == pytest.approx(by_hand, rel=1e-6)
+    assert task_scoring.target_loglik(logits, [2, 0, 1]) == pytest.approx(by_hand, rel=1e-6)
 
 
 @pytest.mark.parametrize("mask_of", [lambda lm: None, pruned])
@@ -93,8 +56,8 @@ def test_exact_match_is_greedy_generation(lm, mask_of):
         produced = generate(lm, prompt, 5, mask)
         wrong = produced[:-1] + ("a" if produced[-1] != "a" else "b")
         with apply_mask(lm.arch, mask):
-            assert tasks.exact_match(lm, prompt, produced)
-            assert not tasks.exact_match(lm, prompt, wrong)
+            assert task_scoring.exact_match(lm, prompt, produced)
+            assert not task_scoring.exact_match(lm, prompt, wrong)
 
 
 def test_choice_logliks_are_sums_of_log_probabilities(lm):
@@ -103,11 +66,11 @@ def test_choice_logliks_are_sums_of_log_probabilities(lm):
     logp = lm.model(torch.tensor([ids])).logits[0].log_softmax(-1)
     n = len(prompt)
     by_hand = sum(float(logp[n + i - 1, ids[n + i]]) for i in range(len(choices[0])))
-    assert tasks.choice_logliks(lm, prompt, choices)[0] == pytest.approx(by_hand, abs=1e-4)
+    assert task_scoring.choice_logliks(lm, prompt, choices)[0] == pytest.approx(by_hand, abs=1e-4)
 
 
 def test_trailing_prompt_whitespace_moves_to_the_target(lm):
-    context, target = tasks.encode_pair(lm, "key is ", "12")
+    context, target = task_scoring.encode_pair(lm, "key is ", "12")
     assert lm.tokenizer.decode(context) == "key is" and lm.tokenizer.decode(target) == " 12"
 
 
@@ -129,9 +92,9 @@ def test_passkey_counts_greedy_generations_and_skips_lengths_beyond_the_context(
             tokens = len(lm.tokenizer(item.prompt + item.target).input_ids)
             assert cell.context_tokens - 8 <= tokens <= cell.context_tokens
             needle = tasks.PASSKEY_NEEDLE.format(key=key)
-            filler = len(item.prompt) - len(tasks.PASSKEY_INTRO) - len(needle) - len(tasks.PASSKEY_QUESTION)
+            filler_chars = len(item.prompt) - len(tasks.PASSKEY_INTRO) - len(needle) - len(tasks.PASSKEY_QUESTION)
             before = item.prompt.index(needle) - len(tasks.PASSKEY_INTRO)
-            assert before / filler == pytest.approx(cell.depth, abs=0.02)
+            assert before / filler_chars == pytest.approx(cell.depth, abs=0.02)
         expected = sum(generate(lm, i.prompt, len(i.target), pruned(lm)) == i.target for i in items)
         assert cell.correct == expected and cell.accuracy == expected / 2
     assert tasks.passkey(lm, pruned(lm), lengths, depths, samples=2, seed=3) == result  # deterministic
@@ -147,7 +110,7 @@ def test_induction_accuracy_equals_a_hand_count_from_logits(lm):
     predicted = logits.argmax(-1)
     second = (predicted[:, 20:39] == ids[:, 21:40]).sum().item()
     first = (predicted[:, 0:19] == ids[:, 1:20]).sum().item()
-    nll = F.cross_entropy(logits[:, 20:39].reshape(-1, len(CHARS)), ids[:, 21:40].reshape(-1)).item()
+    nll = F.cross_entropy(logits[:, 20:39].reshape(-1, VOCAB), ids[:, 21:40].reshape(-1)).item()
     assert result.accuracy == second / 57 and result.first_copy_accuracy == first / 57
     assert result.second_copy_mean_nll == pytest.approx(nll, rel=1e-5)
     assert result.predicted_tokens == 57
@@ -179,9 +142,10 @@ def test_continuation_agreement_against_generations_by_hand(lm):
     assert itself.token_match_rate == 1.0 and itself.identical_continuations == 3
 
 
-def test_long_context_perplexity_is_the_protocol_perplexity(lm):
+def test_long_context_perplexity_is_the_protocol_perplexity(lm, monkeypatch):
+    monkeypatch.setattr(long_context, "LOGIT_POSITIONS", 100)  # logits made in several slices per window
     mask = pruned(lm)
-    result = tasks.long_ppl(lm, mask, seqlens=(128, 512, 1024), tokens_per_seqlen=1024)
+    result = long_context.long_ppl(lm, mask, seqlens=(128, 512, 1024), tokens_per_seqlen=1024)
     assert result.skipped_seqlens == (1024,)  # beyond the 600 positions
     for row in result.rows:
         windows = make_windows(lm.tokenizer, default_text("default-eval"), row.seqlen, 1024)
@@ -199,31 +163,36 @@ def test_long_context_perplexity_is_the_protocol_perplexity(lm):
 def test_cached_task_is_keyed_by_mask_and_parameters(lm, tmp_path):
     cache = DiskCache(tmp_path)
     params = {"sequences": 2, "length": 12}
-    first = tasks.cached_task(lm, "induction", None, cache, **params)
-    assert tasks.cached_task(lm, "induction", Mask.unpruned(lm.shape, "other"), cache, **params) == first
+    first = task_suite.cached_task(lm, "induction", None, cache, **params)
+    assert task_suite.cached_task(lm, "induction", Mask.unpruned(lm.shape, "other"), cache, **params) == first
     entries = lambda: sorted(p.name for p in (tmp_path / "results" / "task").iterdir())  # noqa: E731
     assert len(entries()) == 1
-    masked = tasks.cached_task(lm, "induction", pruned(lm), cache, **params)
+    masked = task_suite.cached_task(lm, "induction", pruned(lm), cache, **params)
     assert masked == tasks.induction(lm, pruned(lm), **params) and len(entries()) == 2
-    tasks.cached_task(lm, "induction", None, cache, sequences=3, length=12)
+    task_suite.cached_task(lm, "induction", None, cache, sequences=3, length=12)
     assert len(entries()) == 3
 
 
 def test_continuation_reference_is_cached_once_for_every_mask(lm, tmp_path):
     cache = DiskCache(tmp_path)
     params = {"prompts": 2, "prompt_tokens": 16, "new_tokens": 4}
-    a = tasks.cached_task(lm, "continuation", pruned(lm), cache, **params)
-    tasks.cached_task(lm, "continuation", None, cache, **params)
+    a = task_suite.cached_task(lm, "continuation", pruned(lm), cache, **params)
+    task_suite.cached_task(lm, "continuation", None, cache, **params)
     assert a == tasks.continuation(lm, pruned(lm), **params)
     assert len(list((tmp_path / "results" / "task_reference").iterdir())) == 1
 
 
 def test_unknown_task_names_are_refused(lm):
     with pytest.raises(HeadroomError, match="unknown task passkee; choose among passkey"):
-        tasks.check_task_names(["passkee"])
+        task_suite.check_task_names(["passkee"])
 
 
 def test_suite_progress_reaches_the_total(lm, tmp_path):
     seen = []
-    tasks.run_suite(lm, ["induction"], None, DiskCache(tmp_path), lambda d, t: seen.append((d, t)))
+    task_suite.run_suite(lm, ["induction"], None, DiskCache(tmp_path), lambda d, t: seen.append((d, t)))
     assert seen[-1] == (1000, 1000) and all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))
+
+
+def test_passkey_refuses_a_model_shorter_than_every_length(lm):
+    with pytest.raises(HeadroomError, match="exceeds the model's context of 600 positions; leave passkey out"):
+        tasks.passkey(lm, None, lengths=(1024, 2048))

@@ -9,33 +9,42 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
-from analysis import importance
+from analysis import importance, live
 from analysis.access import Access
 from analysis.cache import DiskCache, default_root
-from analysis.comparison import Comparison, compare
+from analysis.comparison import SHARED_SCORES, Comparison, compare
 from analysis.corpus import Windows, decode_text, load_text, make_windows
-from analysis.drift import DriftReport, PositionDrift, cached_harp_drift, cached_layer_drift, position_drift
-from analysis.evaluation import IncrementalEvaluator, PerplexityResult
+from analysis.drift import MaskDrift, PositionDrift, cached_mask_drift, position_drift
+from analysis.errors import HeadroomError
 from analysis.files import atomic_write_bytes
-from analysis.harp import HarpResult, cached_harp
+from analysis.harp import HarpResult, RescaleResult, cached_chosen_harp, cached_harp, cached_rescale
 from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import HeadScores, attention_block_influence, block_influence, cached_head_result
+from analysis.live import LivePerplexity
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
+from analysis.task_suite import TaskResult, run_suite, stored_task
 from ui.progress import Job, progress_bar
-from ui.session import CALIB_TEXT, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
+from ui.session import CALIB_TEXT, DTYPE, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
+
+_WARMED = "live_warmed_for"  # the settings the live evaluator was last started for in this session
 
 
 @st.cache_resource(show_spinner="Loading the model (the first start converts the GGUF, about 30 s)…")
-def shared_model(spec: str) -> LoadedModel:
-    """One model per spec per process, shared read-only by every session (masks go through hooks)."""
-    return load_model(spec)
+def shared_model(spec: str, dtype: str = "auto") -> LoadedModel:
+    """One model per spec and dtype per process, shared read-only by every session (masks go through hooks).
+
+    It goes to the CUDA GPU where there is one; dtype ``auto`` is then bfloat16, float32 on the CPU.
+    """
+    return load_model(spec, device="auto", dtype=dtype)
 
 
 def access() -> Access:
@@ -44,8 +53,13 @@ def access() -> Access:
 
 
 def model() -> LoadedModel:
-    """The model the user picked on the home page (HeadroomError for a bad spec or, in a demo, an unlisted one)."""
-    return shared_model(access().model(str(choice(MODEL))))
+    """The model the user picked on the home page (HeadroomError for a bad spec or, in a demo, an unlisted one).
+
+    Also starts building the live evaluator in the background (:func:`warm_live`).
+    """
+    lm = shared_model(access().model(str(choice(MODEL))), str(choice(DTYPE)))
+    warm_live(lm)
+    return lm
 
 
 def disk_cache() -> DiskCache:
@@ -83,32 +97,70 @@ def save_upload(name: str, data: bytes) -> str:
     return str(path)
 
 
-@dataclass
 class _LiveSlot:
-    """The evaluator shared by every session on one model and one set of windows, and its lock."""
+    """The live evaluator of one model and set of windows, built once in the background and shared by every session."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    evaluator: IncrementalEvaluator | None = None
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._future: Future[LivePerplexity] | None = None
+        self.progress = (0, 1)  # (windows captured, windows) of the build under way
+
+    def start(self, lm: LoadedModel, evaluation: Windows) -> Future[LivePerplexity]:
+        """The build, started if it is not (or failed before: a new attempt)."""
+        with self._lock:
+            if self._future is None or (self._future.done() and self._future.exception() is not None):
+                self.progress = (0, evaluation.num_windows)
+                self._future = live.warm(lm.arch, evaluation, self._record)
+            return self._future
+
+    def _record(self, done: int, total: int) -> None:
+        self.progress = (done, total)
 
 
 @st.cache_resource(max_entries=4)
-def _live_slot(fingerprint: str, windows_key: str) -> _LiveSlot:
+def _live_slot(model_key: str, windows_key: str) -> _LiveSlot:
     return _LiveSlot()
 
 
-def live_perplexity(lm: LoadedModel, evaluation: Windows, mask: Mask) -> PerplexityResult:
-    """Perplexity of ``mask`` from the incremental evaluator shared by all sessions on these windows.
+def _slot(lm: LoadedModel, evaluation: Windows) -> _LiveSlot:
+    return _live_slot(json.dumps(lm.cache_key(), sort_keys=True), json.dumps(evaluation.cache_key(), sort_keys=True))
 
-    The evaluator is stateful (the residual stream of the last mask), so calls take turns on its
-    lock; its memory of recent masks makes an undo or a revisit instant for every session. A run
-    cancelled mid-way leaves it marked stale, and the next call repairs it.
+
+def warm_live(lm: LoadedModel) -> None:
+    """Start building the live evaluator on the session's evaluation windows, once per session and setting.
+
+    Called when a page gets the model, so that the editor's first click does not wait on the
+    capturing pass. A bad text is not reported here but by the page that uses it.
     """
-    slot = _live_slot(lm.fingerprint, json.dumps(evaluation.cache_key(), sort_keys=True))
-    with slot.lock:
-        if slot.evaluator is None:
-            with progress_bar("Preparing the live evaluator (one full pass)") as bar:
-                slot.evaluator = IncrementalEvaluator(lm.arch, evaluation, bar)
-        return slot.evaluator.perplexity(mask)
+    setting = [str(choice(k)) for k in (MODEL, DTYPE, EVAL_TEXT, SEQLEN, MAX_TOKENS)]
+    if st.session_state.get(_WARMED) == setting:
+        return
+    st.session_state[_WARMED] = setting  # first, as windows() itself asks for the model
+    try:
+        evaluation = windows(lm)
+    except HeadroomError:
+        return
+    _slot(lm, evaluation).start(lm, evaluation)
+
+
+def live_evaluator(lm: LoadedModel, evaluation: Windows) -> LivePerplexity:
+    """The shared live evaluator of ``evaluation``: at once when warm, else after its build with a progress bar."""
+    slot = _slot(lm, evaluation)
+    future = slot.start(lm, evaluation)
+    if not future.done():
+        with progress_bar("Preparing the live evaluator (one full pass, started when the model loaded)") as bar:
+            while not future.done():
+                bar(*slot.progress)
+                time.sleep(0.2)
+    return future.result()
+
+
+def rescaled(lm: LoadedModel, mask: Mask, search: bool) -> RescaleResult:
+    """Per-layer alphas for ``mask`` on the session's calibration windows (closed form, or the greedy search)."""
+    calib = windows(lm, CALIB_TEXT)
+    what = "greedy alpha search" if search else "closed-form alphas"
+    with progress_bar(f"Rescaling this mask ({what}) on {calib.predicted_tokens:,} calibration tokens") as bar:
+        return cached_rescale(lm, mask, calib, search, disk_cache(), bar)
 
 
 def job(lm: LoadedModel, name: str, unit: str) -> Job:
@@ -121,7 +173,8 @@ def harp_job(lm: LoadedModel) -> Job:
 
 
 def compare_job(lm: LoadedModel) -> Job:
-    return job(lm, "compare", "masks")
+    """Evaluating every compared mask: its unit is a window of evaluation text under one mask."""
+    return job(lm, "compare_evaluation", "windows")
 
 
 def metric_job(lm: LoadedModel, metric: str) -> Job:
@@ -147,9 +200,13 @@ def cheapest_heads(lm: LoadedModel, calib: Windows, metric: str, k: int) -> list
     return importance.cheapest_heads(head_scores(lm, calib, metric), metric, k)
 
 
+def head_map_job(lm: LoadedModel) -> Job:
+    return job(lm, "head_map", "batches")
+
+
 def head_map(lm: LoadedModel, calib: Windows, metrics: Sequence[str], clusters: int, seed: int) -> HeadMap:
     """The head map on the calibration windows (disk-cached; the first UMAP run also compiles numba code)."""
-    with progress_bar("Measuring head features and projecting them", job(lm, "head_map", "batches")) as bar:
+    with progress_bar("Measuring head features and projecting them", head_map_job(lm)) as bar:
         return cached_head_map(lm, calib, metrics, clusters, seed, disk_cache(), bar)
 
 
@@ -169,43 +226,76 @@ def block_influences(lm: LoadedModel, calib: Windows) -> dict[str, list[float]]:
 
 @dataclass(frozen=True)
 class HarpRun:
-    """What the HARP page asked for: the drop-QK layers, the alpha grid and the calibration tokens."""
+    """What the HARP page asked for: the drop-QK layers, the alpha grid and the calibration tokens.
+
+    ``choose`` > 0 asks HARP to choose that many layers itself (greedy on calibration perplexity,
+    ``analysis.harp.chosen_harp``); ``layers`` is then ignored.
+    """
 
     layers: tuple[int, ...]
     grid: tuple[float, ...]
     calib_tokens: int
+    choose: int = 0
+
+    def candidates(self, num_layers: int) -> int:
+        """How many masks the run evaluates (the unit of its progress and of its time estimate)."""
+        if self.choose:
+            return sum(num_layers - k for k in range(self.choose)) + self.choose * len(self.grid)
+        return len(self.layers) * len(self.grid)
 
 
 def harp_result(lm: LoadedModel, run: HarpRun) -> HarpResult:
     """HARP for ``run``: from the disk cache when seen, else searched with progress."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
+    if run.choose:
+        with progress_bar(f"HARP: choosing {run.choose} layers, then searching alpha", harp_job(lm)) as bar:
+            return cached_chosen_harp(lm, calib, run.choose, None, run.grid, disk_cache(), bar)
     with progress_bar(f"HARP: searching alpha on layers {list(run.layers)}", harp_job(lm)) as bar:
         return cached_harp(lm, calib, run.layers, run.grid, disk_cache(), bar)
 
 
 def comparison(lm: LoadedModel, run: HarpRun, axis: str) -> Comparison:
-    """HARP against the baselines matched on ``axis``, on the session's evaluation windows."""
+    """HARP (the run's own result) against the baselines matched on ``axis``, on the evaluation windows."""
     calib = windows(lm, CALIB_TEXT, run.calib_tokens)
-    with progress_bar(f"Building and evaluating baselines matched on {axis}", compare_job(lm)) as bar:
-        return compare(lm, calib, windows(lm), run.layers, axis, run.grid, bar)
+    result = harp_result(lm, run)
+    for metric in SHARED_SCORES:  # the Importance page's cache entries: scored once for both pages
+        head_result(lm, calib, metric)
+    with progress_bar(f"Building the baselines matched on {axis} and evaluating every mask", compare_job(lm)) as bar:
+        return compare(lm, calib, windows(lm), result.layers, axis, run.grid, bar, result, disk_cache())
 
 
-def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> dict[str, DriftReport]:
-    """Drift of ``mask`` (``pruned_with_rescaling``) and, with drop-QK layers, of it at alpha = 1 (disk-cached)."""
-    with st.spinner("Measuring residual-stream drift (cached after the first time)…"):
-        if mask.drop_qk:
-            return cached_harp_drift(lm, evaluation, mask, disk_cache())
-        return {"pruned_with_rescaling": cached_layer_drift(lm, evaluation, mask, disk_cache())}
+def drift_reports(lm: LoadedModel, evaluation: Windows, mask: Mask) -> MaskDrift:
+    """Drift of ``mask`` and, with drop-QK layers, of it at alpha = 1 (disk-cached)."""
+    with progress_bar("Measuring residual-stream drift", drift_job(lm, mask)) as bar:
+        return cached_mask_drift(lm, evaluation, mask, disk_cache(), bar)
+
+
+def drift_job(lm: LoadedModel, mask: Mask) -> Job:
+    """Drift runs one unpruned pass per window plus one per mask: twice the masks with drop-QK layers."""
+    return job(lm, "drift_harp" if mask.drop_qk else "drift", "windows")
 
 
 def window_drift(lm: LoadedModel, evaluation: Windows, mask: Mask, window: int) -> PositionDrift:
     """Per-position drift of one window, memoised per process for this model, windows, mask and window."""
     key = json.dumps([evaluation.cache_key(), mask.cache_key()], sort_keys=True)
-    return _window_drift(lm.fingerprint, key, window, _lm=lm, _windows=evaluation, _mask=mask)
+    return _window_drift(
+        json.dumps(lm.cache_key(), sort_keys=True), key, window, _lm=lm, _windows=evaluation, _mask=mask
+    )
 
 
 @st.cache_data(max_entries=32, show_spinner="Measuring drift along one window…")
 def _window_drift(
-    fingerprint: str, key: str, window: int, *, _lm: LoadedModel, _windows: Windows, _mask: Mask
+    model_key: str, key: str, window: int, *, _lm: LoadedModel, _windows: Windows, _mask: Mask
 ) -> PositionDrift:
     return position_drift(_lm.arch, _windows, _mask, window)
+
+
+def stored_tasks(lm: LoadedModel, names: Sequence[str], mask: Mask | None) -> dict[str, TaskResult | None]:
+    """The tasks ``names`` under ``mask`` that the disk cache holds (None for the others); nothing runs."""
+    return {name: stored_task(lm, name, mask, disk_cache()) for name in names}
+
+
+def task_suite(lm: LoadedModel, names: Sequence[str], mask: Mask | None, label: str) -> dict[str, TaskResult]:
+    """The tasks ``names`` under ``mask`` (``label`` names it on the bar), computed with progress where not cached."""
+    with progress_bar(f"Tasks for {label} (steps are thousandths of a task)") as bar:
+        return run_suite(lm, names, mask, disk_cache(), bar)

@@ -70,6 +70,14 @@ def safe(callback: Callable[..., None], *bound: Any) -> Callable[..., None]:
     return run
 
 
+MARKDOWN_SPECIALS = "\\`*_{}[]()<>#+-.!|~$"
+
+
+def plain(text: str) -> str:
+    """``text`` escaped for ``st.markdown``, so that model output shows as generated, never as formatting."""
+    return "".join(f"\\{c}" if c in MARKDOWN_SPECIALS else c for c in text)
+
+
 def sidebar_summary(lm: LoadedModel) -> None:
     """The session's model, texts and mask, so every page says what it shows."""
     mask = session.current_mask(lm)

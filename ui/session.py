@@ -18,6 +18,7 @@ from analysis.loading import DEFAULT_MODEL, LoadedModel
 from analysis.masks import QUERY_KEYS, Mask, mask_from_query, mask_to_query, parse_mask
 
 MODEL = "model_spec"
+DTYPE = "dtype"  # the weights' dtype: auto (bfloat16 on a CUDA GPU, float32 on the CPU), float32, bfloat16, float16
 EVAL_TEXT = "eval_text"
 CALIB_TEXT = "calib_text"
 SEQLEN = "seqlen"
@@ -25,18 +26,17 @@ MAX_TOKENS = "max_tokens"
 MASK = "mask_json"
 HISTORY = "mask_history"  # earlier masks of this session, for undo
 HARP_RUN = "harp_run"  # the session's last HARP request (a ui.backend.HarpRun)
-LIVE_TOKENS = "live_tokens"  # evaluation tokens of the editor's live perplexity
 MESSAGE = "pending_error"  # an error raised in a widget callback, shown on the next run
 UPLOADS = "uploaded_texts"  # the paths of the texts this session uploaded, oldest first
 LINK_READ = "url_read"  # set once the session's first page load has looked for a mask in the URL
 
 DEFAULTS: dict[str, object] = {
     MODEL: DEFAULT_MODEL,
+    DTYPE: "auto",
     EVAL_TEXT: "default-eval",
     CALIB_TEXT: "default-calib",
     SEQLEN: 256,
     MAX_TOKENS: 2048,
-    LIVE_TOKENS: 1024,
 }
 UNDO_DEPTH = 100
 

@@ -1,0 +1,62 @@
+"""The README's task table: every mask of the HARP comparison (unpruned, HARP, the matched baselines) on every task.
+
+For each N of ``--layers`` the comparison of ``python -m analysis compare --layers N --match AXIS``
+(the same calibration and evaluation windows: 2,048 tokens of ``default-calib`` and of
+``default-eval``, seqlen 256) gives the masks; each is run through the whole task suite, and one
+markdown row per mask is printed (unpruned once). Everything is cached, so a rerun prints at once;
+the first run costs the suite's time per mask (see ``bench.tasks``): run it on an idle machine,
+under ``nice``, in the background.
+
+    HEADROOM_CACHE=/work/cache-shared nice -n 10 .venv/bin/python -m bench.tasks_table [--layers 4,8] [--match params]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from analysis.baselines import AXES
+from analysis.comparison import compare
+from analysis.corpus import load_text, make_windows
+from analysis.harp import top_layers
+from analysis.loading import load_model
+from analysis.task_suite import BUILT_IN, run_suite
+from bench.common import load_average
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", default="4,8", help="HARP's N, comma-separated (default 4,8)")
+    parser.add_argument("--match", choices=AXES, default="params", help="the budget axis of the baselines")
+    parser.add_argument("--methods", default=None, help="only these rows of the comparison, comma-separated")
+    args = parser.parse_args()
+
+    lm = load_model("default")
+    windows = {
+        name: make_windows(lm.tokenizer, load_text(name), 256, 2048, lm.max_positions)
+        for name in ("default-calib", "default-eval")
+    }
+    wanted = args.methods.split(",") if args.methods else None
+    header: list[str] | None = None
+    seen_unpruned = False
+    for n in (int(x) for x in args.layers.split(",")):
+        layers = top_layers(lm.shape.num_layers, n)
+        comparison = compare(lm, windows["default-calib"], windows["default-eval"], layers, args.match)
+        for row in comparison.rows:
+            if (wanted and row.method not in wanted) or (row.method == "unpruned" and seen_unpruned):
+                continue
+            seen_unpruned |= row.method == "unpruned"
+            results = run_suite(lm, BUILT_IN, row.mask)
+            figures = {k: v for result in results.values() for k, v in result.headline().items()}
+            if header is None:
+                header = list(figures)
+                print("| mask | eval ppl (2k, seqlen 256) | " + " | ".join(header) + " |")
+                print("|---" * (len(header) + 2) + "|")
+            label = row.method if row.method == "unpruned" else f"N = {n}: {row.method}"
+            cells = " | ".join(f"{figures[k]:.3f}" if k in figures else "-" for k in header)
+            print(f"| {label} | {row.eval_perplexity:.2f} | {cells} |", flush=True)
+            print(f"  ({load_average()})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
