@@ -51,7 +51,15 @@ def independent_saving(mask: Mask, shape, axis: str) -> int:
 
 @pytest.mark.parametrize(
     "targets",
-    [{"kv": 64}, {"kv": 300}, {"params": 5000}, {"flops": 30000}, {"kv": 100, "params": 9000, "flops": 3000}],
+    [
+        {"kv": 64},
+        {"kv": 300},
+        {"params": 5000},
+        {"flops": 30000},
+        {"kv": 100, "params": 9000, "flops": 3000},
+        {"kv": 1024},  # all of the tiny model's KV cache: drop-QK or removal in every layer
+        {"params": 49152},  # all its attention parameters: no layer may come back in the alpha phase
+    ],
 )
 def test_the_search_never_returns_a_mask_that_misses_its_budget(arch, targets):
     windows = random_windows(n=3)
