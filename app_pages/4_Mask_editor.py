@@ -204,8 +204,8 @@ new_tokens = st.number_input("New tokens", 1, 128, 24)
 if st.button("Generate"):
     with st.spinner("Generating with the KV cache (drop-QK layers store nothing)…"), editor.reported():
         a, b_col = st.columns(2)
-        a.markdown(f"**Unpruned**\n\n{prompt} _{greedy_continuation(lm, prompt, None, int(new_tokens))}_")
-        b_col.markdown(f"**Masked**\n\n{prompt} _{greedy_continuation(lm, prompt, mask, int(new_tokens))}_")
+        a.markdown(editor.generation("Unpruned", prompt, greedy_continuation(lm, prompt, None, int(new_tokens))))
+        b_col.markdown(editor.generation("Masked", prompt, greedy_continuation(lm, prompt, mask, int(new_tokens))))
 
 with panel:
     editor.live_panel(live, mask, editor.last_change(lm, mask))

@@ -258,13 +258,15 @@ def test_editor_layer_mode_and_alpha_show_backend_perplexity_and_budget(tiny, lm
 def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.0).with_head(0, 0, False)
     at = ok(page(EDITOR, tiny, mask_to_query(mask)).run())
-    prompt = word_text(5, seed=7)
+    prompt = word_text(5, seed=7) + " _x_ [y]"  # markdown specials: shown as typed, never as formatting
     at.text_input(key="prompt").set_value(prompt)
     ok(at.button[[b.label for b in at.button].index("Generate")].click().run())
     texts = [m.value for m in at.markdown if m.value.startswith(("**Unpruned**", "**Masked**"))]
+    escaped = prompt.replace("_", "\\_").replace("[", "\\[").replace("]", "\\]")
+    assert [t.split("\n\n")[1].split(":blue[")[0] for t in texts] == [escaped, escaped]
     assert texts == [
-        f"**Unpruned**\n\n{prompt} _{greedy_continuation(lm, prompt, None, 24)}_",
-        f"**Masked**\n\n{prompt} _{greedy_continuation(lm, prompt, mask, 24)}_",
+        f"**Unpruned**\n\n{escaped}:blue[{scaffold.plain(greedy_continuation(lm, prompt, None, 24))}]",
+        f"**Masked**\n\n{escaped}:blue[{scaffold.plain(greedy_continuation(lm, prompt, mask, 24))}]",
     ]
 
 

@@ -21,10 +21,9 @@ from analysis.importance import HeadScores, ranks
 from analysis.live import LiveEstimate, LivePerplexity
 from analysis.loading import LoadedModel
 from analysis.masks import Budget, Mask, parse_mask
-from ui import plots, session
+from ui import plots, scaffold, session
 
 MODES = ("full", "drop-QK", "attention removed")
-KEPT_PRUNED = [[0, "#1f2d5c"], [1, "#cfe8cf"]]
 DROP_QK_COLOUR, REMOVED_COLOUR = "#e67e22", "#c0392b"
 LAST_CHANGE = "editor_last_change"  # {"what", "before", "after"}: the session's last edit of the mask
 ERRORS = "editor_errors"  # widget slot -> the error its callback raised, shown beside that widget
@@ -102,7 +101,7 @@ def mask_grid(mask: Mask, scores: HeadScores | None) -> go.Figure:
             [f"layer {layer}, head {head}: {s} (click to toggle)" for head, s in enumerate(row)]
             for layer, row in enumerate(status)
         ]
-        fig = plots.grid_figure(colour, hover, "Heads (light kept, dark pruned)", None, KEPT_PRUNED, 0, 1)
+        fig = plots.grid_figure(colour, hover, "Heads (light kept, dark pruned)", None, plots.KEEP_SCALE, 0, 1)
     else:
         colour = [row or [None] * mask.num_heads for row in scores.scores]
         rank = ranks(colour)
@@ -260,3 +259,8 @@ def _change_line(what: str, answer: LiveEstimate, before: float | None) -> str:
         return f"**Last change:** {what}: Δ perplexity {answer.perplexity - before:+.3f} (from {before:.3f})"
     low, high = answer.perplexity_low - before, answer.perplexity_high - before
     return f"**Last change:** {what}: Δ perplexity ≈ {answer.perplexity - before:+.2f} ({low:+.2f} to {high:+.2f})"
+
+
+def generation(label: str, prompt: str, continuation: str) -> str:
+    """Markdown of a prompt and its continuation as generated (escaped, never formatting); the continuation blue."""
+    return f"**{label}**\n\n{scaffold.plain(prompt)}:blue[{scaffold.plain(continuation)}]"
