@@ -27,7 +27,7 @@ demo: setup
 
 test: setup browser
 	$(PY) -m ruff check analysis tests bench app.py ui app_pages
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The browser test drives Debian's chromium (no browser download); install it when it is missing.
 browser:
