@@ -15,8 +15,8 @@ GGUF is, with the default model's tokenizer. It is built once (about 5 GB); late
 random weights give an almost uniform next-token distribution, so its perplexity comparison says
 little: the default model's is the meaningful one.
 
-    HEADROOM_CACHE=/work/cache-shared .venv/bin/python -m bench.dtype
-    HEADROOM_CACHE=/work/cache-shared .venv/bin/python -m bench.dtype --standin-1b /tmp/llama-1b-standin --tokens 512
+    .venv/bin/python -m bench.dtype
+    .venv/bin/python -m bench.dtype --standin-1b /tmp/llama-1b-standin --tokens 512
 """
 
 from __future__ import annotations

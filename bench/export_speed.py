@@ -13,8 +13,8 @@ untimed warm-up pass per model, the models alternating within every repeat so th
 machine load hits them alike. Beside every row: the 1-minute load average, lowest and highest over
 that row's measurements. Quote only rows measured on an idle machine (load well under 1 on 2 cores).
 
-    HEADROOM_CACHE=/work/cache-shared .venv/bin/python -m bench.export_speed [--mask best.json] [--repeats 3]
-    HEADROOM_CACHE=/work/cache-shared .venv/bin/python -m bench.export_speed --quick   # a smoke run, minutes
+    .venv/bin/python -m bench.export_speed [--mask best.json] [--repeats 3]
+    .venv/bin/python -m bench.export_speed --quick   # a smoke run, minutes
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from ``$HEADROOM_CACHE``), so it measures the work; the second pass reads that c
 whole suite in 10 min or less on the 2-core machine, the second pass in 5 s or less. The load
 average is printed beside every figure: quote figures measured on an idle machine only.
 
-    HEADROOM_CACHE=/work/cache-shared .venv/bin/python -m bench.tasks [--harp 8 | --mask FILE | --unpruned]
+    .venv/bin/python -m bench.tasks [--harp 8 | --mask FILE | --unpruned]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ markdown row per mask is printed (unpruned once). Everything is cached, so a rer
 the first run costs the suite's time per mask (see ``bench.tasks``): run it on an idle machine,
 under ``nice``, in the background.
 
-    HEADROOM_CACHE=/work/cache-shared nice -n 10 .venv/bin/python -m bench.tasks_table [--layers 4,8] [--match params]
+    nice -n 10 .venv/bin/python -m bench.tasks_table [--layers 4,8] [--match params]
 """
 
 from __future__ import annotations
