@@ -552,6 +552,9 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--shortlist", type=int, default=SHORTLIST, help="moves rescored per step on the whole calib")
     p.add_argument("--proxy-windows", type=int, default=PROXY_WINDOWS, help="windows of the first, cheap scoring")
+    p.add_argument(
+        "--compensate", action="store_true", help="pruned heads come with FLAP's bias compensation (mask v2)"
+    )
     p.add_argument("--out", default=None, help="write the mask found as JSON here")
     p.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
 
@@ -571,7 +574,16 @@ def cmd_search(args: argparse.Namespace, lm: LoadedModel) -> Result:
     calib = _windows(lm, args, "calib")
     targets = parse_targets(args.save)
     result = cached_search(
-        lm, calib, targets, args.seqlen, args.shortlist, args.proxy_windows, None, _progress("search"), args.no_cache
+        lm,
+        calib,
+        targets,
+        args.seqlen,
+        args.shortlist,
+        args.proxy_windows,
+        None,
+        _progress("search"),
+        args.no_cache,
+        args.compensate,
     )
     return {
         **result.to_json(),

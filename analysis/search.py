@@ -11,6 +11,12 @@ exact per KV group). The search combines structural moves, each a change of one 
 then rescales every changed layer (per-layer alpha; a removed layer may come back as drop-QK with a
 small alpha when the budget still holds).
 
+**FLAP compensation** (``compensate=True``): every head or group pruned in a layer that keeps query
+heads is scored with FLAP's bias compensation of that layer (``baselines.flap_compensation``: the
+pruned channels' mean o_proj contribution on the calibration text, from the unpruned model, added as
+an o_proj bias, mask v2). The bias costs ``hidden_size`` parameters per layer, counted in the budget.
+The alpha phase then keeps a layer's bias only where dropping it would not lower the calibration NLL.
+
 **Structure phase, lazy greedy.** Every move is first scored once from the unpruned model on a
 *proxy* (the first ``proxy_windows`` calibration windows): its increase of mean NLL. Then, until the
 budget is met: rank the legal moves by efficiency, increase of NLL per unit of progress (the share
@@ -37,12 +43,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from analysis.architecture import Architecture, ModelShape
-from analysis.baselines import AXES, saved
+from analysis.baselines import AXES, flap_compensation, saved
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
 from analysis.harp import HEAD_GRID, closed_form_alpha, norm_targets
+from analysis.importance import OProjStats, o_proj_input_stats
 from analysis.loading import LoadedModel
 from analysis.masks import Budget, Mask, budget, parse_mask
 
@@ -177,15 +184,23 @@ def _progress_of(before: Budget, after: Budget, targets: dict[str, int]) -> floa
 
 
 class _Scorer:
-    """Mean NLL of masks on one evaluator, with drop-QK moves at their closed-form alpha."""
+    """Mean NLL of masks on one evaluator, with drop-QK moves at their closed-form alpha.
 
-    def __init__(self, arch: Architecture, windows: Windows) -> None:
+    With ``stats`` (o_proj input statistics of the unpruned model on the calibration text), pruned
+    heads come with FLAP's bias compensation of their layer; a drop-QK or removed layer loses its bias.
+    """
+
+    def __init__(self, arch: Architecture, windows: Windows, stats: OProjStats | None = None) -> None:
         self.evaluator = IncrementalEvaluator(arch, windows)
         self.targets = norm_targets(self.evaluator, range(arch.shape.num_layers))
+        self.stats = stats
         self.calls = 0
 
     def candidate(self, mask: Mask, move: Move) -> Mask:
         trial = apply_move(mask, move, self.evaluator.arch.shape)
+        if move.kind in ("prune_group", "prune_head"):
+            return trial if self.stats is None else flap_compensation(self.evaluator.arch, trial, self.stats)
+        trial = trial.with_bias(move.layer, None)  # a compensation measured for the layer's full attention
         if move.kind != "drop_qk":
             return trial
         alpha = closed_form_alpha(self.evaluator, trial, move.layer, self.targets[move.layer])
@@ -205,6 +220,7 @@ def search(
     shortlist: int = SHORTLIST,
     proxy_windows: int = PROXY_WINDOWS,
     progress: Progress | None = None,
+    compensate: bool = False,
 ) -> SearchResult:
     """The mask of lowest calibration perplexity found that saves at least ``targets`` at ``seqlen``.
 
@@ -219,6 +235,7 @@ def search(
     started = time.perf_counter()
     head_moves = any(axis != "kv" for axis in targets)
     settings = {"shortlist": shortlist, "proxy_windows": proxy_windows, "head_moves": head_moves}
+    settings |= {"compensate": compensate}
     settings |= {"drop_qk_grid": list(DROP_QK_GRID), "head_grid": list(HEAD_GRID)}
     unpruned = Mask.unpruned(shape, model_name)
     moves = all_moves(shape, head_moves)
@@ -233,12 +250,13 @@ def search(
             progress(min(state["done"], expected - 1), expected)
 
     try:
-        full = _Scorer(arch, calib)
+        stats = o_proj_input_stats(arch, calib) if compensate else None
+        full = _Scorer(arch, calib, stats)
         scorers.append(full)
         state["nll"] = state["unpruned"] = full.nll(unpruned)
         proxy = full
         if proxy_windows < calib.num_windows:
-            proxy = _Scorer(arch, replace(calib, input_ids=calib.input_ids[:proxy_windows]))
+            proxy = _Scorer(arch, replace(calib, input_ids=calib.input_ids[:proxy_windows]), stats)
             scorers.append(proxy)
         base = proxy.nll(unpruned)
         for move in moves:  # highest layer first
@@ -341,6 +359,11 @@ def _layer_options(full: _Scorer, mask: Mask, layer: int) -> list[Mask]:
     return [mask.with_layer(layer, alpha=a) for a in sorted({*grid, closed})]
 
 
+def _without_bias(mask: Mask, layer: int) -> list[Mask]:
+    """The alpha phase's last option at a compensated layer: the same alpha, no bias."""
+    return [] if mask.bias_of(layer) is None else [mask.with_bias(layer, None)]
+
+
 def _alpha_phase(
     full: _Scorer, targets: dict[str, int], seqlen: int, state: dict[str, Any], tick: Callable[[], None]
 ) -> None:
@@ -351,14 +374,15 @@ def _alpha_phase(
     for layer in sorted(changed, reverse=True):
         tried = 0
         best = (nll, mask)
-        for candidate in _layer_options(full, mask, layer):
-            if candidate.layer(layer) == mask.layer(layer) or not meets(budget(candidate, shape, seqlen), targets):
-                continue
-            value = full.nll(candidate)
-            tick()
-            tried += 1
-            if value < best[0]:  # strict: a tie keeps what is there
-                best = (value, candidate)
+        for step in (0, 1):  # the alphas, then (at a compensated layer) the best alpha without its bias
+            for candidate in _layer_options(full, mask, layer) if step == 0 else _without_bias(best[1], layer):
+                if candidate.layer(layer) == mask.layer(layer) or not meets(budget(candidate, shape, seqlen), targets):
+                    continue
+                value = full.nll(candidate)
+                tick()
+                tried += 1
+                if value < best[0]:  # strict: a tie keeps what is there
+                    best = (value, candidate)
         nll, mask = best
         state["mask"], state["nll"], state["best"] = mask, nll, (nll, mask)
         b = budget(mask, shape, seqlen)
@@ -380,14 +404,16 @@ def cached_search(
     cache: DiskCache | None = None,
     progress: Progress | None = None,
     refresh: bool = False,
+    compensate: bool = False,
 ) -> SearchResult:
     """:func:`search` through the disk cache; an interrupted search is returned but never stored."""
     cache = cache or DiskCache()
     parts = {**lm.cache_key(), **calib.cache_key(), "targets": targets, "seqlen": seqlen}
     parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": list(MOVE_KINDS)}
+    parts |= {"compensate": True} if compensate else {}  # searches cached before the option keep their key
     value = None if refresh else cache.get_json("search", parts)
     if value is None:
-        result = search(lm.arch, lm.name, calib, targets, seqlen, shortlist, proxy_windows, progress)
+        result = search(lm.arch, lm.name, calib, targets, seqlen, shortlist, proxy_windows, progress, compensate)
         if result.interrupted:
             return result
         value = result.to_json()

@@ -1,11 +1,12 @@
 """Time per task of the offline task suite on the default model under one mask, then the suite again from the cache.
 
 The first pass computes into a fresh, temporary result cache (the converted model itself still comes
-from ``$HEADROOM_CACHE``), so it measures the work; the second pass reads that cache. Targets: the
+from ``$HEADROOM_CACHE``; ``--keep DIR`` computes into a new folder and keeps it, e.g. to copy its
+``results/task`` entries into the main cache), so it measures the work; the second pass reads that cache. Targets: the
 whole suite in 10 min or less on the 2-core machine, the second pass in 5 s or less. The load
 average is printed beside every figure: quote figures measured on an idle machine only.
 
-    .venv/bin/python -m bench.tasks [--harp 8 | --mask FILE | --unpruned]
+    .venv/bin/python -m bench.tasks [--harp 8 | --mask FILE | --unpruned] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main() -> None:
     which.add_argument("--mask", default=None, help="a mask JSON file instead")
     which.add_argument("--unpruned", action="store_true", help="no mask")
     parser.add_argument("--tasks", default=",".join(BUILT_IN), help="comma-separated task names")
+    parser.add_argument(
+        "--keep", type=Path, default=None, metavar="DIR", help="compute into DIR (must be empty or new) and keep it"
+    )
     args = parser.parse_args()
     names = check_task_names([n.strip() for n in args.tasks.split(",") if n.strip()])
 
@@ -37,8 +41,10 @@ def main() -> None:
     mask = None if args.unpruned else file_mask(lm, args.mask) if args.mask else harp_mask(lm, args.harp)
     described = mask.describe() if mask else "none (unpruned)"
     print(f"{lm.name}, {lm.dtype}, {torch.get_num_threads()} torch threads; mask: {described}")
+    if args.keep and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep}: the folder is not empty; name a new one so the first pass computes")
     with tempfile.TemporaryDirectory() as tmp:
-        cache = DiskCache(Path(tmp))
+        cache = DiskCache(args.keep or Path(tmp))
         total = 0.0
         for name in names:
             start = time.perf_counter()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from analysis.architecture import Architecture
-from analysis.baselines import saved
+from analysis.baselines import flap_compensation, saved
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
+from analysis.importance import o_proj_input_stats
 from analysis.masks import Mask, budget
 from analysis.search import SearchResult, parse_targets, search
 from tests.conftest import random_windows, tiny_model
@@ -92,6 +93,23 @@ def test_an_interrupted_search_still_meets_its_budget(arch, stop_after):
     assert all(saved(b, axis) >= amount for axis, amount in targets.items())
     if result.calib_perplexity is not None:  # a mask evaluated before the interruption: its number is right
         assert result.calib_perplexity == pytest.approx(perplexity(arch, windows, result.mask).perplexity, rel=1e-6)
+
+
+@pytest.mark.parametrize("targets", [{"params": 9000}, {"kv": 300, "params": 20000}])
+def test_a_compensated_search_meets_its_budget_with_the_biases_counted_and_flaps_own_biases(arch, targets):
+    """Each bias is FLAP's compensation of its layer's pruned heads, and costs hidden_size parameters."""
+    windows = random_windows(n=3)
+    result = search(arch, "tiny", windows, targets, SEQ, shortlist=2, proxy_windows=1, compensate=True)
+    mask, d = result.mask, arch.shape.hidden_size
+    assert result.settings["compensate"] and mask.bias  # the tiny model's heads carry a mean worth compensating
+    costly = [i for i, _ in mask.bias if mask.alpha[i] != 0.0]
+    for axis, amount in targets.items():
+        hand = independent_saving(mask, arch.shape, axis) - (d * len(costly) if axis == "params" else 0)
+        assert saved(result.budget, axis) == hand >= amount
+    for layer, values in mask.bias:
+        assert not all(mask.heads[layer]) and layer not in mask.drop_qk and mask.alpha[layer] > 0
+        assert values == flap_compensation(arch, mask, o_proj_input_stats(arch, windows)).bias_of(layer)
+    assert result.calib_perplexity == pytest.approx(perplexity(arch, windows, mask).perplexity, rel=1e-6)
 
 
 def test_impossible_or_malformed_budgets_are_refused(arch):
