@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from unittest.mock import MagicMock, patch
 
 import torch
@@ -133,7 +134,12 @@ def one_runtime() -> Iterator[None]:
     - the script cache, new per run, so every click of every session would parse the page again, in
       threads at once. Under CPython 3.11 a parse interrupted by another thread (garbage collection
       can switch threads inside ``ast.parse``) fails with ``SystemError: AST constructor recursion
-      depth mismatch``, a counter being shared by all threads. A server compiles each page once.
+      depth mismatch``, a counter being shared by all threads. A server compiles each page once;
+    - the wait for a run's end: ``AppTest`` polls every millisecond and scans *all* the run's events
+      each time (one per message the page sent: the editor's "Refining… s" line adds several per
+      second), holding the GIL. Eight sessions waiting so starved the evaluator's thread of the GIL
+      between its torch operations that clicks took minutes; a server waits on its event loop.
+      :func:`wait_for_run` polls every 10 ms and looks at new events only.
 
     Errors from those would be artefacts of the harness, never something a visitor sees.
     """
@@ -159,8 +165,26 @@ def one_runtime() -> Iterator[None]:
         patch.object(app_test, "patch_config_options", lambda overrides: nullcontext()),
         patch.object(app_test, "ScriptCache", return_value=scripts),
         patch.object(local_script_runner, "ScriptCache", return_value=scripts),
+        patch.object(local_script_runner, "require_widgets_deltas", wait_for_run),
     ):
         yield
+
+
+def wait_for_run(runner: Any, timeout: float = 3) -> None:
+    """``local_script_runner.require_widgets_deltas`` without its GIL-heavy polling (see :func:`one_runtime`)."""
+    from streamlit.runtime.scriptrunner import ScriptRunnerEvent
+
+    t0, seen = time.time(), 0
+    while time.time() - t0 < timeout:
+        time.sleep(0.01)
+        events = runner.events
+        count = len(events)
+        if ScriptRunnerEvent.SHUTDOWN in events[seen:count]:
+            return
+        seen = count
+    runner.request_stop()  # as AppTest does on its timeout: stop the script, then report
+    runner.join()
+    raise RuntimeError(f"AppTest script run timed out after {timeout}(s)")
 
 
 def run_load(
