@@ -39,7 +39,7 @@ from analysis.lm_eval_tasks import write_lm_eval
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, load_model, model_fingerprint
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.pareto import pareto
-from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search, parse_targets
+from analysis.search import MOVE_KINDS, PROXY_WINDOWS, SHORTLIST, cached_search, check_move_kinds, parse_targets
 from analysis.task_files import cached_user_task, load_task_file
 from analysis.task_suite import BUILT_IN, check_task_names, run_suite
 
@@ -555,6 +555,12 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compensate", action="store_true", help="pruned heads come with FLAP's bias compensation (mask v2)"
     )
+    p.add_argument(
+        "--moves",
+        type=_name_list,
+        default=list(MOVE_KINDS),
+        help=f"structural moves to combine, comma-separated (default all: {','.join(MOVE_KINDS)})",
+    )
     p.add_argument("--out", default=None, help="write the mask found as JSON here")
     p.add_argument("--no-cache", action="store_true", help="search again even if the result is cached")
 
@@ -562,6 +568,7 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
 def _check_search(args: argparse.Namespace) -> None:
     _check_output(args)
     parse_targets(args.save)
+    check_move_kinds(args.moves)
 
 
 @command(
@@ -584,6 +591,7 @@ def cmd_search(args: argparse.Namespace, lm: LoadedModel) -> Result:
         _progress("search"),
         args.no_cache,
         args.compensate,
+        args.moves,
     )
     return {
         **result.to_json(),

@@ -162,15 +162,25 @@ def apply_move(mask: Mask, move: Move, shape: ModelShape) -> Mask:
     return mask.with_heads([(move.layer, move.index)], keep=False)
 
 
-def all_moves(shape: ModelShape, head_moves: bool) -> list[Move]:
-    """Every move of the search, highest layer first (the order the incremental evaluator likes)."""
+def all_moves(shape: ModelShape, kinds: Sequence[str]) -> list[Move]:
+    """Every move of the given kinds, highest layer first (the order the incremental evaluator likes)."""
     moves = []
     for layer in reversed(range(shape.num_layers)):
-        moves += [Move("remove_attention", layer), Move("drop_qk", layer)]
-        moves += [Move("prune_group", layer, g) for g in range(shape.num_kv_heads)]
-        if head_moves:
+        moves += [Move(kind, layer) for kind in ("remove_attention", "drop_qk") if kind in kinds]
+        if "prune_group" in kinds:
+            moves += [Move("prune_group", layer, g) for g in range(shape.num_kv_heads)]
+        if "prune_head" in kinds:
             moves += [Move("prune_head", layer, h) for h in range(shape.num_heads)]
     return moves
+
+
+def check_move_kinds(kinds: Sequence[str]) -> None:
+    unknown = [k for k in kinds if k not in MOVE_KINDS]
+    if unknown or not kinds:
+        raise HeadroomError(
+            f"unknown move kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MOVE_KINDS)}",
+            settings=("moves",),
+        )
 
 
 def _progress_of(before: Budget, after: Budget, targets: dict[str, int]) -> float:
@@ -221,8 +231,12 @@ def search(
     proxy_windows: int = PROXY_WINDOWS,
     progress: Progress | None = None,
     compensate: bool = False,
+    kinds: Sequence[str] = MOVE_KINDS,
 ) -> SearchResult:
     """The mask of lowest calibration perplexity found that saves at least ``targets`` at ``seqlen``.
+
+    ``kinds`` restricts the structural moves (``prune_head`` is used only for a params or FLOPs
+    budget): coarser moves leave fewer choices to fit the calibration text's noise.
 
     Interruptible: a ``KeyboardInterrupt`` (Ctrl-C, or raised by ``progress``) returns the best mask
     so far that meets the budget, marked ``interrupted``; if none met it yet, the remaining need is
@@ -230,24 +244,27 @@ def search(
     """
     shape = arch.shape
     check_targets(targets, shape, seqlen)
+    check_move_kinds(kinds)
     if shortlist < 1 or proxy_windows < 1:
         raise HeadroomError("shortlist and proxy windows must be at least 1")
     started = time.perf_counter()
-    head_moves = any(axis != "kv" for axis in targets)
-    settings = {"shortlist": shortlist, "proxy_windows": proxy_windows, "head_moves": head_moves}
+    head_moves = any(axis != "kv" for axis in targets) and "prune_head" in kinds
+    kinds = [k for k in MOVE_KINDS if k in kinds and (k != "prune_head" or head_moves)]
+    settings = {"shortlist": shortlist, "proxy_windows": proxy_windows, "head_moves": head_moves, "moves": kinds}
     settings |= {"compensate": compensate}
     settings |= {"drop_qk_grid": list(DROP_QK_GRID), "head_grid": list(HEAD_GRID)}
     unpruned = Mask.unpruned(shape, model_name)
-    moves = all_moves(shape, head_moves)
+    moves = all_moves(shape, kinds)
     state: dict[str, Any] = {"mask": unpruned, "nll": math.nan, "best": None, "trace": [], "done": 0}
+    # evaluations in all, for the progress bar: a guess, revised after every committed move
+    state["expected"] = len(moves) + 8 * shortlist + 8 * _ALPHA_OPTIONS
     scores: dict[Move, float] = {}  # increase of mean NLL, stale once the mask changed
     scorers: list[_Scorer] = []
-    expected = len(moves) + 8 * shortlist + 8 * len(DROP_QK_GRID)  # a guess for the progress bar
 
     def tick() -> None:
         state["done"] += 1
         if progress:
-            progress(min(state["done"], expected - 1), expected)
+            progress(min(state["done"], state["expected"] - 1), state["expected"])
 
     try:
         stats = o_proj_input_stats(arch, calib) if compensate else None
@@ -346,6 +363,14 @@ def _structure_phase(
         )
         if meets(b, targets):
             state["best"] = (nll, mask)
+        steps = len(state["trace"])  # so far; the rest at the mean progress per step, then the alpha phase
+        left = sum(max(0, amount - saved(b, axis)) / amount for axis, amount in targets.items())
+        share = (len(targets) - left) / steps
+        changed = len({step.layer for step in state["trace"]})
+        state["expected"] = state["done"] + round(left / share * shortlist) + changed * _ALPHA_OPTIONS
+
+
+_ALPHA_OPTIONS = len(HEAD_GRID) + 2  # the alpha phase's evaluations at a changed layer, about
 
 
 def _layer_options(full: _Scorer, mask: Mask, layer: int) -> list[Mask]:
@@ -371,6 +396,7 @@ def _alpha_phase(
     shape = full.evaluator.arch.shape
     mask, nll = state["mask"], state["nll"]
     changed = [i for i in range(shape.num_layers) if mask.layer(i) != Mask.unpruned(shape, "").layer(i)]
+    state["expected"] = state["done"] + len(changed) * _ALPHA_OPTIONS
     for layer in sorted(changed, reverse=True):
         tried = 0
         best = (nll, mask)
@@ -405,15 +431,16 @@ def cached_search(
     progress: Progress | None = None,
     refresh: bool = False,
     compensate: bool = False,
+    kinds: Sequence[str] = MOVE_KINDS,
 ) -> SearchResult:
     """:func:`search` through the disk cache; an interrupted search is returned but never stored."""
     cache = cache or DiskCache()
     parts = {**lm.cache_key(), **calib.cache_key(), "targets": targets, "seqlen": seqlen}
-    parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": list(MOVE_KINDS)}
+    parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": [k for k in MOVE_KINDS if k in kinds]}
     parts |= {"compensate": True} if compensate else {}  # searches cached before the option keep their key
     value = None if refresh else cache.get_json("search", parts)
     if value is None:
-        result = search(lm.arch, lm.name, calib, targets, seqlen, shortlist, proxy_windows, progress, compensate)
+        result = search(lm.arch, lm.name, calib, targets, seqlen, shortlist, proxy_windows, progress, compensate, kinds)
         if result.interrupted:
             return result
         value = result.to_json()

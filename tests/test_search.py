@@ -112,6 +112,21 @@ def test_a_compensated_search_meets_its_budget_with_the_biases_counted_and_flaps
     assert result.calib_perplexity == pytest.approx(perplexity(arch, windows, mask).perplexity, rel=1e-6)
 
 
+def test_a_search_restricted_to_kv_groups_prunes_whole_groups_only(arch):
+    windows = random_windows(n=3)
+    result = search(arch, "tiny", windows, {"params": 9000}, SEQ, shortlist=2, proxy_windows=1, kinds=["prune_group"])
+    shape = arch.shape
+    assert result.settings["moves"] == ["prune_group"] and not result.mask.drop_qk
+    assert all(alpha > 0 for alpha in result.mask.alpha)
+    for row in result.mask.heads:
+        for group in range(shape.num_kv_heads):
+            kept = {keep for h, keep in enumerate(row) if shape.kv_group(h) == group}
+            assert len(kept) == 1  # a group is kept or pruned whole
+    assert saved(result.budget, "params") >= 9000
+    with pytest.raises(HeadroomError, match="unknown move kind"):
+        search(arch, "tiny", windows, {"kv": 64}, SEQ, kinds=["prune_layer"])
+
+
 def test_impossible_or_malformed_budgets_are_refused(arch):
     with pytest.raises(HeadroomError, match="no mask saves"):
         search(arch, "tiny", random_windows(n=2), {"kv": 10**6}, SEQ)
