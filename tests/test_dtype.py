@@ -161,14 +161,19 @@ def test_an_export_keeps_its_dtype_and_says_so(loaded, tmp_path, dtype):
     assert (got - expected).abs().max() <= max_logit_difference(lm.model.dtype, expected.abs().max().item())
 
 
-def test_a_16_bit_export_check_still_catches_a_wrong_head(loaded):
-    """The 16-bit tolerance is far below what a structural error costs (here: one more pruned head)."""
-    lm = loaded["bfloat16"]
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_export_check_still_catches_a_wrong_head_or_alpha_step(loaded, dtype):
+    """The tolerance is far below what a structural error costs: one more pruned head, and in float32 an
+    alpha 0.05 off (the tiny model's logits are about 0.3, under the 16-bit bound's floor of 1)."""
+    lm = loaded[dtype]
     mask = every_kind_of_pruning(lm)
     right, _ = masked_logits_and_greedy(lm, mask, IDS)
-    wrong, _ = masked_logits_and_greedy(lm, mask.with_head(1, 0, False), IDS)
-    allowed = max_logit_difference(torch.bfloat16, right.float().abs().max().item())
-    assert (wrong.float() - right.float()).abs().max() > 2 * allowed
+    allowed = max_logit_difference(lm.model.dtype, right.float().abs().max().item())
+    errors = [mask.with_head(1, 0, False)]
+    errors += [mask.with_layer(2, alpha=mask.alpha[2] + 0.05)] if dtype == "float32" else []
+    for error in errors:
+        wrong, _ = masked_logits_and_greedy(lm, error, IDS)
+        assert (wrong.float() - right.float()).abs().max() > 2 * allowed
 
 
 def test_cli_dtype_reaches_the_card_and_the_cache_key(llama_dir, tmp_path, capsys, cache_dir):
