@@ -348,6 +348,13 @@ def _structure_phase(
     shape = full.evaluator.arch.shape
     while not meets(budget(state["mask"], shape, seqlen), targets):
         short = _ranked(state["mask"], moves, scores, targets, shape, seqlen)[:shortlist]
+        if not short:
+            kinds = sorted({move.kind for move in moves})
+            raise HeadroomError(
+                f"the moves {', '.join(kinds) or '(none)'} cannot save {targets}: "
+                f"{_saved(budget(state['mask'], shape, seqlen))} is the most they reach; allow more kinds of move",
+                settings=("moves",),
+            )
         fresh = []
         for _, move, step in sorted(short, key=lambda r: -r[1].layer):  # highest layer first
             candidate = full.candidate(state["mask"], move)

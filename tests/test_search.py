@@ -125,6 +125,10 @@ def test_a_search_restricted_to_kv_groups_prunes_whole_groups_only(arch):
     assert saved(result.budget, "params") >= 9000
     with pytest.raises(HeadroomError, match="unknown move kind"):
         search(arch, "tiny", windows, {"kv": 64}, SEQ, kinds=["prune_layer"])
+    with pytest.raises(HeadroomError, match="allow more kinds of move"):  # a single head saves no KV cache
+        search(arch, "tiny", windows, {"kv": 64}, SEQ, kinds=["prune_head"])
+    with pytest.raises(HeadroomError, match="allow more kinds of move"):  # q/k alone: not all the parameters
+        search(arch, "tiny", windows, {"params": 49152}, SEQ, kinds=["drop_qk"])
 
 
 def test_impossible_or_malformed_budgets_are_refused(arch):
