@@ -26,8 +26,9 @@ spread (conservative); neighbouring blocks are correlated, which deflates it. ``
 --coverage`` measures how often the interval holds the exact value on the real model.
 
 Requests: a newer request from the same client (a page session) cancels the refinement of an older
-one between layers, and the evaluator is shared by every client behind one lock, taken per window,
-so clients take turns. A mask seen recently is answered exactly at once.
+one between layers (so does :meth:`Refinement.cancel`, e.g. when its page is closed), and the
+evaluator is shared by every client behind one lock, taken per window, so clients take turns. A
+mask seen recently is answered exactly at once.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import math
 import queue
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -140,7 +141,14 @@ class LivePerplexity:
 
     def start(self, mask: Mask, client: str = "") -> Refinement:
         """:meth:`estimates` computed in a background thread, so that the caller stays free (a page can be rerun)."""
-        return Refinement(self.estimates(mask, client))
+        answers = self.estimates(mask, client)
+        request = self._latest[client]
+
+        def cancel() -> None:  # this request only: a newer one of the client keeps running
+            if self._latest.get(client) is request:
+                self._latest[client] = object()
+
+        return Refinement(answers, cancel)
 
     def _refine(self, mask: Mask, cancelled: Any) -> Iterator[LiveEstimate]:
         known = self.remembered(mask)
@@ -181,12 +189,13 @@ class LivePerplexity:
 class Refinement:
     """The answers of one request, produced by a background thread; :meth:`next` waits for each.
 
-    Dropping a refinement does not stop its thread: a newer request from the same client does
-    (:meth:`LivePerplexity.estimates`), between layers.
+    Dropping a refinement does not stop its thread: :meth:`cancel` or a newer request from the same
+    client (:meth:`LivePerplexity.estimates`) does, between layers.
     """
 
-    def __init__(self, answers: Iterator[LiveEstimate]) -> None:
+    def __init__(self, answers: Iterator[LiveEstimate], cancel: Callable[[], None] = lambda: None) -> None:
         self.finished = False  # the last answer was taken, or the request was cancelled
+        self.cancel = cancel  # stop computing this request's answers (nobody waits for them any more)
         self._answers: queue.Queue[LiveEstimate | BaseException | None] = queue.Queue()
         threading.Thread(target=self._run, args=(answers,), name="headroom-live-refine", daemon=True).start()
 

@@ -47,6 +47,7 @@ APP = ROOT / "app.py"
 EDITOR = "app_pages/4_Mask_editor.py"
 LIVE = "Live perplexity"  # the editor's metric label
 SCRIPT_THREAD = "ScriptRunner.scriptThread"  # Streamlit's name for the thread that runs a page
+REFINE_THREAD = "headroom-live-refine"  # analysis.live.Refinement's background thread
 GIB = 2**30
 FAIR_SHARE = 4  # no session may get fewer than a quarter of the clicks of the busiest one
 
@@ -78,6 +79,7 @@ class LoadReport:
     rss_peak_bytes: int
     weights_bit_identical: bool
     script_threads_left: int
+    refinements_left: int  # live refinements still computing once every session is gone: stale work
     problems: list[str] = field(default_factory=list)
 
 
@@ -271,6 +273,11 @@ def run_load(
             thread.join()
     done.set()
     sampler.join()
+    # A refinement stops between layers once cancelled: a second is ample. One that runs on computes for nobody.
+    grace = time.monotonic() + 2.0
+    while time.monotonic() < grace and any(t.name == REFINE_THREAD and t.is_alive() for t in threading.enumerate()):
+        time.sleep(0.05)
+    refining = sum(t.name == REFINE_THREAD and t.is_alive() for t in threading.enumerate())
     log(f"load over: {len(clicks)} clicks; checking every number against the backend")
 
     evaluation = make_windows(
@@ -297,6 +304,8 @@ def run_load(
         problems.append("the shared model's weights changed")
     if left:
         problems.append(f"{left} script threads still running after every session closed")
+    if refining:
+        problems.append(f"{refining} live refinements still computing after every session closed")
     if peak[0] > rss_bound_bytes:
         problems.append(f"peak RSS {peak[0] / GIB:.2f} GiB is over the bound of {rss_bound_bytes / GIB:.2f} GiB")
     if min(counts, default=0) < max(counts, default=0) / FAIR_SHARE:
@@ -315,6 +324,7 @@ def run_load(
         rss_peak_bytes=peak[0],
         weights_bit_identical=identical,
         script_threads_left=left,
+        refinements_left=refining,
         problems=problems,
     )
 
@@ -331,7 +341,8 @@ def print_report(report: LoadReport, rss_bound_bytes: int) -> None:
     )
     print(
         f"closed mid-computation: {report.closed_sessions} sessions; their scripts ran at most "
-        f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}"
+        f"{report.closed_work_max_s:.3f} s after closing; script threads left: {report.script_threads_left}, "
+        f"live refinements left: {report.refinements_left}"
     )
     print(
         f"RSS: {report.rss_before_bytes / GIB:.2f} GiB before, peak {report.rss_peak_bytes / GIB:.2f} GiB "

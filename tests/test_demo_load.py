@@ -46,6 +46,7 @@ def test_eight_concurrent_editor_sessions_each_see_their_own_exact_numbers(tiny_
     assert report.problems == []
     assert report.numbers_checked >= 16 and min(report.clicks_per_session) >= 2
     assert report.weights_bit_identical and report.script_threads_left == 0 and report.closed_sessions >= 1
+    assert report.refinements_left == 0  # a closed session's refinement was cancelled, not left computing
 
 
 # --- the shared live evaluator driven by several sessions at once (no pages: the backend alone) --------

@@ -195,6 +195,39 @@ def test_a_refinement_hands_over_the_answers_of_a_background_thread_then_finishe
     assert answers[-1].exact and answers[-1].perplexity == pytest.approx(perplexity(arch, windows, mask).perplexity)
 
 
+def drain(refinement, seconds: float = 60) -> list:
+    answers, deadline = [], time.monotonic() + seconds
+    while not refinement.finished and time.monotonic() < deadline:
+        answer = refinement.next(0.05)
+        if answer is not None:
+            answers.append(answer)
+    return answers
+
+
+def test_cancelling_a_refinement_stops_its_work_but_not_a_newer_request_of_the_client():
+    """What a closed tab does: its request stops before its next window; the client's newer request goes on."""
+    arch = tiny_arch_of("llama")
+    windows = random_windows(n=WINDOWS, length=LENGTH)
+    live = LivePerplexity(arch, windows)
+    base = Mask.unpruned(arch.shape, "tiny")
+    with live._lock:  # the refinement's thread waits for its first window
+        closed = live.start(base.with_head(0, 1, False), client="tab")
+        closed.cancel()
+    calls, handles = count_layer_calls(arch)
+    try:
+        assert drain(closed) == [] and closed.finished  # no window was computed for it
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [0, 0, 0, 0]
+    older = live.start(base.with_head(1, 2, False), client="tab")
+    newer = live.start(base.with_head(3, 0, False), client="tab")
+    older.cancel()  # too late to matter, and it must not touch the newer request
+    settled = drain(newer)[-1]
+    assert settled.exact
+    assert settled.perplexity == pytest.approx(perplexity(arch, windows, base.with_head(3, 0, False)).perplexity)
+
+
 def test_a_refinement_raises_the_error_of_its_thread_in_the_caller():
     arch = tiny_arch_of("llama")
     live = LivePerplexity(arch, random_windows(n=WINDOWS, length=LENGTH))

@@ -193,7 +193,9 @@ def _client() -> str:
 
 def start_live(live: LivePerplexity, mask: Mask) -> None:
     """Start refining ``mask`` now, so the evaluator works while the page draws; :func:`live_panel` shows it."""
-    st.session_state[LIVE_REQUEST] = (mask, live.start(mask, _client()))
+    refinement = live.start(mask, _client())
+    st.session_state[LIVE_REQUEST] = (mask, refinement)
+    session.on_stop(refinement.cancel)  # a run stopped before the live panel takes it over
 
 
 @st.fragment
@@ -211,16 +213,20 @@ def live_panel(live: LivePerplexity, mask: Mask, changed: tuple[str, Mask] | Non
         refinement = live.start(mask, _client())
     first: LiveEstimate | None = None
     started = time.perf_counter()
-    while not refinement.finished:
-        answer = refinement.next(POLL_S)
-        if answer is None:
-            if not refinement.finished:  # also the point where a newer click stops this run
-                status.caption(f"Refining… {time.perf_counter() - started:.1f} s")
-            continue
-        first = first or answer
-        _draw(answer, first, shown, unpruned, note)
-        if changed is not None:
-            delta.markdown(_change_line(changed[0], answer, before.perplexity if before else None))
+    try:
+        while not refinement.finished:
+            answer = refinement.next(POLL_S)
+            if answer is None:
+                if not refinement.finished:  # also the point where a newer click or a closed tab stops this run
+                    status.caption(f"Refining… {time.perf_counter() - started:.1f} s")
+                continue
+            first = first or answer
+            _draw(answer, first, shown, unpruned, note)
+            if changed is not None:
+                delta.markdown(_change_line(changed[0], answer, before.perplexity if before else None))
+    except BaseException:  # the run was stopped (tab closed, or rerun): nobody waits for this number any more
+        refinement.cancel()
+        raise
     status.empty()
 
 

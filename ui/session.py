@@ -29,6 +29,7 @@ HARP_RUN = "harp_run"  # the session's last HARP request (a ui.backend.HarpRun)
 MESSAGE = "pending_error"  # an error raised in a widget callback, shown on the next run
 UPLOADS = "uploaded_texts"  # the paths of the texts this session uploaded, oldest first
 LINK_READ = "url_read"  # set once the session's first page load has looked for a mask in the URL
+ON_STOP = "on_stop"  # what this run started in the background and must stop if the run is stopped
 
 DEFAULTS: dict[str, object] = {
     MODEL: DEFAULT_MODEL,
@@ -39,6 +40,18 @@ DEFAULTS: dict[str, object] = {
     MAX_TOKENS: 2048,
 }
 UNDO_DEPTH = 100
+
+
+def on_stop(cancel: Callable[[], None]) -> None:
+    """Call ``cancel`` if this run is stopped (a closed tab, a rerun) before it ends; see :func:`run_ended`."""
+    st.session_state.setdefault(ON_STOP, []).append(cancel)
+
+
+def run_ended(stopped: bool) -> None:
+    """The run is over: if it was ``stopped``, cancel the background work it registered with :func:`on_stop`."""
+    for cancel in st.session_state.pop(ON_STOP, []) if stopped else ():
+        cancel()
+    st.session_state.pop(ON_STOP, None)
 
 
 def choice(key: str) -> object:
