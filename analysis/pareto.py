@@ -28,6 +28,7 @@ from analysis.evaluation import Progress, cached_perplexity
 from analysis.harp import top_layers
 from analysis.loading import LoadedModel
 from analysis.masks import Budget, Mask, budget, parse_mask
+from analysis.search import MOVE_KINDS
 
 COLLECTION = "collection"  # cache kind of the named masks, one entry per model
 UNPRUNED = "unpruned"
@@ -161,13 +162,17 @@ def cached_masks(lm: LoadedModel, evaluation: Windows, cache: DiskCache) -> Iter
         yield "HARP chosen layers", f"HARP chosen {parts['choose']}: layers {value['layers']}", mask(value["mask"])
     for parts, value in held_out("search"):
         targets = " ".join(f"{axis}:{amount}" for axis, amount in parts["targets"].items())
-        yield "search", f"search {targets}", mask(value["mask"])
+        how = " compensated" if parts.get("compensate") else ""
+        how += "" if len(parts["moves"]) == len(MOVE_KINDS) else f" ({', '.join(parts['moves'])})"
+        yield "search", f"search {targets}{how}", mask(value["mask"])
     for _, value in held_out("rescale"):
         rescaled = mask(value["mask"])
         yield "rescaled", f"rescaled: {rescaled.note or rescaled.describe()}", rescaled
     for parts, value in held_out("baselines"):
+        layers = len(parts["reference"].get("drop_qk", []))  # the reference: HARP's mask, as a rule
+        to = f" to {layers} drop-QK layers" if layers else ""
         for name, obj in value.items():
-            yield name, f"{name} (matched on {parts['axis']})", mask(obj)
+            yield name, f"{name} (matched on {parts['axis']}{to})", mask(obj)
     for name, saved_mask in named_masks(lm, cache).items():
         yield "saved", name, saved_mask
 
