@@ -40,12 +40,13 @@ def run(page: Any, caption: str, *, home: bool = False) -> None:
             with guard():  # a bad link is reported, and the page goes on with the session's mask
                 session.follow_link(lm)
             sidebar_summary(lm)
+        pending = session.stop_list()
         try:
             page.run()
         except BaseException:  # Streamlit stops a run (closed tab, rerun) by raising through it
-            session.run_ended(stopped=True)
+            for cancel in pending:
+                cancel()
             raise
-        session.run_ended(stopped=False)
 
 
 @contextmanager

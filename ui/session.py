@@ -43,15 +43,19 @@ UNDO_DEPTH = 100
 
 
 def on_stop(cancel: Callable[[], None]) -> None:
-    """Call ``cancel`` if this run is stopped (a closed tab, a rerun) before it ends; see :func:`run_ended`."""
+    """Call ``cancel`` if this run is stopped (a closed tab, a rerun) before it ends; see :func:`stop_list`."""
     st.session_state.setdefault(ON_STOP, []).append(cancel)
 
 
-def run_ended(stopped: bool) -> None:
-    """The run is over: if it was ``stopped``, cancel the background work it registered with :func:`on_stop`."""
-    for cancel in st.session_state.pop(ON_STOP, []) if stopped else ():
-        cancel()
-    st.session_state.pop(ON_STOP, None)
+def stop_list() -> list[Callable[[], None]]:
+    """A new, empty list of what this run must cancel if it is stopped; :func:`on_stop` appends to it.
+
+    Take it before the page runs and call its items without touching ``st.session_state``: once a
+    run is asked to stop, Streamlit raises its ``StopException`` again from session-state access.
+    """
+    pending: list[Callable[[], None]] = []
+    st.session_state[ON_STOP] = pending
+    return pending
 
 
 def choice(key: str) -> object:
