@@ -176,7 +176,6 @@ def test_the_layer_form_shows_the_chosen_layers_mode_and_alpha(tiny, lm):
         assert at.selectbox(key="mode_mode").value == mode and at.number_input(key="mode_alpha").value == alpha
 
 
-
 def test_the_layer_form_is_filled_again_after_a_visit_to_another_page(tiny, lm):
     """Streamlit drops widget state on another page's run; back in the editor the form shows the layer again."""
     last = lm.shape.num_layers - 1  # the layer the form starts on
@@ -186,6 +185,7 @@ def test_the_layer_form_is_filled_again_after_a_visit_to_another_page(tiny, lm):
     ok(at.switch_page(EDITOR).run())
     assert at.number_input(key="mode_layer").value == last
     assert at.selectbox(key="mode_mode").value == "drop-QK" and at.number_input(key="mode_alpha").value == 0.5
+
 
 def test_budget_targets_say_how_far_the_mask_is(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.5)

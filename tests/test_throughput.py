@@ -43,8 +43,6 @@ def test_a_run_without_units_is_refused(tmp_path):
         record(DiskCache(tmp_path), MODEL_A, "harp", "candidates", units=0, seconds=1.0)
 
 
-@pytest.mark.parametrize(
-    ("seconds", "text"), [(0.4, "0 s"), (59.4, "59 s"), (125, "2 min 05 s"), (3780, "1 h 03 min")]
-)
+@pytest.mark.parametrize(("seconds", "text"), [(0.4, "0 s"), (59.4, "59 s"), (125, "2 min 05 s"), (3780, "1 h 03 min")])
 def test_durations_read_as_a_person_says_them(seconds, text):
     assert duration_text(seconds) == text

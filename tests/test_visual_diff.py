@@ -27,7 +27,11 @@ def test_changed_new_gone_and_resized_pages_are_listed_and_same_pages_are_not(tm
     _page(now / "harp.png", size=(200, 120))
     results = {r.page: r for r in compare_folders(now, before, diffs)}
     assert {name: r.status for name, r in results.items()} == {
-        "home": "same", "editor": "changed", "export": "gone", "tasks": "new", "harp": "resized"
+        "home": "same",
+        "editor": "changed",
+        "export": "gone",
+        "tasks": "new",
+        "harp": "resized",
     }
     assert results["editor"].differing_share == 400 / 20_000
     assert results["editor"].box == (10, 20, 30, 40)
