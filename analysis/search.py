@@ -48,10 +48,11 @@ from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
-from analysis.harp import HEAD_GRID, closed_form_alpha, norm_targets
 from analysis.importance import OProjStats, o_proj_input_stats
 from analysis.loading import LoadedModel
 from analysis.masks import Budget, Mask, budget, parse_mask
+from analysis.norm_matching import closed_form_alpha, norm_targets
+from analysis.rescale import HEAD_GRID
 
 MOVE_KINDS = ("remove_attention", "drop_qk", "prune_group", "prune_head")
 DROP_QK_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)  # HARP's alphas on this model are mostly 0-0.4
