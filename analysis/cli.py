@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from analysis.baselines import AXES
+from analysis.budget_targets import parse_targets
 from analysis.cache import DiskCache
 from analysis.cache_pack import CONFLICT_CHOICES, pack, unpack
 from analysis.comparison import compare
@@ -40,7 +41,8 @@ from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, 
 from analysis.masks import Mask, budget, load_mask, mask_warnings
 from analysis.pareto import pareto
 from analysis.rescale import cached_rescale
-from analysis.search import MOVE_KINDS, PROXY_WINDOWS, SHORTLIST, cached_search, check_move_kinds, parse_targets
+from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search
+from analysis.search_moves import MOVE_KINDS, check_move_kinds
 from analysis.task_files import cached_user_task, load_task_file
 from analysis.task_suite import BUILT_IN, check_task_names, run_suite
 
