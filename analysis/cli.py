@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from analysis.baselines import AXES
+from analysis.budget_targets import parse_targets
 from analysis.cache import DiskCache
 from analysis.cache_pack import CONFLICT_CHOICES, pack, unpack
 from analysis.comparison import compare
@@ -31,15 +32,19 @@ from analysis.corpus import Windows, load_text, make_windows
 from analysis.drift import cached_mask_drift
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
-from analysis.export import KINDS, check_destination, export_command, export_model
-from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, cached_rescale, top_layers
+from analysis.export import KINDS, export_model
+from analysis.export_folder import check_destination
+from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.lm_eval_tasks import write_lm_eval
 from analysis.loading import DEFAULT_MODEL, DTYPE_CHOICES, DTYPES, LoadedModel, load_model, model_fingerprint
 from analysis.masks import Mask, budget, load_mask, mask_warnings
+from analysis.model_card import export_command
 from analysis.pareto import pareto
-from analysis.search import MOVE_KINDS, PROXY_WINDOWS, SHORTLIST, cached_search, check_move_kinds, parse_targets
+from analysis.rescale import cached_rescale
+from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search
+from analysis.search_moves import MOVE_KINDS, check_move_kinds
 from analysis.task_files import cached_user_task, load_task_file
 from analysis.task_suite import BUILT_IN, check_task_names, run_suite
 

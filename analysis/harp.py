@@ -10,10 +10,9 @@ the layers above it and the language-model head; nothing below i is ever recompu
 attention branch is the per-token map ``o_proj(repeat_kv(v_proj(x)))``, under 2 % of a candidate's
 cost, so it is recomputed rather than stored.)
 
-``norm_matching_alpha`` is the search-free alternative: the closed-form alpha that makes the mean
-squared residual norm right after the pruned layer's attention branch joins equal the unpruned
-model's on the same windows. It tests the paper's explanation of why rescaling works: if rescaling
-only restored the residual norm, these alphas would match the searched ones.
+Every result also carries the search-free alternative, the norm-matching alphas
+(``analysis.norm_matching``), and their perplexity. ``chosen_harp`` lets HARP choose the layers
+itself (``choose_layers``: greedy on calibration perplexity at those alphas) before the search.
 """
 
 from __future__ import annotations
@@ -23,17 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import torch
-
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
-from analysis.hooks import hidden_of, observe
-from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import ALPHA_MAX, Mask, parse_mask
+from analysis.norm_matching import closed_form_alpha, norm_matching_alpha, norm_targets
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -161,80 +157,6 @@ def greedy_alpha_search(
                 progress(done, total)
         mask = mask.with_layer(layer, alpha=best[1])
     return mask, tuple(trace)
-
-
-def _branch_moments(evaluator: IncrementalEvaluator, layer: int, mask: Mask) -> tuple[float, float, float]:
-    """E||h||², E<h, b>, E||b||² over all tokens: h enters ``layer``, b is its attention branch under ``mask``.
-
-    The evaluator must already hold the residual stream under a mask equal to ``mask`` below ``layer``.
-    """
-    arch = evaluator.arch
-    seen: list[torch.Tensor] = []
-    sums = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    record = (arch.branch_output(layer), lambda m, a, out: seen.append(hidden_of(out)))
-    with torch.no_grad(), apply_mask(arch, mask), observe(post=[record]):  # observe after the mask's hooks
-        for b, h in enumerate(evaluator.layer_inputs(layer)):
-            seen.clear()
-            evaluator.run_layer(b, layer, h)
-            h64, br = h.double(), seen[0].double()
-            sums += torch.stack([(h64 * h64).sum(), (h64 * br).sum(), (br * br).sum()]).cpu()
-            count += h.shape[0] * h.shape[1]
-    hh, hb, bb = (sums / count).tolist()
-    return hh, hb, bb
-
-
-def _solve_norm_alpha(hh: float, hb: float, bb: float, target: float) -> float:
-    """alpha with E||h + alpha b||² = target, clipped to [0, ALPHA_MAX].
-
-    The quadratic ``bb a² + 2 hb a + (hh - target) = 0``; of its real roots the non-negative one
-    nearest 1 is taken. With no real root (the target is below the smallest reachable norm) the
-    norm-minimising alpha ``-hb / bb`` is the closest one can get.
-    """
-    if bb <= 0.0:
-        return 1.0
-    disc = hb * hb - bb * (hh - target)
-    if disc < 0:
-        return min(max(-hb / bb, 0.0), ALPHA_MAX)
-    roots = [(-hb + s * math.sqrt(disc)) / bb for s in (1, -1)]
-    valid = [r for r in roots if 0.0 <= r <= ALPHA_MAX]
-    if not valid:
-        return min(max(roots[0], 0.0), ALPHA_MAX)
-    return min(valid, key=lambda r: abs(r - 1.0))
-
-
-def norm_targets(evaluator: IncrementalEvaluator, layers: Sequence[int]) -> dict[int, float]:
-    """E||h + b||² right after each layer's attention branch joins, in the unpruned model."""
-    unpruned = Mask.unpruned(evaluator.arch.shape, "")
-    targets = {}
-    for layer in sorted(layers):
-        evaluator.advance(unpruned, layer)
-        hh, hb, bb = _branch_moments(evaluator, layer, unpruned)
-        targets[layer] = hh + 2 * hb + bb
-    return targets
-
-
-def closed_form_alpha(evaluator: IncrementalEvaluator, mask: Mask, layer: int, target: float) -> float:
-    """The alpha of ``layer`` under ``mask`` (any mask: drop-QK, pruned heads or both) that matches ``target``.
-
-    Brings the evaluator's residual stream up to date with ``mask`` below ``layer`` first, which costs
-    nothing when only layers at or above ``layer`` changed since its last call.
-    """
-    evaluator.advance(mask, layer)
-    hh, hb, bb = _branch_moments(evaluator, layer, mask.with_layer(layer, alpha=1.0))
-    return round(_solve_norm_alpha(hh, hb, bb, target), 6)
-
-
-def norm_matching_alpha(evaluator: IncrementalEvaluator, start: Mask, layers: Sequence[int]) -> Mask:
-    """Closed-form alphas, lowest chosen layer first, each matching the unpruned residual norm.
-
-    Bottom-up, so each layer's input already carries the corrections of the layers below it.
-    """
-    targets = norm_targets(evaluator, layers)
-    mask = start
-    for layer in sorted(layers):
-        mask = mask.with_layer(layer, alpha=closed_form_alpha(evaluator, mask, layer, targets[layer]))
-    return mask
 
 
 def choose_layers(
@@ -398,108 +320,3 @@ def cached_chosen_harp(
 
     value = (cache or DiskCache()).json("harp_chosen", parts, compute, refresh)
     return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
-
-
-HEAD_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5)  # fewer heads shrink the branch: alphas near and above 1
-
-
-def rescalable_layers(mask: Mask) -> tuple[int, ...]:
-    """Layers whose attention branch a mask changed but did not remove: drop-QK or pruned heads, alpha > 0."""
-    return tuple(
-        i
-        for i in range(mask.num_layers)
-        if (i in mask.drop_qk or not all(mask.heads[i])) and any(mask.heads[i]) and mask.alpha[i] > 0.0
-    )
-
-
-def alpha_grid(mask: Mask, layer: int) -> tuple[float, ...]:
-    """The alphas worth trying at ``layer``: HARP's grid for drop-QK, :data:`HEAD_GRID` for pruned heads."""
-    return DEFAULT_GRID if layer in mask.drop_qk else HEAD_GRID
-
-
-@dataclass(frozen=True)
-class RescaleResult:
-    """Per-layer alphas for any mask: the closed-form norm-matching ones, and the greedy search from them."""
-
-    mask: Mask  # the searched mask (the closed-form one when no search was asked for)
-    layers: tuple[int, ...]
-    start_perplexity: float  # calibration perplexity of the mask as given
-    norm_matching_alpha: dict[int, float]
-    norm_matching_perplexity: float
-    alpha: dict[int, float]
-    calib_perplexity: float
-    trace: tuple[SearchStep, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        obj = asdict(self)
-        obj["mask"] = self.mask.to_json()
-        for key in ("norm_matching_alpha", "alpha"):
-            obj[key] = {str(k): v for k, v in sorted(obj[key].items())}
-        return obj
-
-
-def rescale(
-    arch: Architecture,
-    mask: Mask,
-    calib: Windows,
-    layers: Sequence[int] | None = None,
-    search: bool = True,
-    progress: Progress | None = None,
-) -> RescaleResult:
-    """Rescale every changed layer of ``mask``: closed-form alphas bottom-up, then (``search``) the greedy search.
-
-    The search starts from the closed-form alphas and tries, per layer, :func:`alpha_grid` plus the
-    layer's closed-form alpha, highest layer first; a tie keeps the smaller alpha.
-    """
-    layers = check_layers(layers, mask.num_layers) if layers else rescalable_layers(mask)
-    if not layers:
-        raise HeadroomError(
-            "this mask changes no layer that can be rescaled (no drop-QK layer, no pruned head in a layer that keeps "
-            "some); prune something first"
-        )
-    evaluator = IncrementalEvaluator(arch, calib)
-    start_ppl = evaluator.perplexity(mask).perplexity
-    matched = norm_matching_alpha(evaluator, mask, layers)
-    matched_ppl = evaluator.perplexity(matched).perplexity
-    result, trace = matched, ()
-    if search:
-        grids = {i: tuple(sorted({*alpha_grid(mask, i), matched.alpha[i]})) for i in layers}
-        evaluate = lambda m: evaluator.perplexity(m).perplexity  # noqa: E731
-        result, trace = greedy_alpha_search(matched, layers, grids, evaluate, progress)
-    return RescaleResult(
-        mask=replace(result, note=(mask.note + " | rescaled").lstrip(" |")),
-        layers=layers,
-        start_perplexity=start_ppl,
-        norm_matching_alpha={i: matched.alpha[i] for i in layers},
-        norm_matching_perplexity=matched_ppl,
-        alpha={i: result.alpha[i] for i in layers},
-        calib_perplexity=evaluator.perplexity(result).perplexity,
-        trace=trace,
-    )
-
-
-def cached_rescale(
-    lm: LoadedModel,
-    mask: Mask,
-    calib: Windows,
-    search: bool = True,
-    cache: DiskCache | None = None,
-    progress: Progress | None = None,
-    refresh: bool = False,
-) -> RescaleResult:
-    """:func:`rescale` through the disk cache."""
-    parts = {**lm.cache_key(), **calib.cache_key(), "mask": mask.cache_key(), "search": search}
-    parts["grids"] = [list(DEFAULT_GRID), list(HEAD_GRID)]
-    value = (cache or DiskCache()).json(
-        "rescale", parts, lambda: rescale(lm.arch, mask, calib, search=search, progress=progress).to_json(), refresh
-    )
-    return RescaleResult(
-        mask=parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint),
-        layers=tuple(value["layers"]),
-        start_perplexity=value["start_perplexity"],
-        norm_matching_alpha={int(k): v for k, v in value["norm_matching_alpha"].items()},
-        norm_matching_perplexity=value["norm_matching_perplexity"],
-        alpha={int(k): v for k, v in value["alpha"].items()},
-        calib_perplexity=value["calib_perplexity"],
-        trace=tuple(SearchStep(**s) for s in value["trace"]),
-    )

@@ -28,7 +28,7 @@ from analysis.evaluation import Progress, cached_perplexity
 from analysis.harp import top_layers
 from analysis.loading import LoadedModel
 from analysis.masks import Budget, Mask, budget, parse_mask
-from analysis.search import MOVE_KINDS
+from analysis.search_moves import MOVE_KINDS
 
 COLLECTION = "collection"  # cache kind of the named masks, one entry per model
 UNPRUNED = "unpruned"

@@ -1,7 +1,8 @@
 """Budgeted mask search: the mask of lowest calibration perplexity that saves at least a budget.
 
-A budget is one or more axes at once (``{"kv": 12288, "params": 3981312}``; see ``masks.budget``,
-exact per KV group). The search combines structural moves, each a change of one layer:
+A budget is one or more axes at once (``{"kv": 12288, "params": 3981312}``; see ``budget_targets``,
+and ``masks.budget``, exact per KV group). The search combines structural moves (``search_moves``),
+each a change of one layer:
 
 - ``remove_attention``: the layer's attention branch is gone (alpha = 0; saves its KV, q/k/v/o);
 - ``drop_qk``: HARP's drop-QK at the layer's closed-form norm-matching alpha (saves its KV, q/k);
@@ -43,32 +44,22 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from analysis.architecture import Architecture, ModelShape
-from analysis.baselines import AXES, flap_compensation, saved
+from analysis.baselines import flap_compensation, saved
+from analysis.budget_targets import check_targets, meets, progress_toward, savings
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
-from analysis.harp import HEAD_GRID, closed_form_alpha, norm_targets
 from analysis.importance import OProjStats, o_proj_input_stats
 from analysis.loading import LoadedModel
 from analysis.masks import Budget, Mask, budget, parse_mask
+from analysis.norm_matching import closed_form_alpha, norm_targets
+from analysis.rescale import HEAD_GRID
+from analysis.search_moves import MOVE_KINDS, Move, all_moves, apply_move, check_move_kinds
 
-MOVE_KINDS = ("remove_attention", "drop_qk", "prune_group", "prune_head")
 DROP_QK_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)  # HARP's alphas on this model are mostly 0-0.4
 SHORTLIST = 4
 PROXY_WINDOWS = 2
-
-
-@dataclass(frozen=True)
-class Move:
-    """One structural change at one layer; ``index`` is the KV group or query head where it applies."""
-
-    kind: str
-    layer: int
-    index: int = -1
-
-    def __str__(self) -> str:
-        return f"{self.kind}({self.layer}{'' if self.index < 0 else f', {self.index}'})"
 
 
 @dataclass(frozen=True)
@@ -111,86 +102,6 @@ class SearchResult:
         fields = {**obj, "mask": mask, "budget": Budget(**obj["budget"])}
         fields["trace"] = tuple(TraceStep(**s) for s in obj["trace"])
         return cls(**fields)
-
-
-def parse_targets(specs: Sequence[str]) -> dict[str, int]:
-    """``["kv:12288", "params:3981312"]`` -> ``{"kv": 12288, "params": 3981312}``."""
-    targets: dict[str, int] = {}
-    for spec in specs:
-        axis, _, amount = spec.partition(":")
-        if axis not in AXES or not amount.strip().isdigit() or int(amount) <= 0:
-            raise HeadroomError(
-                f"budget {spec!r} must be AXIS:AMOUNT with AXIS one of {', '.join(AXES)} and AMOUNT a positive "
-                "integer, e.g. kv:12288",
-                settings=("targets",),
-            )
-        if axis in targets:
-            raise HeadroomError(f"the budget names axis '{axis}' twice; give each axis once", settings=("targets",))
-        targets[axis] = int(amount)
-    if not targets:
-        raise HeadroomError("give at least one budget, e.g. kv:12288", settings=("targets",))
-    return targets
-
-
-def check_targets(targets: dict[str, int], shape: ModelShape, seqlen: int) -> None:
-    """Refuse a budget that even removing every layer's attention cannot save."""
-    everything = Mask.unpruned(shape, "")
-    for layer in range(shape.num_layers):
-        everything = everything.with_layer(layer, alpha=0.0)
-    most = budget(everything, shape, seqlen)
-    for axis, amount in targets.items():
-        if saved(most, axis) < amount:
-            raise HeadroomError(
-                f"no mask saves {amount:,} on '{axis}': removing all attention saves {saved(most, axis):,}. "
-                "Choose a smaller budget"
-            )
-
-
-def meets(b: Budget, targets: dict[str, int]) -> bool:
-    return all(saved(b, axis) >= amount for axis, amount in targets.items())
-
-
-def apply_move(mask: Mask, move: Move, shape: ModelShape) -> Mask:
-    """``mask`` with ``move`` made (drop-QK at alpha = 1; its alpha is set by the caller)."""
-    if move.kind == "remove_attention":
-        return mask.with_layer(move.layer, alpha=0.0)
-    if move.kind == "drop_qk":
-        return mask.with_layer(move.layer, drop_qk=True, alpha=1.0)
-    if move.kind == "prune_group":
-        heads = [h for h in range(shape.num_heads) if shape.kv_group(h) == move.index]
-        return mask.with_heads([(move.layer, h) for h in heads], keep=False)
-    return mask.with_heads([(move.layer, move.index)], keep=False)
-
-
-def all_moves(shape: ModelShape, kinds: Sequence[str]) -> list[Move]:
-    """Every move of the given kinds, highest layer first (the order the incremental evaluator likes)."""
-    moves = []
-    for layer in reversed(range(shape.num_layers)):
-        moves += [Move(kind, layer) for kind in ("remove_attention", "drop_qk") if kind in kinds]
-        if "prune_group" in kinds:
-            moves += [Move("prune_group", layer, g) for g in range(shape.num_kv_heads)]
-        if "prune_head" in kinds:
-            moves += [Move("prune_head", layer, h) for h in range(shape.num_heads)]
-    return moves
-
-
-def check_move_kinds(kinds: Sequence[str]) -> None:
-    unknown = [k for k in kinds if k not in MOVE_KINDS]
-    if unknown or not kinds:
-        raise HeadroomError(
-            f"unknown move kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MOVE_KINDS)}",
-            settings=("moves",),
-        )
-
-
-def _progress_of(before: Budget, after: Budget, targets: dict[str, int]) -> float:
-    """Share of each axis' remaining need that a change covers, summed over the axes."""
-    total = 0.0
-    for axis, amount in targets.items():
-        need = amount - saved(before, axis)
-        if need > 0:
-            total += min(saved(after, axis) - saved(before, axis), need) / amount
-    return total
 
 
 class _Scorer:
@@ -327,7 +238,7 @@ def _ranked(
         after = budget(apply_move(mask, move, shape), shape, seqlen)
         if any(saved(after, axis) < saved(before, axis) for axis in targets):
             continue
-        step = _progress_of(before, after, targets)
+        step = progress_toward(before, after, targets)
         if step > 0:
             ranked.append((scores.get(move, math.inf) / step, move, step))
     ranked.sort(key=lambda r: r[0])
@@ -352,7 +263,7 @@ def _structure_phase(
             kinds = sorted({move.kind for move in moves})
             raise HeadroomError(
                 f"the moves {', '.join(kinds) or '(none)'} cannot save {targets}: "
-                f"{_saved(budget(state['mask'], shape, seqlen))} is the most they reach; allow more kinds of move",
+                f"{savings(budget(state['mask'], shape, seqlen))} is the most they reach; allow more kinds of move",
                 settings=("moves",),
             )
         fresh = []
@@ -366,7 +277,7 @@ def _structure_phase(
         state["mask"], state["nll"] = mask, nll
         b = budget(mask, shape, seqlen)
         state["trace"].append(
-            TraceStep("structure", str(move), move.layer, mask.alpha[move.layer], math.exp(nll), len(fresh), _saved(b))
+            TraceStep("structure", str(move), move.layer, mask.alpha[move.layer], math.exp(nll), len(fresh), savings(b))
         )
         if meets(b, targets):
             state["best"] = (nll, mask)
@@ -420,11 +331,7 @@ def _alpha_phase(
         state["mask"], state["nll"], state["best"] = mask, nll, (nll, mask)
         b = budget(mask, shape, seqlen)
         change = f"alpha({layer})" + (" drop_qk" if layer in mask.drop_qk else "")
-        state["trace"].append(TraceStep("alpha", change, layer, mask.alpha[layer], math.exp(nll), tried, _saved(b)))
-
-
-def _saved(b: Budget) -> dict[str, int]:
-    return {axis: saved(b, axis) for axis in AXES}
+        state["trace"].append(TraceStep("alpha", change, layer, mask.alpha[layer], math.exp(nll), tried, savings(b)))
 
 
 def cached_search(

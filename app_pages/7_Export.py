@@ -12,8 +12,10 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.access import MAX_NAME_CHARS
-from analysis.export import CARD_FILE, KINDS, MASK_FILE, export_command, export_model
+from analysis.export import KINDS, export_model
+from analysis.export_folder import CARD_FILE, MASK_FILE
 from analysis.masks import budget
+from analysis.model_card import export_command
 from ui import backend, progress, session
 
 KIND_HELP = {

@@ -20,11 +20,13 @@ import statistics
 import time
 from dataclasses import replace
 
+from analysis.budget_targets import parse_targets
 from analysis.corpus import default_text, make_windows
 from analysis.evaluation import IncrementalEvaluator, perplexity
 from analysis.loading import load_model
 from analysis.masks import Mask
-from analysis.search import PROXY_WINDOWS, SHORTLIST, all_moves, apply_move, parse_targets, search
+from analysis.search import PROXY_WINDOWS, SHORTLIST, search
+from analysis.search_moves import all_moves, apply_move
 
 
 def load() -> str:

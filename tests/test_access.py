@@ -13,7 +13,8 @@ import pytest
 
 from analysis.access import DEMO_ENV, EXPORTS_ENV, MAX_NAME_CHARS, MODELS_ENV, Access
 from analysis.errors import HeadroomError
-from analysis.export import MASK_FILE, export_model
+from analysis.export import export_model
+from analysis.export_folder import MASK_FILE
 from analysis.masks import Mask, load_mask
 from tests.test_export import every_kind_of_pruning, tiny_lm, tree
 

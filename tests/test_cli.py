@@ -525,7 +525,7 @@ def test_harp_bad_arguments_are_one_line_errors(capsys, checkpoint, text_file, e
 def test_rescale_writes_the_norm_matching_mask_and_reports_its_held_out_perplexity(
     capsys, tmp_path, checkpoint, text_file
 ):
-    from analysis.harp import rescale
+    from analysis.rescale import rescale
 
     lm = load_model(str(checkpoint))
     (tmp_path / "m.json").write_text(json.dumps(mask_json([(3, 0), (3, 1)])))

@@ -11,7 +11,7 @@ import pytest
 from analysis.access import DEMO_ENV, EXPORTS_ENV, MODELS_ENV, Access
 from analysis.corpus import load_text, make_windows
 from analysis.evaluation import perplexity
-from analysis.export import MASK_FILE
+from analysis.export_folder import MASK_FILE
 from analysis.loading import load_model
 from analysis.masks import Mask, load_mask
 from tests.helpers import open_page

@@ -21,11 +21,14 @@ from analysis.cli import main
 from analysis.corpus import load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, cached_perplexity, head_token_nll, perplexity
-from analysis.export import CARD_FILE, export_model, max_logit_difference
-from analysis.harp import cached_chosen_harp, cached_harp, cached_rescale
+from analysis.export import export_model
+from analysis.export_folder import CARD_FILE
+from analysis.harp import cached_chosen_harp, cached_harp
 from analysis.importance import cached_head_result
 from analysis.loading import load_model, pick_dtype
 from analysis.masks import Mask, budget
+from analysis.pruned_model import max_logit_difference
+from analysis.rescale import cached_rescale
 from analysis.search import cached_search
 from tests.conftest import random_windows
 from tests.helpers import open_page

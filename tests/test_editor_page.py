@@ -18,11 +18,11 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.cache import DiskCache
 from analysis.corpus import load_text, make_windows
-from analysis.harp import rescale
 from analysis.live import LivePerplexity
 from analysis.loading import load_model
 from analysis.masks import Mask, budget, mask_to_query, parse_mask
 from analysis.pareto import named_masks
+from analysis.rescale import rescale
 from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text
 from ui import session

@@ -26,11 +26,13 @@ from analysis.cli import main
 from analysis.corpus import default_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
-from analysis.export import CARD_FILE, MASK_FILE, export_model, layer_structure
+from analysis.export import export_model
+from analysis.export_folder import CARD_FILE, MASK_FILE
 from analysis.harp import top_layers
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
+from analysis.pruned_model import layer_structure
 from tests.conftest import FAMILY_TYPES, TINY, random_windows, tiny_model
 from tests.helpers import open_page, save_checkpoint, word_text, word_tokenizer
 from ui import session

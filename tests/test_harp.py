@@ -8,20 +8,12 @@ import torch
 from analysis.architecture import Architecture
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, perplexity
-from analysis.harp import (
-    _branch_moments,
-    check_grid,
-    chosen_harp,
-    greedy_alpha_search,
-    harp,
-    norm_matching_alpha,
-    rescalable_layers,
-    rescale,
-    top_layers,
-)
+from analysis.harp import check_grid, chosen_harp, greedy_alpha_search, harp, top_layers
 from analysis.hooks import hidden_arg, hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.masks import Mask
+from analysis.norm_matching import _branch_moments, norm_matching_alpha
+from analysis.rescale import rescalable_layers, rescale
 from tests.conftest import random_windows, tiny_model
 
 GRID = (0.0, 0.5, 1.0, 1.5)

@@ -21,13 +21,14 @@ from analysis.comparison import cached_baselines, compare
 from analysis.corpus import load_text, make_windows
 from analysis.drift import mask_drift, position_drift
 from analysis.evaluation import perplexity
-from analysis.export import MASK_FILE, export_command
+from analysis.export_folder import MASK_FILE
 from analysis.generation import greedy_continuation
 from analysis.harp import chosen_harp, harp
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, block_influence, cached_head_result
 from analysis.loading import load_model
 from analysis.masks import Mask, budget, mask_from_query, mask_to_query, parse_mask
+from analysis.model_card import export_command
 from analysis.throughput import duration_text, measured_rate
 from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text

@@ -25,12 +25,13 @@ from analysis.corpus import Windows, decode_text, load_text, make_windows
 from analysis.drift import MaskDrift, PositionDrift, cached_mask_drift, position_drift
 from analysis.errors import HeadroomError
 from analysis.files import atomic_write_bytes
-from analysis.harp import HarpResult, RescaleResult, cached_chosen_harp, cached_harp, cached_rescale
+from analysis.harp import HarpResult, cached_chosen_harp, cached_harp
 from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import HeadScores, attention_block_influence, block_influence, cached_head_result
 from analysis.live import LivePerplexity
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
+from analysis.rescale import RescaleResult, cached_rescale
 from analysis.task_suite import TaskResult, run_suite, stored_task
 from ui.progress import Job, progress_bar
 from ui.session import CALIB_TEXT, DTYPE, EVAL_TEXT, MAX_TOKENS, MODEL, SEQLEN, choice
