@@ -55,7 +55,7 @@ def main() -> None:
         f"calib perplexity {result.calib_perplexity:.3f}  [{load()}]"
     )
 
-    moves = all_moves(lm.shape, any(axis != "kv" for axis in targets))
+    moves = all_moves(lm.shape, result.settings["moves"])  # the kinds the search itself used
     sample = moves[:: max(1, len(moves) // args.sample)][: args.sample]
     unpruned = Mask.unpruned(lm.shape, lm.name)
     naive = {"proxy": [], "full": []}
