@@ -16,7 +16,7 @@ from analysis.generation import greedy_continuation
 from analysis.importance import HEAD_METRICS, HeadScores, stored_head_result
 from analysis.loading import LoadedModel
 from analysis.masks import MAX_MASK_BYTES, Mask, budget, decode_mask
-from ui import backend, collection, editor, plots, session
+from ui import backend, collection, editor, head_grids, session
 from ui.editor import MODES, guarded
 
 PRESETS = ("unpruned", "HARP result", "lowest heads of a metric")
@@ -31,7 +31,7 @@ def toggle(layer: int, head: int) -> None:
 
 
 def clicked(chart_key: str) -> None:
-    cell = plots.selected_head(st.session_state.get(chart_key))
+    cell = head_grids.selected_head(st.session_state.get(chart_key))
     if cell is not None:
         toggle(*cell)
         st.session_state["grid_version"] = st.session_state.get("grid_version", 0) + 1  # a fresh chart, no selection

@@ -21,7 +21,7 @@ from analysis.importance import HeadScores, ranks
 from analysis.live import LiveEstimate, LivePerplexity
 from analysis.loading import LoadedModel
 from analysis.masks import Budget, Mask, parse_mask
-from ui import plots, scaffold, session
+from ui import head_grids, plots, scaffold, session
 
 MODES = ("full", "drop-QK", "attention removed")
 DROP_QK_COLOUR, REMOVED_COLOUR = "#e67e22", "#c0392b"
@@ -101,7 +101,7 @@ def mask_grid(mask: Mask, scores: HeadScores | None) -> go.Figure:
             [f"layer {layer}, head {head}: {s} (click to toggle)" for head, s in enumerate(row)]
             for layer, row in enumerate(status)
         ]
-        fig = plots.grid_figure(colour, hover, "Heads (light kept, dark pruned)", None, plots.KEEP_SCALE, 0, 1)
+        fig = head_grids.grid_figure(colour, hover, "Heads (light kept, dark pruned)", None, plots.KEEP_SCALE, 0, 1)
     else:
         colour = [row or [None] * mask.num_heads for row in scores.scores]
         rank = ranks(colour)
@@ -119,7 +119,7 @@ def mask_grid(mask: Mask, scores: HeadScores | None) -> go.Figure:
             for layer, row in enumerate(colour)
         ]
         title = f"Heads by {scores.metric} (pruned heads crossed out)"
-        fig = plots.grid_figure(colour, hover, title, scores.metric, "Viridis")
+        fig = head_grids.grid_figure(colour, hover, title, scores.metric, "Viridis")
         pruned = [(layer, head) for layer, row in enumerate(mask.heads) for head, keep in enumerate(row) if not keep]
         fig.add_trace(
             go.Scatter(
