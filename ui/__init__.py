@@ -7,6 +7,8 @@
 - :mod:`ui.plots`    plot builders, colours and titles shared by the pages
 - :mod:`ui.head_grids` layers x heads grids: clickable, a head score's heatmap, the clusters
 - :mod:`ui.importance_view`, :mod:`ui.harp_view` what the Importance and HARP pages draw
+- :mod:`ui.editor`, :mod:`ui.mask_edits`, :mod:`ui.live_panel` the mask editor: its drawing, edits, live number
+- :mod:`ui.collection` the box that saves a mask to the named collection
 
 Numbers come from ``analysis/``; this package caches, routes and draws.
 """
