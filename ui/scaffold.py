@@ -52,12 +52,20 @@ def run(page: Any, caption: str, *, home: bool = False) -> None:
 
 
 @contextmanager
-def guard() -> Iterator[None]:
-    """Show any failure of the block as ``st.error`` with what to do; the page never shows a traceback."""
+def reported() -> Iterator[None]:
+    """Show a HeadroomError of the block right here (for work a button runs in the page itself)."""
     try:
         yield
     except HeadroomError as e:
         st.error(str(e))
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Show any failure of the block as ``st.error`` with what to do; the page never shows a traceback."""
+    try:
+        with reported():
+            yield
     except Exception as e:  # the app must not die or show a traceback; the log keeps the details
         log.exception("page failed")
         st.error(
@@ -90,15 +98,6 @@ def errors_at(slot: str) -> None:
     message = st.session_state.get(SLOT_ERRORS, {}).pop(slot, None)
     if message:
         st.error(message)
-
-
-@contextmanager
-def reported() -> Iterator[None]:
-    """Show a HeadroomError of the block right here (for work a button runs in the page itself)."""
-    try:
-        yield
-    except HeadroomError as e:
-        st.error(str(e))
 
 
 MARKDOWN_SPECIALS = "\\`*_{}[]()<>#+-.!|~$"
