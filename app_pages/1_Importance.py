@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
 import torch
 
 from analysis.attention_patterns import attention_pattern
 from analysis.importance import CHEAP_METRICS, HEAD_METRICS, metric_agreement, ranks
-from ui import backend, plots, session
+from ui import backend, head_grids, importance_view, plots, session
 
 GRID, LAYER, HEAD, CLICKED = "importance_grid", "details_layer", "details_head", "importance_clicked"
 
@@ -16,7 +15,7 @@ lm = backend.model()
 calib = backend.windows(lm, session.CALIB_TEXT)
 shape = lm.shape
 # A click on the grid selects that head for the details beside it (the number inputs can change it after).
-clicked = plots.selected_head(st.session_state.get(GRID))
+clicked = head_grids.selected_head(st.session_state.get(GRID))
 if clicked is not None and clicked != st.session_state.get(CLICKED):
     st.session_state[CLICKED] = clicked
     st.session_state[LAYER], st.session_state[HEAD] = clicked
@@ -25,7 +24,7 @@ st.session_state.setdefault(HEAD, 0)
 
 a, b, c = st.columns([2, 3, 3])
 metric = a.selectbox("Metric", list(HEAD_METRICS), index=list(HEAD_METRICS).index("magnitude"))
-scale = b.radio("Colour", plots.SCALES, horizontal=True, help=plots.SCALE_HELP)
+scale = b.radio("Colour", head_grids.SCALES, horizontal=True, help=head_grids.SCALE_HELP)
 layers = c.multiselect(
     "Layers to score (empty: all; ablation costs a pass of the layers above per head)",
     list(range(shape.num_layers)),
@@ -47,7 +46,7 @@ if metric == "integrated_gradients":
 layer, head = int(st.session_state[LAYER]), int(st.session_state[HEAD])
 grid, bars, details = st.columns([6, 2, 3])
 with grid:
-    fig = plots.head_heatmap(
+    fig = head_grids.head_heatmap(
         scores,
         f"{metric} per head ({calib.text_name}, {calib.predicted_tokens:,} tokens)",
         metric,
@@ -100,30 +99,21 @@ with details:
 if len(tensors) >= 2:
     k = st.slider("k lowest heads for the overlap", 1, shape.num_layers * shape.num_heads, shape.num_heads * 2)
     agreement = metric_agreement(tensors, k)
-    cols = st.columns(2)
-    for col, (values, title) in zip(
-        cols,
-        (
-            (agreement.spearman, "Spearman rank correlation"),
-            (agreement.top_k_overlap, f"overlap of the {k} lowest heads (row in column)"),
-        ),
-        strict=True,
-    ):
-        fig = go.Figure(
-            go.Heatmap(
-                z=values,
-                x=agreement.metrics,
-                y=agreement.metrics,
-                zmin=-1 if "Spearman" in title else 0,
-                zmax=1,
-                colorscale="RdBu",
-                text=[[f"{v:.2f}" for v in row] for row in values],
-                texttemplate="%{text}",
-                colorbar={"title": {"text": "share" if col is cols[1] else "rho"}},
-            )
+    spearman, overlap = st.columns(2)
+    spearman.plotly_chart(
+        importance_view.agreement_heatmap(
+            agreement.spearman, agreement.metrics, "Spearman rank correlation", "rho", zmin=-1
         )
-        fig.update_layout(title=plots.title(title), xaxis_title="metric", yaxis_title="metric", **plots.LAYOUT)
-        col.plotly_chart(fig)
+    )
+    overlap.plotly_chart(
+        importance_view.agreement_heatmap(
+            agreement.top_k_overlap,
+            agreement.metrics,
+            f"overlap of the {k} lowest heads (row in column)",
+            "share",
+            zmin=0,
+        )
+    )
 
 st.subheader("Block Influence per layer (ShortGPT: 1 - mean cosine of input and output)")
 if st.toggle("Show Block Influence (two passes over the calibration windows, then cached)", key="influence"):
@@ -141,21 +131,5 @@ window = st.number_input("Window of the attention pattern", 0, calib.num_windows
 ids = calib.input_ids[int(window)]
 pattern = attention_pattern(lm.arch, ids, int(layer), int(head))
 tokens = [f"{i}: {lm.tokenizer.decode([t])!r}" for i, t in enumerate(ids.tolist())]
-fig = go.Figure(
-    go.Heatmap(
-        z=pattern.tolist(),
-        x=tokens,
-        y=tokens,
-        colorscale="Blues",
-        colorbar={"title": {"text": "weight"}},
-        hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>",
-    )
-)
-fig.update_layout(
-    title=plots.title(f"Attention of layer {layer}, head {head} on window {window} (rows sum to 1)"),
-    xaxis={"title": "key position", "showticklabels": False},
-    yaxis={"title": "query position (0 at the top)", "autorange": "reversed", "showticklabels": False},
-    height=560,
-    **plots.LAYOUT,
-)
-st.plotly_chart(fig)
+title = f"Attention of layer {layer}, head {head} on window {window} (rows sum to 1)"
+st.plotly_chart(importance_view.attention_heatmap(pattern.tolist(), tokens, title))

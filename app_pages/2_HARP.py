@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
 
 from analysis.baselines import AXES
 from analysis.harp import DEFAULT_GRID, top_layers
-from ui import backend, plots, session
-
-AXIS_LABELS = {
-    "params": "attention parameters removed",
-    "kv": "KV-cache bytes per token saved",
-    "flops": "attention FLOPs per token saved",
-}
+from ui import backend, harp_view, plots, session
 
 LAYER_CHOICES = ("top N", "chosen N (greedy on perplexity)", "a layer set")
 
@@ -73,85 +66,29 @@ for col, (label, value) in zip(
 if result.selection:
     st.caption("Layers chosen, in order: " + ", ".join(str(s.layer) for s in result.selection))
 
-layers = list(result.layers)
-fig = go.Figure(
-    [
-        go.Bar(
-            x=layers, y=[result.alpha[i] for i in layers], name="searched", marker_color=plots.method_colour("harp")
-        ),
-        go.Bar(
-            x=layers,
-            y=[result.norm_matching_alpha[i] for i in layers],
-            name="norm-matching",
-            marker_color=plots.method_colour("harp-norm-matching-alpha"),
-        ),
-    ]
-)
-fig.update_layout(
-    title=plots.title("alpha per layer"),
-    xaxis={"title": "layer", "dtick": 1, "type": "category"},
-    yaxis_title="alpha (branch scale)",
-    **plots.LAYOUT,
-)
 left, right = st.columns(2)
-left.plotly_chart(fig)
+left.plotly_chart(harp_view.alpha_bars(result))
 left.caption("How much of each drop-QK layer's attention output is kept: 1 all of it, 0 none.")
-fig = go.Figure()
-for layer in sorted(layers, reverse=True):
-    steps = [s for s in result.trace if s.layer == layer]
-    fig.add_trace(
-        go.Scatter(
-            x=[s.alpha for s in steps],
-            y=[s.perplexity for s in steps],
-            mode="lines+markers",
-            name=f"layer {layer} (chose {result.alpha[layer]:g})",
-        )
-    )
-plots.log_hline(fig, result.unpruned_perplexity, f"unpruned {result.unpruned_perplexity:.2f}")
-fig.update_layout(
-    title=plots.title("Search trace, top layer first"),
-    xaxis_title="alpha",
-    yaxis=plots.log_axis([s.perplexity for s in result.trace] + [result.unpruned_perplexity], "calibration perplexity"),
-    **plots.LAYOUT,
-)
-right.plotly_chart(fig)
+right.plotly_chart(harp_view.search_trace(result))
 right.caption(
     "Each curve is one layer's alpha search with the layers above already set; its lowest point is the alpha "
     "chosen. The closer the minima come to the dotted unpruned line, the less the drop-QK layers cost."
 )
 
 st.subheader("Matched-budget comparison on held-out text")
-axis = st.radio("Match the baselines on", AXES, format_func=AXIS_LABELS.get, horizontal=True)
+axis = st.radio("Match the baselines on", AXES, format_func=plots.AXIS_LABELS.get, horizontal=True)
 st.caption("Comparison: " + backend.compare_job(lm).expected())
 if st.button("Compare with the baselines") or st.session_state.get("compared") == (run, axis):
     st.session_state["compared"] = (run, axis)
     comparison = backend.comparison(lm, run, axis)
     rows = sorted(comparison.rows, key=lambda r: r.eval_perplexity)
-    st.plotly_chart(plots.matched_budget(rows, axis))
+    st.plotly_chart(harp_view.matched_budget(rows, axis))
     st.caption(
-        f"Lower is better. Every baseline saves at least what HARP (the red star) saves in {AXIS_LABELS[axis]} "
+        f"Lower is better. Every baseline saves at least what HARP (the red star) saves in {plots.AXIS_LABELS[axis]} "
         f"(at sequence length {comparison.seqlen:,}; each row says how much), so the methods left of the star beat "
         "HARP at its own budget. The dotted line is the unpruned model."
     )
-    table = st.dataframe(
-        {
-            "method": [r.method for r in rows],
-            "eval perplexity": [round(r.eval_perplexity, 3) for r in rows],
-            "params removed": [r.budget.params_removed for r in rows],
-            "KV B/token saved": [r.budget.kv_bytes_per_token_saved for r in rows],
-            "attn FLOPs/token saved": [r.budget.attention_flops_per_token_saved for r in rows],
-        },
-        column_config={
-            name: st.column_config.NumberColumn(format="localized")
-            for name in ("params removed", "KV B/token saved", "attn FLOPs/token saved")
-        },
-        height=plots.table_height(len(rows)),
-        hide_index=True,
-        key="comparison_table",
-        on_select="rerun",
-        selection_mode="single-row",
-    )
-    picked = table.selection.rows if table is not None and hasattr(table, "selection") else []
+    picked = harp_view.comparison_table(rows)
     a, b = st.columns([2, 1])
     method = a.selectbox(
         "Load a row's mask into the editor (or click its row)",

@@ -7,7 +7,7 @@ import streamlit as st
 
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, HeadMap
 from analysis.importance import HEAD_METRICS
-from ui import backend, plots, scaffold, session
+from ui import backend, head_grids, plots, scaffold, session
 
 
 def scatter(head_map: HeadMap, projection: str, colour_by: str) -> go.Figure:
@@ -101,7 +101,7 @@ st.caption(
     "Heads close together behave alike. With colour by cluster, each cluster keeps its colour in the grid below; "
     "a cluster confined to a few layers is a family of heads worth pruning or keeping together."
 )
-st.plotly_chart(plots.cluster_grid(head_map.heads, head_map.clusters, lm.shape.num_layers, lm.shape.num_heads))
+st.plotly_chart(head_grids.cluster_grid(head_map.heads, head_map.clusters, lm.shape.num_layers, lm.shape.num_heads))
 st.caption("Where each cluster sits in the model: the same colours as the map above.")
 
 st.subheader("Clusters")

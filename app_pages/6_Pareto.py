@@ -14,11 +14,6 @@ from analysis.masks import parse_mask
 from analysis.pareto import Front, pareto
 from ui import backend, collection, plots, progress, scaffold, session
 
-AXIS_LABELS = {
-    "params": "attention parameters removed",
-    "kv": "KV-cache bytes per token saved",
-    "flops": "attention FLOPs per token saved",
-}
 CHART, TABLE, PICK = "pareto_chart", "pareto_table", "pareto_pick"
 SHOWN = "pareto_shown"  # the masks (JSON) of the points drawn, by index: what a click loads
 LOADED = "pareto_loaded"  # the label of the point loaded last
@@ -80,8 +75,8 @@ def figure(result: Front) -> go.Figure:
         )
     )
     fig.update_layout(
-        title=f"Held-out perplexity vs {AXIS_LABELS[result.axis]} (stars: on the front)",
-        xaxis_title=AXIS_LABELS[result.axis],
+        title=f"Held-out perplexity vs {plots.AXIS_LABELS[result.axis]} (stars: on the front)",
+        xaxis_title=plots.AXIS_LABELS[result.axis],
         yaxis={"title": "held-out perplexity (log)", "type": "log"},
         height=560,
         **plots.LAYOUT,
@@ -94,7 +89,7 @@ evaluation = backend.windows(lm)
 with st.expander("Save the session's mask to the collection"):
     st.caption(session.current_mask(lm).describe())
     collection.save_mask_box(lm, session.current_mask(lm), key="pareto_save")
-axis = st.radio("Saving on", AXES, index=AXES.index("kv"), format_func=AXIS_LABELS.get, horizontal=True)
+axis = st.radio("Saving on", AXES, index=AXES.index("kv"), format_func=plots.AXIS_LABELS.get, horizontal=True)
 with progress.progress_bar("Evaluating the cached masks on the held-out text (cached after the first time)") as bar:
     result = pareto(lm, evaluation, axis, backend.disk_cache(), bar)
 st.session_state[SHOWN] = [(p.label, p.mask.to_json()) for p in result.points]

@@ -32,7 +32,7 @@ from analysis.model_card import export_command
 from analysis.throughput import duration_text, measured_rate
 from tests.helpers import open_page
 from tests.test_loading import save_checkpoint, word_text
-from ui import plots, scaffold, session
+from ui import harp_view, head_grids, plots, scaffold, session
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN, TOKENS = 16, 64
@@ -272,11 +272,11 @@ def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny,
 
 
 def test_a_clicked_grid_point_names_its_layer_and_head():
-    fig = plots.grid_figure([[0.0] * 3] * 2, [["x"] * 3] * 2, "t", None, "Viridis")
+    fig = head_grids.grid_figure([[0.0] * 3] * 2, [["x"] * 3] * 2, "t", None, "Viridis")
     data = fig.data[1].customdata
     point = {"selection": {"points": [{"x": 2, "y": 1, "customdata": list(data[5])}]}}  # layer-major: (1, 2)
-    assert plots.selected_head(point) == (1, 2)
-    assert plots.selected_head({"selection": {"points": []}}) is None and plots.selected_head(None) is None
+    assert head_grids.selected_head(point) == (1, 2)
+    assert head_grids.selected_head({"selection": {"points": []}}) is None and head_grids.selected_head(None) is None
 
 
 def test_a_mask_file_that_is_not_json_is_an_error_saying_so(tiny):
@@ -321,7 +321,7 @@ def test_harp_page_chooses_layers_fits_its_log_axis_and_loads_any_compared_row_i
     dots = chart(at, "Held-out perplexity at HARP's budget")
     (star,) = [d for d in dots["data"] if d["name"] == "HARP"]
     assert star["customdata"] == ["harp"] and star["x"] == [pytest.approx(harp_ppl, rel=1e-6)]
-    assert star["y"] == [f"harp · saves {plots.compact(budget(expected.mask, lm.shape, SEQLEN).params_removed)}"]
+    assert star["y"] == [f"harp · saves {harp_view.compact(budget(expected.mask, lm.shape, SEQLEN).params_removed)}"]
     assert star["marker"]["symbol"] == "star" and star["marker"]["color"] == [plots.HIGHLIGHT]
     others = next(d for d in dots["data"] if d["name"] != "HARP")
     assert others["marker"]["color"] == [plots.method_colour(m) for m in others["customdata"]]

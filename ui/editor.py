@@ -1,35 +1,23 @@
-"""What the mask editor draws: the grid of heads, the live number, the budget meters, and errors where they arose.
+"""What the mask editor draws: the grid of heads and what colours it, the budget meters, the generations.
 
-Only the editor page uses these. The live number is a fragment: it asks the shared live evaluator
-(``analysis.live``) for the mask, shows the first estimate with its interval as soon as it comes and
-replaces it in place until the number is exact, so a number never redraws the rest of the page.
+Only the editor page uses these; its edits are in ``ui.mask_edits``, its live number in ``ui.live_panel``.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.errors import HeadroomError
-from analysis.importance import HeadScores, ranks
-from analysis.live import LiveEstimate, LivePerplexity
+from analysis.importance import HEAD_METRICS, HeadScores, ranks, stored_head_result
 from analysis.loading import LoadedModel
-from analysis.masks import Budget, Mask, parse_mask
-from ui import plots, scaffold, session
+from analysis.masks import Budget, Mask
+from ui import backend, plots, scaffold, session
+from ui.head_grids import grid_figure
 
 MODES = ("full", "drop-QK", "attention removed")
 DROP_QK_COLOUR, REMOVED_COLOUR = "#e67e22", "#c0392b"
-LAST_CHANGE = "editor_last_change"  # {"what", "before", "after"}: the session's last edit of the mask
-ERRORS = "editor_errors"  # widget slot -> the error its callback raised, shown beside that widget
-LIVE_CLIENT = "editor_live_client"  # this session's name towards the shared live evaluator
-LIVE_REQUEST = "editor_live_request"  # (mask, Refinement) started early in this run, for the live panel
-POLL_S = 0.1  # how often the live panel looks for the next answer (and lets a newer click interrupt it)
 
 
 def mode_of(mask: Mask, layer: int) -> str:
@@ -38,54 +26,24 @@ def mode_of(mask: Mask, layer: int) -> str:
     return MODES[2] if spec.alpha == 0 else MODES[1] if spec.drop_qk else MODES[0]
 
 
-def change(lm: LoadedModel, mask: Mask, what: str) -> None:
-    """Make ``mask`` the session's mask (undoable) and remember ``what`` changed, for the "what changed" line."""
-    before = session.current_mask(lm)
-    session.change_mask(lm, mask)
-    st.session_state[LAST_CHANGE] = {"what": what, "before": before.to_json(), "after": mask.to_json()}
+def colour_scores(lm: LoadedModel) -> HeadScores | None:
+    """The scores the grid is coloured by: none, one on disk, or a cheap one computed now (then on disk).
 
-
-def undo(lm: LoadedModel) -> None:
-    before = session.current_mask(lm)
-    if session.undo():
-        after = session.current_mask(lm)
-        st.session_state[LAST_CHANGE] = {"what": "undo", "before": before.to_json(), "after": after.to_json()}
-
-
-def last_change(lm: LoadedModel, mask: Mask) -> tuple[str, Mask] | None:
-    """What the last edit did and the mask before it, if it produced ``mask`` (a link or another page may not have)."""
-    entry = st.session_state.get(LAST_CHANGE)
-    if entry is None or entry["after"] != mask.to_json():
+    Offered: the head metrics already computed for this model and calibration text, and the cheap ones.
+    """
+    calib, cache = backend.windows(lm, session.CALIB_TEXT), backend.disk_cache()
+    stored = {m: stored_head_result(lm, calib, m, cache) for m in HEAD_METRICS}
+    offered = {m: s for m, s in stored.items() if s is not None or HEAD_METRICS[m].cost in ("weights", "forward")}
+    chosen = st.selectbox(
+        "Colour the grid by",
+        ["kept / pruned", *offered],
+        key="colour_by",
+        help="Head metrics already computed for this model and calibration text (Importance page), and the cheap "
+        "ones, computed on first use",
+    )
+    if chosen == "kept / pruned":
         return None
-    return entry["what"], parse_mask(entry["before"], lm.shape, lm.name, lm.fingerprint)
-
-
-def guarded(slot: str, callback: Callable[..., None], *bound: Any) -> Callable[..., None]:
-    """A widget callback whose HeadroomError is shown by :func:`errors_at` ``(slot)``, beside that widget."""
-
-    def run(*args: Any, **kwargs: Any) -> None:
-        try:
-            callback(*bound, *args, **kwargs)
-        except HeadroomError as e:
-            st.session_state.setdefault(ERRORS, {})[slot] = str(e)
-
-    return run
-
-
-def errors_at(slot: str) -> None:
-    """Show (once) the error the callback of ``slot`` raised on the last interaction."""
-    message = st.session_state.get(ERRORS, {}).pop(slot, None)
-    if message:
-        st.error(message)
-
-
-@contextmanager
-def reported() -> Iterator[None]:
-    """Show a HeadroomError of the block right here (for work a button runs in the page itself)."""
-    try:
-        yield
-    except HeadroomError as e:
-        st.error(str(e))
+    return offered[chosen] or backend.head_result(lm, calib, chosen)
 
 
 def mask_grid(mask: Mask, scores: HeadScores | None) -> go.Figure:
@@ -101,7 +59,7 @@ def mask_grid(mask: Mask, scores: HeadScores | None) -> go.Figure:
             [f"layer {layer}, head {head}: {s} (click to toggle)" for head, s in enumerate(row)]
             for layer, row in enumerate(status)
         ]
-        fig = plots.grid_figure(colour, hover, "Heads (light kept, dark pruned)", None, plots.KEEP_SCALE, 0, 1)
+        fig = grid_figure(colour, hover, "Heads (light kept, dark pruned)", None, plots.KEEP_SCALE, 0, 1)
     else:
         colour = [row or [None] * mask.num_heads for row in scores.scores]
         rank = ranks(colour)
@@ -119,7 +77,7 @@ def mask_grid(mask: Mask, scores: HeadScores | None) -> go.Figure:
             for layer, row in enumerate(colour)
         ]
         title = f"Heads by {scores.metric} (pruned heads crossed out)"
-        fig = plots.grid_figure(colour, hover, title, scores.metric, "Viridis")
+        fig = grid_figure(colour, hover, title, scores.metric, "Viridis")
         pruned = [(layer, head) for layer, row in enumerate(mask.heads) for head, keep in enumerate(row) if not keep]
         fig.add_trace(
             go.Scatter(
@@ -184,87 +142,6 @@ def budget_meters(b: Budget, targets: dict[str, float]) -> None:
         st.metric(label, f"{saved:,}{unit}", f"{pct:.2f} % {of}", delta_color="off")
         target = targets.get(label, 0.0)
         st.progress(min(pct / target, 1.0) if target > 0 else min(pct / 100, 1.0), text=target_text(pct, target))
-
-
-def _client() -> str:
-    """This browser session (a token of its own): a newer request of a session cancels its older one."""
-    return st.session_state.setdefault(LIVE_CLIENT, uuid.uuid4().hex)
-
-
-def start_live(live: LivePerplexity, mask: Mask) -> None:
-    """Start refining ``mask`` now, so the evaluator works while the page draws; :func:`live_panel` shows it."""
-    refinement = live.start(mask, _client())
-    st.session_state[LIVE_REQUEST] = (mask, refinement)
-    session.on_stop(refinement.cancel)  # a run stopped before the live panel takes it over
-
-
-@st.fragment
-def live_panel(live: LivePerplexity, mask: Mask, changed: tuple[str, Mask] | None) -> None:
-    """The live perplexity of ``mask``, estimate first, then exact; the unpruned model on the same tokens beside it.
-
-    Takes over the refinement :func:`start_live` started for ``mask`` in this run, else starts one.
-    """
-    number, reference = st.columns(2)
-    shown, unpruned = number.empty(), reference.empty()
-    note, delta, status = st.empty(), st.empty(), st.empty()
-    before = live.remembered(changed[1]) if changed else None
-    started_for, refinement = st.session_state.pop(LIVE_REQUEST, (None, None))
-    if started_for != mask or refinement is None:
-        refinement = live.start(mask, _client())
-    first: LiveEstimate | None = None
-    started = time.perf_counter()
-    try:
-        while not refinement.finished:
-            answer = refinement.next(POLL_S)
-            if answer is None:
-                if not refinement.finished:  # also the point where a newer click or a closed tab stops this run
-                    status.caption(f"Refining… {time.perf_counter() - started:.1f} s")
-                continue
-            first = first or answer
-            _draw(answer, first, shown, unpruned, note)
-            if changed is not None:
-                delta.markdown(_change_line(changed[0], answer, before.perplexity if before else None))
-    except BaseException:  # the run was stopped (tab closed, or rerun): nobody waits for this number any more
-        refinement.cancel()
-        raise
-    status.empty()
-
-
-def _draw(answer: LiveEstimate, first: LiveEstimate, shown: Any, unpruned: Any, note: Any) -> None:
-    p, u = answer.perplexity, answer.unpruned_perplexity
-    unpruned.metric("Unpruned, same tokens", f"{u:.3f}")
-    if not answer.exact:
-        shown.metric(
-            "Live perplexity",
-            f"≈ {p:.2f}",
-            f"95 % interval {answer.perplexity_low:.2f} to {answer.perplexity_high:.2f}",
-            delta_color="off",
-        )
-        note.caption(
-            f"Estimate from {answer.predicted_tokens:,} of {answer.total_predicted_tokens:,} tokens (the paired "
-            "difference to the unpruned model on the same windows); refining to the exact number…"
-        )
-        return
-    shown.metric("Live perplexity", f"{p:.3f}", f"{p - u:+.3f} vs unpruned", delta_color="inverse")
-    estimate = (
-        f" First estimate, from {first.predicted_tokens:,} tokens: {first.perplexity:.3f} "
-        f"(95 % interval {first.perplexity_low:.3f} to {first.perplexity_high:.3f})."
-        if not first.exact
-        else " Seen before: answered from memory."
-    )
-    note.caption(
-        f"Exact on {answer.text} (seqlen {answer.seqlen}, {answer.total_predicted_tokens:,} predicted tokens): the "
-        f"slice of Home's unpruned perplexity and of the export card (text and tokens are set on Home).{estimate}"
-    )
-
-
-def _change_line(what: str, answer: LiveEstimate, before: float | None) -> str:
-    if before is None:
-        return f"**Last change:** {what} (the mask before it was not settled, so no Δ)"
-    if answer.exact:
-        return f"**Last change:** {what}: Δ perplexity {answer.perplexity - before:+.3f} (from {before:.3f})"
-    low, high = answer.perplexity_low - before, answer.perplexity_high - before
-    return f"**Last change:** {what}: Δ perplexity ≈ {answer.perplexity - before:+.2f} ({low:+.2f} to {high:+.2f})"
 
 
 def generation(label: str, prompt: str, continuation: str) -> str:

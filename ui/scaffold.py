@@ -1,7 +1,8 @@
 """What every page shows around its own content: page config, title, callback errors, the sidebar summary.
 
 ``app.py`` hands the page ``st.navigation`` chose to :func:`run`; a page file holds only its own
-content. Failures anywhere in a page show as ``st.error`` with what to do, never as a traceback.
+content. Failures anywhere in a page show as ``st.error`` with what to do, never as a traceback; a
+widget callback's error shows on the next run, under the title or beside its widget (:func:`safe`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ui import session
 from ui.backend import model
 
 log = logging.getLogger(__name__)
+SLOT_ERRORS = "slot_errors"  # widget slot -> the error its callback raised, shown beside that widget
 
 
 def run(page: Any, caption: str, *, home: bool = False) -> None:
@@ -50,12 +52,20 @@ def run(page: Any, caption: str, *, home: bool = False) -> None:
 
 
 @contextmanager
-def guard() -> Iterator[None]:
-    """Show any failure of the block as ``st.error`` with what to do; the page never shows a traceback."""
+def reported() -> Iterator[None]:
+    """Show a HeadroomError of the block right here (for work a button runs in the page itself)."""
     try:
         yield
     except HeadroomError as e:
         st.error(str(e))
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Show any failure of the block as ``st.error`` with what to do; the page never shows a traceback."""
+    try:
+        with reported():
+            yield
     except Exception as e:  # the app must not die or show a traceback; the log keeps the details
         log.exception("page failed")
         st.error(
@@ -64,16 +74,30 @@ def guard() -> Iterator[None]:
         )
 
 
-def safe(callback: Callable[..., None], *bound: Any) -> Callable[..., None]:
-    """A widget callback (given ``bound`` first) whose HeadroomError is shown as ``st.error`` on the next run."""
+def safe(callback: Callable[..., None], *bound: Any, slot: str | None = None) -> Callable[..., None]:
+    """A widget callback (given ``bound`` first) whose HeadroomError is shown as ``st.error`` on the next run.
+
+    The error shows under the page's title, or with a ``slot`` where :func:`errors_at` ``(slot)`` is, beside
+    the widget.
+    """
 
     def run(*args: Any, **kwargs: Any) -> None:
         try:
             callback(*bound, *args, **kwargs)
         except HeadroomError as e:
-            st.session_state[session.MESSAGE] = str(e)
+            if slot is None:
+                st.session_state[session.MESSAGE] = str(e)
+            else:
+                st.session_state.setdefault(SLOT_ERRORS, {})[slot] = str(e)
 
     return run
+
+
+def errors_at(slot: str) -> None:
+    """Show (once) the error the callback of ``slot`` raised on the last interaction."""
+    message = st.session_state.get(SLOT_ERRORS, {}).pop(slot, None)
+    if message:
+        st.error(message)
 
 
 MARKDOWN_SPECIALS = "\\`*_{}[]()<>#+-.!|~$"
