@@ -656,7 +656,7 @@ def test_packing_a_model_with_nothing_cached_says_so(tmp_path):
 # any result that is not read from the cache fails the command instead of being recomputed.
 OTHER_MACHINE = """
 import contextlib, io, json, sys
-import analysis.cli as cli
+import analysis.cli.main as cli
 
 real_load = cli.load_model
 
@@ -690,7 +690,7 @@ def test_results_packed_on_one_machine_are_hits_on_another(tmp_path, monkeypatch
     """Computed with ``--device-map auto``, packed (bfloat16 only), unpacked into an empty cache in another process
     that runs the same commands with ``--device auto`` and a model copied elsewhere: every one is a hit, and the
     float32 result, not packed, is not (it would be recomputed, which the other process refuses)."""
-    from analysis import cli
+    import analysis.cli.main as cli
     from tests.test_loading import save_checkpoint, word_text
 
     here, there = tmp_path / "gpu-box", tmp_path / "laptop"

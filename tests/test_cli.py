@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers.utils.logging as hf_logging
 
-import analysis.cli as cli
+import analysis.cli.main as cli
 import analysis.evaluation as evaluation
 import analysis.harp as harp
 import analysis.head_map as head_map

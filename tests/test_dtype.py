@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from analysis.cache import DiskCache, read_entry
-from analysis.cli import main
+from analysis.cli.main import main
 from analysis.corpus import load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, cached_perplexity, head_token_nll, perplexity

@@ -22,7 +22,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from analysis.architecture import Architecture
 from analysis.cache import DiskCache
-from analysis.cli import main
+from analysis.cli.main import main
 from analysis.corpus import default_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import analysis.cli as cli
+import analysis.cli.main as cli
 from analysis.baselines import AXES, saved
 from analysis.cache import DiskCache
 from analysis.corpus import load_text, make_windows

@@ -27,7 +27,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 from transformers import GPT2Config
 
-import analysis.cli as cli
+import analysis.cli.main as cli
 from analysis.cache import DiskCache
 from analysis.corpus import MAX_TEXT_BYTES
 from analysis.errors import HeadroomError
@@ -510,7 +510,7 @@ def test_an_export_writes_only_inside_its_folder_whatever_the_mask_says(tmp_path
 # The heaviest path at the defaults (2,048 tokens at seqlen 256): the incremental evaluator's first pass
 # is a full evaluation that also keeps every layer's input; one layer and one alpha keep the rest short.
 _DEFAULT_SETTINGS = """
-from analysis.cli import main
+from analysis.cli.main import main
 assert main(["harp", "--layers", "1", "--grid", "1", "--no-cache"]) == 0
 """
 

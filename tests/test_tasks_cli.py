@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from analysis import cli, tasks
+import analysis.cli.main as cli
+from analysis import tasks
 from analysis.loading import load_model
 from analysis.task_files import load_task_file, score_user_task
 from tests.char_model import pruned, save_char_model
