@@ -15,7 +15,7 @@ from analysis.access import DEMO_ENV, EXPORTS_ENV, MAX_NAME_CHARS, MODELS_ENV, A
 from analysis.errors import HeadroomError
 from analysis.export import MASK_FILE, export_model
 from analysis.masks import Mask, load_mask
-from tests.test_export import every_kind_of_pruning, tiny_lm, tree
+from tests.helpers import every_kind_of_pruning, tiny_lm, tree
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from analysis.cache import PROJECT_ROOT, DiskCache, default_root, model_key, rea
 from analysis.cache_pack import MANIFEST, pack, unpack
 from analysis.errors import HeadroomError
 from analysis.files import atomic_write, atomic_write_text
+from tests.helpers import save_checkpoint, word_text
 
 KIND = "perplexity"
 PARTS = {
@@ -691,7 +692,6 @@ def test_results_packed_on_one_machine_are_hits_on_another(tmp_path, monkeypatch
     that runs the same commands with ``--device auto`` and a model copied elsewhere: every one is a hit, and the
     float32 result, not packed, is not (it would be recomputed, which the other process refuses)."""
     from analysis import cli
-    from tests.test_loading import save_checkpoint, word_text
 
     here, there = tmp_path / "gpu-box", tmp_path / "laptop"
     save_checkpoint(here / "tiny-llama")

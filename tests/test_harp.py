@@ -22,7 +22,7 @@ from analysis.harp import (
 from analysis.hooks import hidden_arg, hidden_of, observe
 from analysis.intervention import apply_mask
 from analysis.masks import Mask
-from tests.conftest import random_windows, tiny_model
+from tests.helpers import random_windows, tiny_model
 
 GRID = (0.0, 0.5, 1.0, 1.5)
 

@@ -31,8 +31,7 @@ from analysis.importance import (
     ranks,
     wanda_sp,
 )
-from tests.conftest import random_windows, tiny_model
-from tests.helpers import forbid
+from tests.helpers import forbid, random_windows, tiny_model
 
 HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
 

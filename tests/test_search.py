@@ -11,7 +11,7 @@ from analysis.evaluation import perplexity
 from analysis.importance import o_proj_input_stats
 from analysis.masks import Mask, budget
 from analysis.search import SearchResult, parse_targets, search
-from tests.conftest import random_windows, tiny_model
+from tests.helpers import random_windows, tiny_model
 
 SEQ = 24
 
