@@ -36,7 +36,7 @@ PACK_FORMAT = "headroom.cache-pack"
 PACK_VERSION = 1
 MANIFEST = "headroom-pack.json"
 CONFLICT_CHOICES = ("refuse", "keep", "replace")
-_MEMBER = re.compile(r"results/[a-z][a-z0-9_]*/[0-9a-f]{40}\.(json|safetensors)")
+_MEMBER = re.compile(r"results/[a-z][a-z0-9_]*/[0-9a-f]{40}\.json")
 
 
 @dataclass(frozen=True)

@@ -475,9 +475,8 @@ def test_cache_entries_stay_inside_the_cache_folder_whatever_the_key(tmp_path):
     cache = DiskCache(root)
     hostile = {"text": "../../../escaped", "mask": "/etc/passwd", "note": "..\\..\\x"}
     cache.put_json("perplexity", hostile, 1.0)
-    cache.put_tensors("perplexity", hostile, {"t": torch.ones(2)})
     assert cache.get_json("perplexity", hostile) == 1.0
-    assert [p.parent for p in root.rglob("*") if p.is_file()] == [root / "results" / "perplexity"] * 2
+    assert [p.parent for p in root.rglob("*") if p.is_file()] == [root / "results" / "perplexity"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
     for kind in ("../escaped", "/tmp/escaped", "a/b", ""):
         with pytest.raises(ValueError, match="must be a lowercase name"):
