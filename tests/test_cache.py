@@ -166,32 +166,27 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
 # --- faults are misses ----------------------------------------------------------------------------
 
 
-def test_truncated_entry_is_a_miss(tmp_path, caplog):
+def damaged(good: bytes, damage: str, i: int) -> bytes:
+    """``good`` cut to its first ``i`` bytes, or with one bit of byte ``i`` flipped."""
+    if damage == "truncated":
+        return good[:i]
+    bad = bytearray(good)
+    bad[i] ^= 0x01
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped-byte"])
+def test_every_truncation_and_every_flipped_byte_of_an_entry_is_a_miss(tmp_path, caplog, damage):
     cache = DiskCache(root=tmp_path)
     cache.put_json(KIND, PARTS, VALUE)
     path = only_entry(tmp_path)
     good = path.read_bytes()
-    for length in range(len(good)):  # every truncation, from nothing to one byte short
-        path.write_bytes(good[:length])
+    for i in range(len(good)):  # from nothing to one byte short; every byte of the file
+        path.write_bytes(damaged(good, damage, i))
         with caplog.at_level(logging.WARNING, logger="analysis.cache"):
-            assert cache.get_json(KIND, PARTS) is None, length
-        assert not path.exists(), length  # the bad file is removed
+            assert cache.get_json(KIND, PARTS) is None, i
+        assert not path.exists(), i  # the bad file is removed
     assert "will be recomputed" in caplog.text
-    cache.put_json(KIND, PARTS, VALUE)
-    assert cache.get_json(KIND, PARTS) == VALUE
-
-
-def test_any_corrupted_byte_of_a_json_entry_is_a_miss(tmp_path):
-    cache = DiskCache(root=tmp_path)
-    cache.put_json(KIND, PARTS, VALUE)
-    path = only_entry(tmp_path)
-    good = path.read_bytes()
-    for offset in range(len(good)):
-        bad = bytearray(good)
-        bad[offset] ^= 0x01
-        path.write_bytes(bytes(bad))
-        assert cache.get_json(KIND, PARTS) is None, offset
-        assert not path.exists(), offset
     compute = Counter(VALUE)
     path.write_bytes(good[: len(good) // 2])
     assert cache.json(KIND, PARTS, compute) == VALUE
