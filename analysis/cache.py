@@ -6,8 +6,8 @@ model without its dtype is refused, so results of a bfloat16 and a float32 load 
 device- or path-dependent goes into a key, so a cache computed on a GPU machine can be moved next
 to the app on a laptop (``analysis/cache_pack.py``) and read there.
 
-Entries are JSON or safetensors (never pickle), written atomically, and carry a checksum of their
-content and their own key parts. A truncated, corrupt or foreign entry is detected on read, removed
+Entries are JSON files (never pickle), written atomically, and carry a checksum of their content
+and their own key parts. A truncated, corrupt or foreign entry is detected on read, removed
 and reported as a miss, so the caller recomputes it instead of crashing.
 """
 
@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from analysis.files import atomic_write, atomic_write_text
+from analysis.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +47,6 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor], meta: Any) -> str:
-    """Checksum of the tensors and of the metadata stored with them."""
-    h = hashlib.sha256(f"{_canonical(meta)}|".encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
-    return h.hexdigest()
-
-
 class InvalidEntry(ValueError):
     """An entry file that is truncated, corrupt, or not the entry its name says."""
 
@@ -69,10 +58,10 @@ class Entry:
     kind: str
     parts: dict[str, Any]
     sha256: str
-    value: Any  # the JSON value, or ``(tensors, meta)``
+    value: Any
 
 
-ENTRY_SUFFIXES = (".json", ".safetensors")
+ENTRY_SUFFIX = ".json"
 
 
 def _digest(kind: str, parts: dict[str, Any]) -> str:
@@ -80,34 +69,23 @@ def _digest(kind: str, parts: dict[str, Any]) -> str:
 
 
 def read_entry(path: Path) -> Entry:
-    """The entry in file ``path`` (``.../results/<kind>/<digest><suffix>``), verified.
+    """The entry in file ``path`` (``.../results/<kind>/<digest>.json``), verified.
 
     Its content must match its checksum, and its name the digest of its kind (the folder) and key parts, so a
     file copied under another name or into another kind's folder is refused too. Raises :class:`InvalidEntry`.
     """
     kind = path.parent.name
     try:
-        if path.suffix == ".json":
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(entry, dict) or not isinstance(entry.get("parts"), dict):
-                raise InvalidEntry("not a cache entry")
-            checksum, parts, value = entry.get("sha256"), entry["parts"], entry.get("value")
-            ok = checksum == hashlib.sha256(_canonical(value).encode()).hexdigest()
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("headroom", "null"))
-            if not isinstance(header, dict) or not isinstance(header.get("parts"), dict):
-                raise InvalidEntry("not a cache entry")
-            tensors = load_file(str(path))
-            checksum, parts, value = header.get("sha256"), header["parts"], (tensors, header.get("meta"))
-            ok = checksum == _tensor_digest(tensors, header.get("meta"))
-        else:
-            raise InvalidEntry(f"{path.suffix or 'no suffix'} is not an entry file ({', '.join(ENTRY_SUFFIXES)})")
+        if path.suffix != ENTRY_SUFFIX:
+            raise InvalidEntry(f"{path.suffix or 'no suffix'} is not an entry file ({ENTRY_SUFFIX})")
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(entry, dict) or not isinstance(entry.get("parts"), dict):
+            raise InvalidEntry("not a cache entry")
+        checksum, parts, value = entry.get("sha256"), entry["parts"], entry.get("value")
+        ok = checksum == hashlib.sha256(_canonical(value).encode()).hexdigest()
     except InvalidEntry:
         raise
-    except Exception as e:  # json and safetensors raise several types on truncated or corrupt files
+    except Exception as e:  # reading and json raise several types on truncated or corrupt files
         raise InvalidEntry(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     if not ok:
         raise InvalidEntry("checksum mismatch")
@@ -117,12 +95,12 @@ def read_entry(path: Path) -> Entry:
 
 
 class DiskCache:
-    """JSON and tensor results, keyed by what they were computed from."""
+    """JSON results, keyed by what they were computed from."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
 
-    def _path(self, kind: str, parts: dict[str, Any], suffix: str) -> Path:
+    def _path(self, kind: str, parts: dict[str, Any]) -> Path:
         if not _KIND.fullmatch(kind):
             raise ValueError(f"cache kind {kind!r} must be a lowercase name such as 'perplexity'")
         if "model" in parts and "dtype" not in parts:
@@ -130,16 +108,15 @@ class DiskCache:
                 f"cache key parts of {kind!r} name a model but not its dtype; build them with "
                 "LoadedModel.cache_key() or cache.model_key(), so that results of different dtypes never mix"
             )
-        return self.root / "results" / kind / f"{_digest(kind, parts)}{suffix}"
+        return self.root / "results" / kind / f"{_digest(kind, parts)}{ENTRY_SUFFIX}"
 
     def entry_files(self) -> list[Path]:
         """Every entry file in the cache (not temporary files), unverified, sorted."""
-        return sorted(
-            p for p in (self.root / "results").glob("*/*") if p.suffix in ENTRY_SUFFIXES and not p.name.startswith(".")
-        )
+        return sorted(p for p in (self.root / "results").glob(f"*/*{ENTRY_SUFFIX}") if not p.name.startswith("."))
 
-    def _get(self, kind: str, parts: dict[str, Any], suffix: str) -> Any | None:
-        path = self._path(kind, parts, suffix)
+    def get_json(self, kind: str, parts: dict[str, Any]) -> Any | None:
+        """The value stored under this key, or None (also for an invalid entry, which is removed)."""
+        path = self._path(kind, parts)
         if not path.exists():
             return None
         try:
@@ -157,9 +134,6 @@ class DiskCache:
         log.warning("cache entry %s is invalid (%s); it will be recomputed", path.name, why)
         path.unlink(missing_ok=True)
 
-    def get_json(self, kind: str, parts: dict[str, Any]) -> Any | None:
-        return self._get(kind, parts, ".json")
-
     def entries(self, kind: str, where: dict[str, Any]) -> Iterator[tuple[dict[str, Any], Any]]:
         """``(parts, value)`` of every valid JSON entry of ``kind`` whose key parts include ``where``.
 
@@ -168,7 +142,7 @@ class DiskCache:
         in step. An invalid entry (corrupt, or a file whose name is not its key's digest) is removed, as on a read.
         """
         wanted = json.loads(_canonical(where))
-        for path in sorted((self.root / "results" / kind).glob("*.json")):
+        for path in sorted((self.root / "results" / kind).glob(f"*{ENTRY_SUFFIX}")):
             try:
                 entry = read_entry(path)
             except InvalidEntry as e:
@@ -180,7 +154,7 @@ class DiskCache:
     def put_json(self, kind: str, parts: dict[str, Any], value: Any) -> None:
         body = _canonical(value)
         entry = {"parts": parts, "sha256": hashlib.sha256(body.encode()).hexdigest(), "value": value}
-        atomic_write_text(self._path(kind, parts, ".json"), _canonical(entry))
+        atomic_write_text(self._path(kind, parts), _canonical(entry))
 
     def json(self, kind: str, parts: dict[str, Any], compute: Callable[[], Any], refresh: bool = False) -> Any:
         """The cached value, or ``compute()`` stored and returned (always, with ``refresh``)."""
@@ -190,14 +164,3 @@ class DiskCache:
             self.put_json(kind, parts, value)
             value = json.loads(_canonical(value))  # the same types a later cache hit returns
         return value
-
-    def get_tensors(self, kind: str, parts: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any] | None:
-        return self._get(kind, parts, ".safetensors")
-
-    def put_tensors(self, kind: str, parts: dict[str, Any], tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        header = {"parts": parts, "sha256": _tensor_digest(tensors, meta), "meta": meta}
-        metadata = {"headroom": _canonical(header)}
-        atomic_write(
-            self._path(kind, parts, ".safetensors"), lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
-        )

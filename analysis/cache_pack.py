@@ -36,40 +36,40 @@ PACK_FORMAT = "headroom.cache-pack"
 PACK_VERSION = 1
 MANIFEST = "headroom-pack.json"
 CONFLICT_CHOICES = ("refuse", "keep", "replace")
-_MEMBER = re.compile(r"results/[a-z][a-z0-9_]*/[0-9a-f]{40}\.(json|safetensors)")
+_MEMBER = re.compile(r"results/[a-z][a-z0-9_]*/[0-9a-f]{40}\.json")
 
 
 @dataclass(frozen=True)
-class PackReport:
-    """What ``pack`` wrote."""
+class _Report:
+    """What both reports start with: the pack file, and the model and dtypes of its entries."""
 
     path: str
     model: str
     dtypes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "dtypes": list(self.dtypes)}
+
+
+@dataclass(frozen=True)
+class PackReport(_Report):
+    """What ``pack`` wrote."""
+
     entries: int
     bytes: int
     kinds: dict[str, int]  # kind -> entries
     invalid_skipped: int  # corrupt entries of the cache, left out
 
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "dtypes": list(self.dtypes)}
-
 
 @dataclass(frozen=True)
-class UnpackReport:
+class UnpackReport(_Report):
     """What ``unpack`` did with each entry of a pack."""
 
-    path: str
-    model: str
-    dtypes: tuple[str, ...]
     added: int
     already_present: int  # the same content was in the cache
     replaced_invalid: int  # the cache held a corrupt entry there
     conflicts_kept: int  # other content was in the cache and kept (on_conflict="keep")
     conflicts_replaced: int  # other content was in the cache and replaced (on_conflict="replace")
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "dtypes": list(self.dtypes)}
 
 
 def _model_entries(cache: DiskCache, fingerprint: str, dtype: str | None) -> tuple[list[tuple[Path, Entry]], int]:

@@ -117,15 +117,12 @@ class Windows:
         return self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
 
     def cache_key(self) -> dict[str, object]:
-        """What identifies these windows in a result-cache key (content, never a path)."""
-        return {
-            "text_sha256": self.text_sha256,
-            "seqlen": self.seqlen,
-            "windows": self.num_windows,
-            "bos": self.has_bos,
-        }
+        """What identifies these windows in a result-cache key: their :meth:`metadata` but the text's name
+        (content, never a name or path) and the predicted tokens (which follow from the rest)."""
+        return {k: v for k, v in self.metadata().items() if k not in ("text", "predicted_tokens")}
 
     def metadata(self) -> dict[str, object]:
+        """The windows as the CLI reports them."""
         return {
             "text": self.text_name,
             "text_sha256": self.text_sha256,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -45,16 +45,7 @@ class HeadMap:
     seed: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "heads": self.heads,
-            "feature_names": self.feature_names,
-            "features": self.features,
-            "pca": self.pca,
-            "pca_explained_variance": self.pca_explained_variance,
-            "umap": self.umap,
-            "clusters": self.clusters,
-            "seed": self.seed,
-        }
+        return asdict(self)
 
     def cluster_means(self) -> dict[str, list[float]]:
         """Per cluster (ascending label): its size and the mean of every raw feature, as table columns."""

@@ -39,7 +39,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,9 +71,6 @@ class LiveEstimate:
     text: str
     text_sha256: str
     mask: Any  # Mask.summary()
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def window_order(mask: Mask, num_windows: int) -> list[int]:

@@ -17,7 +17,7 @@ from analysis.architecture import Architecture
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import Mask
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 CHARS = string.printable  # 100 characters, digits included
 EOS = "</s>"

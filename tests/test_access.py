@@ -16,7 +16,7 @@ from analysis.errors import HeadroomError
 from analysis.export import export_model
 from analysis.export_folder import MASK_FILE
 from analysis.masks import Mask, load_mask
-from tests.test_export import every_kind_of_pruning, tiny_lm, tree
+from tests.helpers import every_kind_of_pruning, tiny_lm, tree
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from analysis.architecture import Architecture
 from analysis.attention_patterns import STATISTICS, attention_pattern, attention_stats, cached_attention_stats
 from analysis.cache import DiskCache
 from analysis.errors import HeadroomError
-from tests.conftest import random_windows
-from tests.helpers import forbid
+from tests.helpers import forbid, random_windows
 
 
 def _eager_weights(arch: Architecture, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:

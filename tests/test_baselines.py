@@ -21,7 +21,7 @@ from analysis.errors import HeadroomError
 from analysis.importance import flap_wifv, o_proj_input_stats
 from analysis.intervention import apply_mask
 from analysis.masks import Mask, budget
-from tests.conftest import random_windows, tiny_model
+from tests.helpers import random_windows, tiny_model
 
 # 4 layers x 6 query heads in 2 KV groups of 3 (heads 0-2 read KV head 0, heads 3-5 KV head 1).
 SHAPE = ModelShape(

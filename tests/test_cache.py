@@ -24,6 +24,7 @@ from analysis.cache import PROJECT_ROOT, DiskCache, default_root, model_key, rea
 from analysis.cache_pack import MANIFEST, pack, unpack
 from analysis.errors import HeadroomError
 from analysis.files import atomic_write, atomic_write_text
+from tests.helpers import save_checkpoint, word_text
 
 KIND = "perplexity"
 PARTS = {
@@ -35,23 +36,7 @@ PARTS = {
     "mask": {"format": "headroom.mask", "drop_qk": [26, 27], "alpha": {"26": 0.2}},
 }
 VALUE = {"perplexity": 36.5, "nll": [3.5, 3.25], "predicted_tokens": 4080, "note": "é"}
-META = {"layers": [26, 27], "dtype": "float32"}
-
-
-def tensors() -> dict[str, torch.Tensor]:
-    return {
-        "scores": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,
-        "counts": torch.tensor([1, 2, 3], dtype=torch.int64),
-        "scalar": torch.tensor(0.25, dtype=torch.float64),
-        "half": torch.linspace(-1, 1, 5, dtype=torch.bfloat16),
-    }
-
-
-def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(got) == set(want)
-    for name, t in want.items():
-        assert got[name].dtype == t.dtype and got[name].shape == t.shape
-        assert torch.equal(got[name], t), name
+STATS = {"entropy": [[0.5, 1.25], [2.0, 0.0]], "layers": [26, 27]}  # another kind's value
 
 
 def entries(root: Path, kind: str = KIND) -> list[Path]:
@@ -60,8 +45,8 @@ def entries(root: Path, kind: str = KIND) -> list[Path]:
     return sorted(folder.iterdir()) if folder.exists() else []
 
 
-def only_entry(root: Path, suffix: str) -> Path:
-    found = [p for p in entries(root) if p.name.endswith(suffix) and not p.name.startswith(".")]
+def only_entry(root: Path) -> Path:
+    found = [p for p in entries(root) if not p.name.startswith(".")]
     assert len(found) == 1, found
     return found[0]
 
@@ -87,26 +72,6 @@ def test_json_round_trip(tmp_path):
     cache.put_json(KIND, PARTS, VALUE)
     assert cache.get_json(KIND, PARTS) == VALUE
     assert [p.suffix for p in entries(tmp_path)] == [".json"]
-
-
-def test_tensor_round_trip(tmp_path):
-    cache = DiskCache(root=tmp_path)
-    assert cache.get_tensors(KIND, PARTS) is None
-    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
-    got, meta = cache.get_tensors(KIND, PARTS)
-    assert_same_tensors(got, tensors())
-    assert meta == META
-    cache.put_tensors("other", PARTS, {"x": torch.zeros(0, 3)})  # empty tensor, no meta
-    got, meta = cache.get_tensors("other", PARTS)
-    assert got["x"].shape == (0, 3) and meta is None
-
-
-def test_json_and_tensor_entries_of_one_key_are_separate(tmp_path):
-    cache = DiskCache(root=tmp_path)
-    cache.put_json(KIND, PARTS, VALUE)
-    cache.put_tensors(KIND, PARTS, tensors())
-    assert cache.get_json(KIND, PARTS) == VALUE
-    assert_same_tensors(cache.get_tensors(KIND, PARTS)[0], tensors())
 
 
 def test_json_computes_once_and_returns_the_same_types_as_a_hit(tmp_path):
@@ -160,11 +125,11 @@ def test_keys_differ_when_any_part_differs(tmp_path):
     assert len({p.name for p in files}) == len(files) == 1 + len(variants)
 
 
-@pytest.mark.parametrize("op", ["get_json", "put_json", "get_tensors", "put_tensors", "json"])
+@pytest.mark.parametrize("op", ["get_json", "put_json", "json"])
 def test_a_key_naming_a_model_without_its_dtype_is_refused(tmp_path, op):
     cache = DiskCache(root=tmp_path)
     parts = {k: v for k, v in PARTS.items() if k != "dtype"}
-    args = {"put_json": (VALUE,), "put_tensors": (tensors(),), "json": (lambda: VALUE,)}.get(op, ())
+    args = {"put_json": (VALUE,), "json": (lambda: VALUE,)}.get(op, ())
     with pytest.raises(ValueError, match="name a model but not its dtype"):
         getattr(cache, op)(KIND, parts, *args)
     assert not (tmp_path / "results").exists()
@@ -179,7 +144,6 @@ def test_entries_hold_no_path_and_can_be_moved(tmp_path):
     here, there = tmp_path / "here" / "cache", tmp_path / "elsewhere" / "copy"
     cache = DiskCache(root=here)
     cache.put_json(KIND, PARTS, VALUE)
-    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
     for path in here.rglob("*"):
         if path.is_file():
             assert str(tmp_path).encode() not in path.read_bytes()
@@ -188,9 +152,6 @@ def test_entries_hold_no_path_and_can_be_moved(tmp_path):
     shutil.rmtree(here)
     moved = DiskCache(root=there)
     assert moved.get_json(KIND, PARTS) == VALUE
-    got, meta = moved.get_tensors(KIND, PARTS)
-    assert_same_tensors(got, tensors())
-    assert meta == META
     assert not here.exists()  # nothing was read or written at the old place
 
 
@@ -205,61 +166,27 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
 # --- faults are misses ----------------------------------------------------------------------------
 
 
-def test_truncated_tensor_entry_is_a_miss(tmp_path, caplog):
-    cache = DiskCache(root=tmp_path)
-    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
-    path = only_entry(tmp_path, ".safetensors")
-    good = path.read_bytes()
-    for length in range(len(good)):  # every truncation, from nothing to one byte short
-        path.write_bytes(good[:length])
-        with caplog.at_level(logging.WARNING, logger="analysis.cache"):
-            assert cache.get_tensors(KIND, PARTS) is None, length
-        assert not path.exists(), length  # the bad file is removed
-    assert "will be recomputed" in caplog.text
-    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
-    assert_same_tensors(cache.get_tensors(KIND, PARTS)[0], tensors())
+def damaged(good: bytes, damage: str, i: int) -> bytes:
+    """``good`` cut to its first ``i`` bytes, or with one bit of byte ``i`` flipped."""
+    if damage == "truncated":
+        return good[:i]
+    bad = bytearray(good)
+    bad[i] ^= 0x01
+    return bytes(bad)
 
 
-def test_any_corrupted_byte_of_a_tensor_entry_is_a_miss(tmp_path):
-    cache = DiskCache(root=tmp_path)
-    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
-    path = only_entry(tmp_path, ".safetensors")
-    good = path.read_bytes()
-    for offset in range(len(good)):  # header length, header (metadata included) and data
-        bad = bytearray(good)
-        bad[offset] ^= 0x01
-        path.write_bytes(bytes(bad))
-        assert cache.get_tensors(KIND, PARTS) is None, offset
-        assert not path.exists(), offset
-
-
-def test_tensor_entry_with_edited_meta_is_a_miss(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    cache = DiskCache(root=tmp_path)
-    cache.put_tensors(KIND, PARTS, tensors(), meta=META)
-    path = only_entry(tmp_path, ".safetensors")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        header = json.loads(f.metadata()["headroom"])
-    header["meta"] = {**META, "layers": [25]}  # checksum left as it was
-    save_file(load_file(str(path)), str(path), metadata={"headroom": json.dumps(header)})
-    assert cache.get_tensors(KIND, PARTS) is None
-    assert not path.exists()
-
-
-def test_any_corrupted_byte_of_a_json_entry_is_a_miss(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "flipped-byte"])
+def test_every_truncation_and_every_flipped_byte_of_an_entry_is_a_miss(tmp_path, caplog, damage):
     cache = DiskCache(root=tmp_path)
     cache.put_json(KIND, PARTS, VALUE)
-    path = only_entry(tmp_path, ".json")
+    path = only_entry(tmp_path)
     good = path.read_bytes()
-    for offset in range(len(good)):
-        bad = bytearray(good)
-        bad[offset] ^= 0x01
-        path.write_bytes(bytes(bad))
-        assert cache.get_json(KIND, PARTS) is None, offset
-        assert not path.exists(), offset
+    for i in range(len(good)):  # from nothing to one byte short; every byte of the file
+        path.write_bytes(damaged(good, damage, i))
+        with caplog.at_level(logging.WARNING, logger="analysis.cache"):
+            assert cache.get_json(KIND, PARTS) is None, i
+        assert not path.exists(), i  # the bad file is removed
+    assert "will be recomputed" in caplog.text
     compute = Counter(VALUE)
     path.write_bytes(good[: len(good) // 2])
     assert cache.json(KIND, PARTS, compute) == VALUE
@@ -271,7 +198,7 @@ def test_any_corrupted_byte_of_a_json_entry_is_a_miss(tmp_path):
 def test_json_entry_edited_without_its_checksum_is_recomputed(tmp_path):
     cache = DiskCache(root=tmp_path)
     cache.put_json(KIND, PARTS, VALUE)
-    path = only_entry(tmp_path, ".json")
+    path = only_entry(tmp_path)
     entry = json.loads(path.read_text(encoding="utf-8"))
     entry["value"]["perplexity"] = 12.0  # a tempting edit, checksum left as it was
     path.write_text(json.dumps(entry), encoding="utf-8")
@@ -296,52 +223,37 @@ def test_json_entry_of_another_key_is_a_miss(tmp_path):
     assert cache.get_json(KIND, other) == {"perplexity": 1.0}
 
 
-@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
-def test_empty_entry_is_a_miss(tmp_path, suffix):
+def test_empty_entry_is_a_miss(tmp_path):
     cache = DiskCache(root=tmp_path)
     cache.put_json(KIND, PARTS, VALUE)
-    cache.put_tensors(KIND, PARTS, tensors())
-    path = only_entry(tmp_path, suffix)
-    path.write_bytes(b"")
-    if suffix == ".json":
-        compute = Counter(VALUE)
-        assert cache.json(KIND, PARTS, compute) == VALUE
-        assert compute.calls == 1
-        assert cache.get_json(KIND, PARTS) == VALUE
-    else:
-        assert cache.get_tensors(KIND, PARTS) is None
-        assert not path.exists()
-        assert cache.get_json(KIND, PARTS) == VALUE  # the other entry of the key is untouched
+    only_entry(tmp_path).write_bytes(b"")
+    compute = Counter(VALUE)
+    assert cache.json(KIND, PARTS, compute) == VALUE
+    assert compute.calls == 1
+    assert cache.get_json(KIND, PARTS) == VALUE
 
 
-@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
-def test_leftover_temporary_file_is_a_miss(tmp_path, suffix):
+def test_leftover_temporary_file_is_a_miss(tmp_path):
     """A write killed before its rename leaves `.<name>.<random>.tmp` beside where the entry goes."""
     cache = DiskCache(root=tmp_path)
     cache.put_json(KIND, PARTS, VALUE)
-    cache.put_tensors(KIND, PARTS, tensors())
-    path = only_entry(tmp_path, suffix)
+    path = only_entry(tmp_path)
     good = path.read_bytes()
     path.unlink()
     leftover = path.with_name(f".{path.name}.k1ll3d.tmp")
     leftover.write_bytes(good[: len(good) // 2])
-    if suffix == ".json":
-        assert cache.get_json(KIND, PARTS) is None
-        compute = Counter(VALUE)
-        assert cache.json(KIND, PARTS, compute) == VALUE
-        assert compute.calls == 1
-        assert cache.get_json(KIND, PARTS) == VALUE
-    else:
-        assert cache.get_tensors(KIND, PARTS) is None
-        cache.put_tensors(KIND, PARTS, tensors())
-        assert_same_tensors(cache.get_tensors(KIND, PARTS)[0], tensors())
+    assert cache.get_json(KIND, PARTS) is None
+    compute = Counter(VALUE)
+    assert cache.json(KIND, PARTS, compute) == VALUE
+    assert compute.calls == 1
+    assert cache.get_json(KIND, PARTS) == VALUE
     assert path.read_bytes() == good  # the new write did not pick up the leftover
 
 
 def test_leftover_temporary_file_beside_a_good_entry_is_ignored(tmp_path):
     cache = DiskCache(root=tmp_path)
     cache.put_json(KIND, PARTS, VALUE)
-    path = only_entry(tmp_path, ".json")
+    path = only_entry(tmp_path)
     path.with_name(f".{path.name}.k1ll3d.tmp").write_text('{"parts": ', encoding="utf-8")
     compute = Counter({"perplexity": 0.0})
     assert cache.json(KIND, PARTS, compute) == VALUE
@@ -359,7 +271,6 @@ def _hammer(root: str, start, rounds: int) -> None:
     start.wait(120)
     for _ in range(rounds):
         cache.put_json(KIND, PARTS, VALUE)
-        cache.put_tensors(KIND, PARTS, tensors(), meta=META)
 
 
 def test_two_processes_writing_one_entry_leave_a_valid_entry(tmp_path, caplog, monkeypatch):
@@ -379,10 +290,6 @@ def test_two_processes_writing_one_entry_leave_a_valid_entry(tmp_path, caplog, m
         while any(p.is_alive() for p in procs):  # read while they write: never a torn entry
             value = cache.get_json(KIND, PARTS)
             assert value in (None, VALUE)
-            got = cache.get_tensors(KIND, PARTS)
-            if got is not None:
-                assert_same_tensors(got[0], tensors())
-                assert got[1] == META
             reads += 1
     for p in procs:
         p.join(60)
@@ -390,10 +297,7 @@ def test_two_processes_writing_one_entry_leave_a_valid_entry(tmp_path, caplog, m
     assert "invalid" not in caplog.text  # no reader ever saw a half-written file
     assert reads > 0
     assert cache.get_json(KIND, PARTS) == VALUE
-    got, meta = cache.get_tensors(KIND, PARTS)
-    assert_same_tensors(got, tensors())
-    assert meta == META
-    assert [p.suffix for p in entries(tmp_path)] == [".json", ".safetensors"]  # no temporary files left
+    assert [p.suffix for p in entries(tmp_path)] == [".json"]  # no temporary files left
 
 
 # --- atomic_write ---------------------------------------------------------------------------------
@@ -443,11 +347,11 @@ FP, OTHER_FP = "fp-0123456789abcdef", "fp-fedcba9876543210"
 
 
 def fill(cache: DiskCache) -> None:
-    """Entries of two models, two dtypes, JSON and tensors, and one key naming no model."""
+    """Entries of two models, two dtypes and two kinds, and one key naming no model."""
     for fp in (FP, OTHER_FP):
         for dtype in ("float32", "bfloat16"):
             cache.put_json(KIND, {**PARTS, "model": fp, "dtype": dtype}, {**VALUE, "dtype": dtype})
-            cache.put_tensors("attention_stats", {**PARTS, "model": fp, "dtype": dtype}, tensors(), META)
+            cache.put_json("attention_stats", {**PARTS, "model": fp, "dtype": dtype}, STATS)
     cache.put_json("corpus", {"text_sha256": "cd" * 32}, {"tokens": 3})
 
 
@@ -473,7 +377,7 @@ def members_of(path: Path) -> dict[str, bytes]:
 def test_pack_holds_exactly_one_models_valid_entries(tmp_path, dtype, caplog):
     source = DiskCache(tmp_path / "a")
     fill(source)
-    corrupt = source._path(KIND, {**PARTS, "model": FP, "dtype": "float16"}, ".json")
+    corrupt = source._path(KIND, {**PARTS, "model": FP, "dtype": "float16"})
     source.put_json(KIND, {**PARTS, "model": FP, "dtype": "float16"}, VALUE)
     corrupt.write_text(corrupt.read_text().replace("36.5", "37.5"))  # content no longer matches its checksum
     report = pack(source, FP, tmp_path / "fp.tar", dtype)
@@ -504,8 +408,7 @@ def test_unpack_into_an_empty_cache_gives_hits_of_the_same_values(tmp_path):
     for dtype in ("float32", "bfloat16"):
         parts = {**PARTS, "model": FP, "dtype": dtype}
         assert target.get_json(KIND, parts) == {**VALUE, "dtype": dtype}
-        got, meta = target.get_tensors("attention_stats", parts)
-        assert_same_tensors(got, tensors()) and meta == META
+        assert target.get_json("attention_stats", parts) == STATS
         assert target.get_json(KIND, {**parts, "model": OTHER_FP}) is None  # only the packed model
     assert [p.name for p in target.root.iterdir()] == ["results"]  # no staging folder left
     again = unpack(target, tmp_path / "fp.tar")  # the same pack twice: nothing changes
@@ -541,7 +444,7 @@ def test_unpack_replaces_a_corrupt_entry(tmp_path):
     pack(source, FP, tmp_path / "fp.tar")
     parts = {**PARTS, "model": FP, "dtype": "float32"}
     target.put_json(KIND, parts, VALUE)
-    path = target._path(KIND, parts, ".json")
+    path = target._path(KIND, parts)
     path.write_bytes(path.read_bytes()[:20])  # truncated
     report = unpack(target, tmp_path / "fp.tar")
     assert (report.added, report.replaced_invalid) == (3, 1)
@@ -555,7 +458,7 @@ def _tampered(tmp_path: Path, case: str) -> tuple[Path, str]:
     pack(source, FP, tmp_path / "fp.tar")
     members = members_of(tmp_path / "fp.tar")
     manifest = json.loads(members[MANIFEST])
-    name = next(m for m in members if m.endswith(".json") and m != MANIFEST)
+    name = next(m for m in members if m.startswith(f"results/{KIND}/"))  # holds 36.5
     if case == "flipped-byte":
         data = bytearray(members[name])
         data[len(data) // 2] ^= 1
@@ -572,7 +475,7 @@ def _tampered(tmp_path: Path, case: str) -> tuple[Path, str]:
         why = f"entry {other} is invalid (its name is not the digest of its key"
     elif case == "foreign-model":  # another model's valid entry, slipped in with a right sha256
         cache = DiskCache(tmp_path / "a")
-        path = cache._path(KIND, {**PARTS, "model": OTHER_FP, "dtype": "float32"}, ".json")
+        path = cache._path(KIND, {**PARTS, "model": OTHER_FP, "dtype": "float32"})
         foreign = path.relative_to(cache.root).as_posix()
         members[foreign] = path.read_bytes()
         manifest["entries"][foreign] = hashlib.sha256(members[foreign]).hexdigest()
@@ -691,7 +594,6 @@ def test_results_packed_on_one_machine_are_hits_on_another(tmp_path, monkeypatch
     that runs the same commands with ``--device auto`` and a model copied elsewhere: every one is a hit, and the
     float32 result, not packed, is not (it would be recomputed, which the other process refuses)."""
     import analysis.cli.main as cli
-    from tests.test_loading import save_checkpoint, word_text
 
     here, there = tmp_path / "gpu-box", tmp_path / "laptop"
     save_checkpoint(here / "tiny-llama")

@@ -23,8 +23,7 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.masks import Mask, parse_mask
-from tests.conftest import TINY
-from tests.helpers import forbid, save_checkpoint, word_text, word_tokenizer
+from tests.helpers import TINY, forbid, save_checkpoint, word_text, word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN = 16

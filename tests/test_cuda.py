@@ -29,8 +29,7 @@ from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
 from analysis.search import search
 from analysis.task_scoring import target_logits
-from tests.conftest import FAMILY_TYPES, random_windows
-from tests.test_loading import save_checkpoint
+from tests.helpers import FAMILY_TYPES, random_windows, save_checkpoint
 
 DEVICE = os.environ.get("HEADROOM_TEST_DEVICE", "cuda")
 pytestmark = [

@@ -14,9 +14,7 @@ from analysis.evaluation import perplexity
 from analysis.export_folder import MASK_FILE
 from analysis.loading import load_model
 from analysis.masks import Mask, load_mask
-from tests.helpers import open_page
-from tests.test_export import tree
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import open_page, save_checkpoint, tree, word_text
 from ui import session
 
 EXPORT = "app_pages/7_Export.py"

@@ -19,8 +19,7 @@ from analysis.evaluation import perplexity
 from analysis.live import LivePerplexity
 from analysis.masks import Mask
 from bench.demo_load import GIB, print_report, rss_bytes, run_load
-from tests.conftest import random_windows, tiny_model
-from tests.helpers import save_checkpoint, word_text
+from tests.helpers import random_windows, save_checkpoint, tiny_model, word_text
 from ui import session
 
 RSS_GROWTH_BOUND = GIB // 2  # 8 sessions on a tiny model: the pages and the evaluator's stored layers

@@ -17,7 +17,7 @@ from analysis.errors import HeadroomError
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel
 from analysis.masks import Mask
-from tests.conftest import random_windows, tiny_model
+from tests.helpers import random_windows, tiny_model
 
 WINDOWS = random_windows()
 

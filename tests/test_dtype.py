@@ -30,10 +30,14 @@ from analysis.masks import Mask, budget
 from analysis.pruned_model import max_logit_difference
 from analysis.rescale import cached_rescale
 from analysis.search import cached_search
-from tests.conftest import random_windows
-from tests.helpers import open_page
-from tests.test_export import IDS, every_kind_of_pruning, masked_logits_and_greedy
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import (
+    IDS,
+    every_kind_of_pruning,
+    masked_logits_and_greedy,
+    open_page,
+    random_windows,
+    word_text,
+)
 from ui import session
 
 LOW = ["bfloat16", "float16"]
@@ -44,13 +48,6 @@ RELATIVE_PPL_TOLERANCE = 0.01
 
 def stored_dtypes(path: Path) -> set[torch.dtype]:
     return {t.dtype for t in load_file(str(path)).values()}
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("dtype") / "tiny-llama"
-    save_checkpoint(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -17,72 +17,12 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis.cache import DiskCache
-from analysis.corpus import load_text, make_windows
 from analysis.live import LivePerplexity
-from analysis.loading import load_model
 from analysis.masks import Mask, budget, mask_to_query, parse_mask
 from analysis.pareto import named_masks
 from analysis.rescale import rescale
-from tests.helpers import open_page
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import EDITOR, SEQLEN, button, ok, open_page, shown, tiny_app, toggle, windows
 from ui import session
-
-EDITOR = "app_pages/4_Mask_editor.py"
-SEQLEN, TOKENS = 16, 64
-
-
-def settings_for(root, text_seed: int) -> dict[str, object]:
-    """Session settings for a tiny Llama and an evaluation text of its own (so its live evaluator is its own)."""
-    if not (root / "tiny-llama").exists():
-        save_checkpoint(root / "tiny-llama")
-    for name, seed in ((f"eval{text_seed}.txt", text_seed), ("calib.txt", 2)):
-        (root / name).write_text(word_text(200, seed), encoding="utf-8")
-    return {
-        session.MODEL: str(root / "tiny-llama"),
-        session.EVAL_TEXT: str(root / f"eval{text_seed}.txt"),
-        session.CALIB_TEXT: str(root / "calib.txt"),
-        session.SEQLEN: SEQLEN,
-        session.MAX_TOKENS: TOKENS,
-    }
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory, session_cache):
-    return tmp_path_factory.mktemp("editor")
-
-
-@pytest.fixture(scope="module")
-def tiny(root) -> dict[str, object]:
-    return settings_for(root, 1)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny):
-    return load_model(str(tiny[session.MODEL]))
-
-
-def windows(lm, spec: object):
-    return make_windows(lm.tokenizer, load_text(str(spec)), SEQLEN, TOKENS, lm.max_positions)
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, at.exception
-    assert not at.error, [e.value for e in at.error]
-    return at
-
-
-def shown(at: AppTest, label: str) -> str:
-    return next(m.value for m in at.metric if m.label == label)
-
-
-def button(at: AppTest, label: str):
-    return at.button[[b.label for b in at.button].index(label)]
-
-
-def toggle(at: AppTest, layer: int, head: int) -> AppTest:
-    at.number_input(key="toggle_layer").set_value(layer)
-    at.number_input(key="toggle_head").set_value(head)
-    return button(at, "Toggle head").click().run()
 
 
 def grid(at: AppTest) -> dict:
@@ -124,9 +64,9 @@ def test_the_number_is_estimated_then_exact_with_the_unpruned_reference_on_the_s
     assert any("Seen before" in c.value for c in at.caption)  # the unpruned mask is answered from memory
 
 
-def test_the_evaluator_is_warmed_when_the_model_loads_so_the_editor_never_captures(root, lm):
+def test_the_evaluator_is_warmed_when_the_model_loads_so_the_editor_never_captures(app_root, lm):
     """Home loads the model; the capturing pass runs in the background thread, never in a page's run."""
-    settings = settings_for(root, 5)  # a text no other test uses: this evaluator is new
+    settings = tiny_app(app_root, eval_seed=5)  # a text no other test uses: this evaluator is new
     threads: set[str] = set()
 
     def record(module: torch.nn.Module, args: tuple, output: object) -> None:  # layer 0 of the app's own model

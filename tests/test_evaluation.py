@@ -14,8 +14,7 @@ from analysis.architecture import Architecture
 from analysis.corpus import Text, Windows, make_windows
 from analysis.evaluation import TOKENS_PER_BATCH, IncrementalEvaluator, batches, perplexity
 from analysis.masks import Mask
-from tests.conftest import TINY, random_windows
-from tests.helpers import word_text, word_tokenizer
+from tests.helpers import TINY, count_layer_calls, random_mask, random_windows, word_text, word_tokenizer
 
 
 def test_perplexity_matches_plain_transformers_loss(tiny_arch):
@@ -40,22 +39,6 @@ def test_bos_windows_predict_every_chunk_token(tiny_arch):
     assert result.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-5)
 
 
-def random_mask(base: Mask, rng: random.Random) -> Mask:
-    """A random edit of ``base``: toggle heads, switch drop-QK, or set an alpha."""
-    mask = base
-    for _ in range(rng.randint(1, 3)):
-        layer = rng.randrange(base.num_layers)
-        kind = rng.choice(["head", "head", "drop", "alpha"])
-        if kind == "head":
-            head = rng.randrange(base.num_heads)
-            mask = mask.with_head(layer, head, not mask.heads[layer][head])
-        elif kind == "drop":
-            mask = mask.with_layer(layer, drop_qk=layer not in mask.drop_qk)
-        else:
-            mask = mask.with_layer(layer, alpha=rng.choice([0.0, 0.3, 1.0, 1.7]))
-    return mask
-
-
 def test_incremental_equals_full_recompute(tiny_arch):
     windows = random_windows()
     evaluator = IncrementalEvaluator(tiny_arch, windows)
@@ -67,15 +50,6 @@ def test_incremental_equals_full_recompute(tiny_arch):
         fast = evaluator.perplexity(mask).perplexity
         full = perplexity(tiny_arch, windows, mask).perplexity
         assert abs(fast - full) / full < 1e-5
-
-
-def count_layer_calls(arch: Architecture) -> tuple[list[int], list]:
-    calls = [0] * arch.shape.num_layers
-    handles = [
-        layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
-        for i, layer in enumerate(arch.layers)
-    ]
-    return calls, handles
 
 
 def test_a_change_at_layer_l_recomputes_only_layers_l_to_last(tiny_arch):

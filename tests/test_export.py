@@ -33,8 +33,20 @@ from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask, budget, load_mask
 from analysis.pruned_model import layer_structure
-from tests.conftest import FAMILY_TYPES, TINY, random_windows, tiny_model
-from tests.helpers import open_page, save_checkpoint, word_text, word_tokenizer
+from tests.helpers import (
+    FAMILY_TYPES,
+    IDS,
+    TINY,
+    every_kind_of_pruning,
+    masked_logits_and_greedy,
+    open_page,
+    random_windows,
+    save_checkpoint,
+    tiny_lm,
+    tree,
+    word_text,
+    word_tokenizer,
+)
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,31 +91,6 @@ def fresh_load(directories: list[Path], ids: torch.Tensor, tmp_path: Path, remot
     done = subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def tiny_lm(model_type: str) -> LoadedModel:
-    model = tiny_model(model_type)
-    return LoadedModel(model, word_tokenizer(), Architecture(model), f"tiny-{model_type}", "f" * 16, "test")
-
-
-def every_kind_of_pruning(lm: LoadedModel) -> Mask:
-    """Layer 0: a whole KV group pruned plus alpha 1.3; layer 1: one head pruned (uneven groups) and alpha 0.5;
-    layer 2: drop-QK with a pruned head and alpha 0.7; layer 3: alpha 0 (attention removed)."""
-    mask = Mask.unpruned(lm.shape, lm.name, lm.fingerprint)
-    for head in (0, 1, 2, 4):
-        mask = mask.with_head(0, head, False)
-    mask = mask.with_layer(0, alpha=1.3).with_head(1, 1, False).with_layer(1, alpha=0.5)
-    return mask.with_head(2, 3, False).with_layer(2, drop_qk=True, alpha=0.7).with_layer(3, alpha=0.0)
-
-
-def masked_logits_and_greedy(lm: LoadedModel, mask: Mask, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
-    with torch.no_grad(), apply_mask(lm.arch, mask):
-        logits = lm.model(input_ids=ids, use_cache=False).logits
-        greedy = lm.model.generate(ids[:1, :6], max_new_tokens=10, do_sample=False, use_cache=False)
-    return logits, greedy.tolist()
-
-
-IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
@@ -241,18 +228,6 @@ def test_stock_export_folds_the_bias_where_o_proj_has_one_and_otherwise_points_t
     with pytest.raises(HeadroomError, match=r"o_proj has no bias\. Use the compact kind"):
         export_model(plain, with_biases(plain, Mask.unpruned(plain.shape, plain.name)), tmp_path / "no", "stock")
     assert not (tmp_path / "no").exists()
-
-
-def tree(root: Path) -> dict[str, object]:
-    """Every entry below ``root`` (links not followed): a file's bytes, a link's target, or "folder"."""
-    found: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        name = str(path.relative_to(root))
-        if path.is_symlink():
-            found[name] = ("link", os.readlink(path))
-        else:
-            found[name] = path.read_bytes() if path.is_file() else "folder"
-    return found
 
 
 def test_an_earlier_export_is_replaced_only_with_force_and_nothing_is_left_behind(tmp_path):

@@ -10,14 +10,12 @@ from analysis.generation import greedy_continuation, greedy_tokens
 from analysis.intervention import apply_mask
 from analysis.loading import load_model
 from analysis.masks import Mask
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import word_text
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("gen") / "tiny-llama"
-    save_checkpoint(directory)
-    return load_model(str(directory), cache_root=directory.parent)
+def lm(llama_dir):
+    return load_model(str(llama_dir), cache_root=llama_dir.parent)
 
 
 def argmax_steps(lm, prompt: str, mask: Mask | None, steps: int) -> str:

@@ -14,7 +14,7 @@ from analysis.intervention import apply_mask
 from analysis.masks import Mask
 from analysis.norm_matching import _branch_moments, norm_matching_alpha
 from analysis.rescale import rescalable_layers, rescale
-from tests.conftest import random_windows, tiny_model
+from tests.helpers import random_windows, tiny_model
 
 GRID = (0.0, 0.5, 1.0, 1.5)
 

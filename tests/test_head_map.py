@@ -14,8 +14,7 @@ from analysis.errors import HeadroomError
 from analysis.head_map import cached_head_map, head_features, project
 from analysis.importance import magnitude, output_norm
 from analysis.loading import LoadedModel
-from tests.conftest import random_windows, tiny_model
-from tests.helpers import forbid
+from tests.helpers import forbid, random_windows, tiny_model
 
 
 def _tiny_lm(family: str = "llama") -> LoadedModel:

@@ -1,20 +1,16 @@
-"""The Head map page through AppTest, on the tiny checkpoint of the page tests."""
+"""The Head map page through AppTest, on the tiny app of the page tests (``tiny``, ``lm``: conftest.py)."""
 
 from __future__ import annotations
 
-import tests.test_pages as pages
-from analysis.corpus import load_text, make_windows
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.masks import parse_mask
-from tests.test_pages import SEQLEN, TOKENS, ok, page
+from tests.helpers import ok, open_page, windows
 from ui import session
-
-tiny, lm = pages.tiny, pages.lm  # the same module fixtures: a tiny Llama checkpoint and the session settings
 
 
 def test_head_map_page_prunes_and_keeps_a_whole_cluster(tiny, lm):
-    at = ok(page("app_pages/5_Head_map.py", tiny).run())
-    calib = make_windows(lm.tokenizer, load_text(tiny[session.CALIB_TEXT]), SEQLEN, TOKENS, lm.max_positions)
+    at = ok(open_page("app_pages/5_Head_map.py", tiny).run())
+    calib = windows(lm, tiny[session.CALIB_TEXT])
     expected = cached_head_map(lm, calib, DEFAULT_METRICS, DEFAULT_CLUSTERS, 0)
     table = at.dataframe[0].value  # one column per cluster, one row per feature (so that it fits the page)
     sizes = table.set_index("feature").loc["heads"]

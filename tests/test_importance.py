@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,8 +32,7 @@ from analysis.importance import (
     ranks,
     wanda_sp,
 )
-from tests.conftest import random_windows, tiny_model
-from tests.helpers import forbid
+from tests.helpers import forbid, random_windows, tiny_model
 
 HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
 
@@ -87,11 +87,16 @@ def test_o_proj_stats_match_captured_activations(tiny_arch):
         torch.testing.assert_close(stats.var[layer], x.var(0, correction=0), rtol=1e-7, atol=1e-12)
 
 
-def test_wanda_sp_matches_the_formula_by_brute_force(tiny_arch):
+def scored(arch: Architecture, metric: Callable) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``metric``'s head scores on random windows (float64 ``[layers, heads]``) and the o_proj inputs they read."""
     windows = random_windows()
-    scores = wanda_sp(tiny_arch, o_proj_input_stats(tiny_arch, windows))
+    scores = metric(arch, o_proj_input_stats(arch, windows))
     assert scores.dtype == torch.float64 and scores.shape == (4, 6)
-    xs = o_proj_inputs(tiny_arch, windows.input_ids)
+    return scores, o_proj_inputs(arch, windows.input_ids)
+
+
+def test_wanda_sp_matches_the_formula_by_brute_force(tiny_arch):
+    scores, xs = scored(tiny_arch, wanda_sp)
     hd = tiny_arch.shape.head_dim
     for layer, head in HEADS:
         w = tiny_arch.attention(layer).o_proj.weight.double()
@@ -106,10 +111,7 @@ def test_wanda_sp_matches_the_formula_by_brute_force(tiny_arch):
 
 def test_flap_wifv_matches_the_formula_of_flaps_code_by_brute_force(tiny_arch):
     """method.md: s_j = (var_j(X) * sum_i W_o[i,j]^2)^2, standardised per layer over channels, mean per head."""
-    windows = random_windows()
-    scores = flap_wifv(tiny_arch, o_proj_input_stats(tiny_arch, windows))
-    assert scores.dtype == torch.float64 and scores.shape == (4, 6)
-    xs = o_proj_inputs(tiny_arch, windows.input_ids)
+    scores, xs = scored(tiny_arch, flap_wifv)
     hd = tiny_arch.shape.head_dim
     for layer in (0, 3):
         w = tiny_arch.attention(layer).o_proj.weight.double()

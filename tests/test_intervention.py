@@ -10,7 +10,7 @@ import torch
 from analysis.architecture import Architecture
 from analysis.intervention import apply_mask
 from analysis.masks import Mask
-from tests.conftest import qkv_weights, random_windows
+from tests.helpers import qkv_weights, random_windows
 
 
 def logits(arch: Architecture, ids: torch.Tensor) -> torch.Tensor:

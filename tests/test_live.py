@@ -19,8 +19,7 @@ from analysis.evaluation import IncrementalEvaluator, perplexity
 from analysis.intervention import apply_mask
 from analysis.live import BLOCKS_PER_WINDOW, LivePerplexity, window_order
 from analysis.masks import Mask
-from tests.conftest import random_windows, tiny_model
-from tests.test_evaluation import count_layer_calls, random_mask
+from tests.helpers import count_layer_calls, random_mask, random_windows, tiny_model
 
 WINDOWS, LENGTH = 6, 25  # 24 predicted tokens per window: 8 blocks of 3
 

@@ -15,16 +15,7 @@ import analysis.loading as loading
 from analysis.architecture import FAMILIES
 from analysis.errors import HeadroomError
 from analysis.loading import load_model, pick_device
-from tests.conftest import FAMILY_TYPES, TINY
-from tests.helpers import save_checkpoint, word_text, word_tokenizer
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    save_checkpoint(directory)
-    return directory
-
+from tests.helpers import FAMILY_TYPES, TINY, random_windows, save_checkpoint, word_text, word_tokenizer
 
 # --- loading every family ---------------------------------------------------------------------------
 
@@ -282,7 +273,6 @@ def test_device_map_auto_places_the_model_and_changes_no_number(tmp_path, llama_
     """accelerate's big-model placement (here: everything fits the CPU) gives the same perplexity."""
     from analysis.evaluation import IncrementalEvaluator, perplexity
     from analysis.masks import Mask
-    from tests.conftest import random_windows
 
     plain = load_model(str(llama_dir), cache_root=tmp_path / "cache")
     placed = load_model(str(llama_dir), device_map="auto", cache_root=tmp_path / "cache")

@@ -19,7 +19,7 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, perplexity
 from analysis.intervention import apply_mask
 from analysis.masks import Mask, budget, load_mask, parse_mask
-from tests.conftest import random_windows
+from tests.helpers import random_windows
 
 SHAPE = ModelShape(
     num_layers=3,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from streamlit.testing.v1 import AppTest
 from analysis.baselines import matched_baselines
 from analysis.cache import DiskCache
 from analysis.comparison import cached_baselines, compare
-from analysis.corpus import load_text, make_windows
 from analysis.drift import mask_drift, position_drift
 from analysis.evaluation import perplexity
 from analysis.export_folder import MASK_FILE
@@ -26,59 +24,11 @@ from analysis.generation import greedy_continuation
 from analysis.harp import chosen_harp, harp
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, block_influence, cached_head_result
-from analysis.loading import load_model
 from analysis.masks import Mask, budget, mask_from_query, mask_to_query, parse_mask
 from analysis.model_card import export_command
 from analysis.throughput import duration_text, measured_rate
-from tests.helpers import open_page
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import EDITOR, ROOT, SEQLEN, TOKENS, ok, open_page, shown, toggle, windows, word_text
 from ui import harp_view, head_grids, plots, scaffold, session
-
-ROOT = Path(__file__).resolve().parent.parent
-SEQLEN, TOKENS = 16, 64
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, session_cache) -> dict[str, str]:
-    """Session settings that point every page at a tiny Llama checkpoint and two word texts."""
-    root = tmp_path_factory.mktemp("app")
-    save_checkpoint(root / "tiny-llama")
-    for name, seed in (("eval.txt", 1), ("calib.txt", 2)):
-        (root / name).write_text(word_text(200, seed), encoding="utf-8")
-    return {
-        session.MODEL: str(root / "tiny-llama"),
-        session.EVAL_TEXT: str(root / "eval.txt"),
-        session.CALIB_TEXT: str(root / "calib.txt"),
-        session.SEQLEN: SEQLEN,
-        session.MAX_TOKENS: TOKENS,
-    }
-
-
-@pytest.fixture(scope="module")
-def lm(tiny):
-    return load_model(tiny[session.MODEL])
-
-
-def windows(lm, spec: str):
-    return make_windows(lm.tokenizer, load_text(spec), SEQLEN, TOKENS, lm.max_positions)
-
-
-def page(name: str, settings: dict[str, object], query: dict[str, str] | None = None) -> AppTest:
-    """A page with the session already pointed at ``settings``; not run yet."""
-    return open_page(name, settings, query)
-
-
-def shown(at: AppTest, label: str) -> str:
-    return next(m.value for m in at.metric if m.label == label)
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, at.exception
-    assert not at.error, [e.value for e in at.error]
-    return at
-
-
-EDITOR = "app_pages/4_Mask_editor.py"
 
 
 def charts(at: AppTest) -> list[dict]:
@@ -99,16 +49,10 @@ def assert_titles_clear_of_the_toolbar(at: AppTest) -> None:
         assert layout["margin"]["t"] >= 70, layout["title"]["text"]
 
 
-def toggle(at: AppTest, layer: int, head: int) -> AppTest:
-    at.number_input(key="toggle_layer").set_value(layer)
-    at.number_input(key="toggle_head").set_value(head)
-    return at.button[[b.label for b in at.button].index("Toggle head")].click().run()
-
-
 def test_editor_toggle_shows_backend_perplexity_and_undo_restores_it(tiny, lm):
     evaluation = windows(lm, tiny[session.EVAL_TEXT])
     unpruned = perplexity(lm.arch, evaluation).perplexity
-    at = ok(page(EDITOR, tiny).run())
+    at = ok(open_page(EDITOR, tiny).run())
     assert shown(at, "Live perplexity") == f"{unpruned:.3f}"
     ok(toggle(at, 3, 2))
     mask = Mask.unpruned(lm.shape, lm.name).with_head(3, 2, False)
@@ -126,12 +70,12 @@ def test_a_link_reproduces_the_mask_and_a_bad_link_starts_unpruned(tiny, lm):
     mask = mask.with_layer(3, drop_qk=True, alpha=0.5).with_layer(2, alpha=0.0)
     query = mask_to_query(mask)
     assert query == {"pruned": "1:0.5", "drop_qk": "3", "alpha": "2:0,3:0.5"}
-    at = ok(page(EDITOR, tiny, query).run())
+    at = ok(open_page(EDITOR, tiny, query).run())
     expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask).perplexity
     assert shown(at, "Live perplexity") == f"{expected:.3f}"
     assert parse_mask(at.session_state[session.MASK], lm.shape, lm.name) == mask
 
-    bad = page(EDITOR, tiny, {"pruned": "1:9"}).run()  # head 9 of a 6-head model
+    bad = open_page(EDITOR, tiny, {"pruned": "1:9"}).run()  # head 9 of a 6-head model
     assert not bad.exception
     assert "link" in bad.error[0].value and "unpruned" in bad.error[0].value
     unpruned = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT])).perplexity
@@ -139,7 +83,7 @@ def test_a_link_reproduces_the_mask_and_a_bad_link_starts_unpruned(tiny, lm):
 
 
 def test_a_bad_mask_file_is_an_error_and_a_good_one_applies(tiny, lm):
-    at = ok(page(EDITOR, tiny).run())
+    at = ok(open_page(EDITOR, tiny).run())
     wrong = Mask.unpruned(lm.shape, lm.name).to_json() | {"heads": [[1] * 6] * 3}  # 3 rows for 4 layers
     at.file_uploader(key="mask_file").set_value(("mask.json", json.dumps(wrong).encode(), "application/json")).run()
     assert not at.exception
@@ -156,7 +100,7 @@ def test_all_heads_pruned_is_a_warning_with_an_exact_number(tiny, lm):
     for layer in range(lm.shape.num_layers):
         for head in range(lm.shape.num_heads):
             everything = everything.with_head(layer, head, False)
-    at = ok(page(EDITOR, tiny, mask_to_query(everything)).run())
+    at = ok(open_page(EDITOR, tiny, mask_to_query(everything)).run())
     assert "Every query head is pruned" in at.warning[0].value
     expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), everything).perplexity
     assert shown(at, "Live perplexity") == f"{expected:.3f}"
@@ -164,7 +108,7 @@ def test_all_heads_pruned_is_a_warning_with_an_exact_number(tiny, lm):
 
 def test_two_sessions_with_different_masks_see_their_own_numbers(tiny, lm):
     evaluation = windows(lm, tiny[session.EVAL_TEXT])
-    first, second = ok(page(EDITOR, tiny).run()), ok(page(EDITOR, tiny).run())
+    first, second = ok(open_page(EDITOR, tiny).run()), ok(open_page(EDITOR, tiny).run())
     ok(toggle(first, 0, 0))
     ok(toggle(second, 2, 4))
     ok(first.run())  # after the other session changed the shared evaluator
@@ -181,7 +125,7 @@ def test_two_sessions_with_different_masks_see_their_own_numbers(tiny, lm):
 
 
 def test_harp_page_runs_a_search_and_sends_it_to_the_editor(tiny, lm):
-    at = ok(page("app.py", tiny).run())
+    at = ok(open_page("app.py", tiny).run())
     ok(at.switch_page("app_pages/2_HARP.py").run())
     assert any("no estimate yet" in c.value for c in at.caption)  # nothing measured on this model yet
     at.number_input[0].set_value(2)  # N
@@ -202,7 +146,7 @@ def test_harp_page_runs_a_search_and_sends_it_to_the_editor(tiny, lm):
 
 
 def test_home_page_shows_the_tiny_card_and_its_backend_perplexity(tiny, lm):
-    at = ok(page("app.py", tiny).run())
+    at = ok(open_page("app.py", tiny).run())
     expected = perplexity(lm.arch, windows(lm, tiny[session.EVAL_TEXT])).perplexity
     assert shown(at, "Unpruned perplexity") == f"{expected:.3f}"
     assert lm.fingerprint in at.table[0].value.to_string()
@@ -212,7 +156,7 @@ def test_home_page_shows_the_tiny_card_and_its_backend_perplexity(tiny, lm):
 
 
 def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
-    at = ok(page("app_pages/1_Importance.py", tiny).run())
+    at = ok(open_page("app_pages/1_Importance.py", tiny).run())
     ok(at.toggle(key="compare").set_value(True).run())
     ok(at.toggle(key="influence").set_value(True).run())
     calib = windows(lm, tiny[session.CALIB_TEXT])
@@ -235,7 +179,7 @@ def test_importance_page_draws_metrics_with_backend_values_and_ranks(tiny, lm):
 def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.5)
     settings = tiny | {session.MASK: mask.to_json()}
-    at = ok(page("app_pages/3_Norm_drift.py", settings).run())
+    at = ok(open_page("app_pages/3_Norm_drift.py", settings).run())
     drift = mask_drift(lm.arch, windows(lm, tiny[session.EVAL_TEXT]), mask)
     for report, label in ((drift.mask, "with its alphas"), (drift.without_rescaling, "no rescaling")):
         metric = next(m for m in at.metric if label in m.label)
@@ -244,7 +188,7 @@ def test_norm_drift_page_shows_the_backend_kl_with_and_without_rescaling(tiny, l
 
 
 def test_editor_layer_mode_and_alpha_show_backend_perplexity_and_budget(tiny, lm):
-    at = ok(page(EDITOR, tiny).run())
+    at = ok(open_page(EDITOR, tiny).run())
     at.number_input(key="mode_layer").set_value(2)
     at.selectbox(key="mode_mode").set_value("drop-QK")
     at.number_input(key="mode_alpha").set_value(0.5)
@@ -258,7 +202,7 @@ def test_editor_layer_mode_and_alpha_show_backend_perplexity_and_budget(tiny, lm
 
 def test_generation_box_shows_the_unpruned_and_masked_greedy_continuations(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(3, drop_qk=True, alpha=0.0).with_head(0, 0, False)
-    at = ok(page(EDITOR, tiny, mask_to_query(mask)).run())
+    at = ok(open_page(EDITOR, tiny, mask_to_query(mask)).run())
     prompt = word_text(5, seed=7) + " _x_ [y]"  # markdown specials: shown as typed, never as formatting
     at.text_input(key="prompt").set_value(prompt)
     ok(at.button[[b.label for b in at.button].index("Generate")].click().run())
@@ -280,7 +224,7 @@ def test_a_clicked_grid_point_names_its_layer_and_head():
 
 
 def test_a_mask_file_that_is_not_json_is_an_error_saying_so(tiny):
-    at = ok(page(EDITOR, tiny).run())
+    at = ok(open_page(EDITOR, tiny).run())
     at.file_uploader(key="mask_file").set_value(("notes.json", b"{heads: oops", "application/json")).run()
     assert not at.exception
     assert "mask file notes.json is not valid JSON" in at.error[0].value
@@ -288,14 +232,14 @@ def test_a_mask_file_that_is_not_json_is_an_error_saying_so(tiny):
 
 def test_a_mask_chosen_on_other_weights_is_flagged_on_every_page(tiny, lm):
     foreign = Mask.unpruned(lm.shape, lm.name, "0" * 16).with_head(1, 2, False)
-    at = ok(page(EDITOR, {**tiny, session.MASK: foreign.to_json()}).run())
+    at = ok(open_page(EDITOR, {**tiny, session.MASK: foreign.to_json()}).run())
     assert any("fingerprint 0000000000000000" in w.value for w in at.sidebar.warning)
-    at = ok(page(EDITOR, {**tiny, session.MASK: foreign.with_head(1, 2, True).to_json()}).run())
+    at = ok(open_page(EDITOR, {**tiny, session.MASK: foreign.with_head(1, 2, True).to_json()}).run())
     assert any("fingerprint" in w.value for w in at.sidebar.warning)  # still foreign, though unpruned
 
 
 def test_harp_page_chooses_layers_fits_its_log_axis_and_loads_any_compared_row_into_the_editor(tiny, lm):
-    at = ok(page("app_pages/2_HARP.py", tiny).run())
+    at = ok(open_page("app_pages/2_HARP.py", tiny).run())
     at.radio[0].set_value("chosen N (greedy on perplexity)")
     at.number_input[0].set_value(2)  # N
     at.number_input[1].set_value(0.5)  # grid step: 0, 0.5, 1
@@ -338,7 +282,7 @@ def test_harp_page_chooses_layers_fits_its_log_axis_and_loads_any_compared_row_i
 
 
 def test_importance_colours_span_a_robust_or_per_layer_range_and_the_chosen_head_is_outlined(tiny, lm):
-    at = ok(page("app_pages/1_Importance.py", tiny).run())
+    at = ok(open_page("app_pages/1_Importance.py", tiny).run())
     scores = HEAD_METRICS["magnitude"](lm.arch, windows(lm, tiny[session.CALIB_TEXT]), None, None).double()
     heatmap = chart(at, "magnitude per head")["data"][0]
     low, high = scores.min().item(), scores.max().item()
@@ -362,7 +306,7 @@ def test_importance_colours_span_a_robust_or_per_layer_range_and_the_chosen_head
 
 def test_drift_page_colours_span_the_data_and_the_unpruned_line_is_drawn_on_top(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_layer(2, drop_qk=True, alpha=0.5)
-    at = ok(page("app_pages/3_Norm_drift.py", tiny | {session.MASK: mask.to_json()}).run())
+    at = ok(open_page("app_pages/3_Norm_drift.py", tiny | {session.MASK: mask.to_json()}).run())
     norms = chart(at, "Residual-stream L2 norm after each layer")
     lines = [d for d in norms["data"] if d.get("mode") == "lines+markers"]
     assert lines[-1]["name"] == "unpruned" and lines[-1]["line"]["dash"] == "dash"  # last drawn: on top
@@ -381,7 +325,7 @@ def test_drift_page_colours_span_the_data_and_the_unpruned_line_is_drawn_on_top(
 
 
 def test_head_map_clusters_have_the_same_discrete_colour_in_the_map_and_the_grid(tiny, lm):
-    at = ok(page("app_pages/5_Head_map.py", tiny).run())
+    at = ok(open_page("app_pages/5_Head_map.py", tiny).run())
     calib = windows(lm, tiny[session.CALIB_TEXT])
     expected = cached_head_map(lm, calib, DEFAULT_METRICS, DEFAULT_CLUSTERS, 0)
     k = max(expected.clusters) + 1
@@ -402,7 +346,7 @@ def test_head_map_clusters_have_the_same_discrete_colour_in_the_map_and_the_grid
 
 def test_export_page_shows_savings_as_good_news_and_its_whole_command_line(tiny, lm):
     mask = Mask.unpruned(lm.shape, lm.name).with_head(1, 2, False).with_head(3, 0, False)
-    at = ok(page("app_pages/7_Export.py", tiny | {session.MASK: mask.to_json()}).run())
+    at = ok(open_page("app_pages/7_Export.py", tiny | {session.MASK: mask.to_json()}).run())
     b = budget(mask, lm.shape, SEQLEN)
     params = next(m for m in at.metric if m.label == "Parameters")
     assert params.value == f"{b.params_total - b.params_removed:,}"

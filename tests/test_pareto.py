@@ -12,7 +12,6 @@ import pytest
 import analysis.cli.main as cli
 from analysis.baselines import AXES, saved
 from analysis.cache import DiskCache
-from analysis.corpus import load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.harp import cached_harp
@@ -20,11 +19,9 @@ from analysis.loading import load_model
 from analysis.masks import Mask, budget, parse_mask
 from analysis.pareto import collect, named_masks, pareto, pareto_front, save_named
 from analysis.search import cached_search
-from tests.helpers import open_page
-from tests.test_loading import save_checkpoint, word_text
+from tests.helpers import SEQLEN, TOKENS, ok, open_page, save_checkpoint, windows
 from ui import session
 
-SEQLEN, TOKENS = 16, 64
 PAGE = "app_pages/6_Pareto.py"
 
 
@@ -55,30 +52,14 @@ def test_a_hand_made_front():
     assert pareto_front([]) == ()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pareto")
-    save_checkpoint(root / "tiny-llama")
-    for name, seed in (("eval.txt", 1), ("calib.txt", 2)):
-        (root / name).write_text(word_text(200, seed), encoding="utf-8")
-    return {"model": root / "tiny-llama", "eval": root / "eval.txt", "calib": root / "calib.txt"}
-
-
-@pytest.fixture(scope="module")
-def lm(tiny):
-    return load_model(str(tiny["model"]))
-
-
-def windows(lm, path: Path):
-    return make_windows(lm.tokenizer, load_text(str(path)), SEQLEN, TOKENS, lm.max_positions)
-
-
 def fill(lm, tiny, cache: DiskCache) -> dict[str, Mask]:
     """A HARP run and a search on the calibration text, one HARP run on the evaluation text, a saved mask."""
-    calib = windows(lm, tiny["calib"])
+    calib = windows(lm, tiny[session.CALIB_TEXT])
     harp = cached_harp(lm, calib, [2, 3], (0.0, 0.5, 1.0), cache)
     found = cached_search(lm, calib, {"kv": 64}, SEQLEN, 2, 1, cache)
-    cached_harp(lm, windows(lm, tiny["eval"]), [3], (0.0, 1.0), cache)  # calibrated on the eval text: not held out
+    cached_harp(
+        lm, windows(lm, tiny[session.EVAL_TEXT]), [3], (0.0, 1.0), cache
+    )  # calibrated on the eval text: not held out
     hand = Mask.unpruned(lm.shape, lm.name).with_heads([(0, 1), (1, 4)], keep=False)
     save_named(lm, "hand-made", hand, cache)
     return {"HARP top-2": harp.mask, "search kv:64": found.mask, "hand-made": hand}
@@ -87,7 +68,7 @@ def fill(lm, tiny, cache: DiskCache) -> dict[str, Mask]:
 def test_every_cached_mask_is_a_point_with_its_held_out_perplexity(lm, tiny, tmp_path):
     cache = DiskCache(tmp_path)
     made = fill(lm, tiny, cache)
-    evaluation = windows(lm, tiny["eval"])
+    evaluation = windows(lm, tiny[session.EVAL_TEXT])
     points = collect(lm, evaluation, cache)
     by_label = {p.label: p for p in points}
     assert set(made) <= set(by_label)
@@ -104,7 +85,7 @@ def test_every_cached_mask_is_a_point_with_its_held_out_perplexity(lm, tiny, tmp
 
 def test_entries_of_another_model_or_dtype_and_corrupt_ones_are_not_collected(lm, tiny, tmp_path):
     cache = DiskCache(tmp_path)
-    calib = windows(lm, tiny["calib"])
+    calib = windows(lm, tiny[session.CALIB_TEXT])
     cached_harp(lm, calib, [3], (0.0, 1.0), cache)
     value = next(v for _, v in cache.entries("harp", lm.cache_key()))
     cache.put_json("harp", {**lm.cache_key(), "dtype": "bfloat16", **calib.cache_key(), "layers": [2]}, value)
@@ -140,9 +121,9 @@ def tiny_other(tmp_path: Path) -> Path:
 
 def test_cli_pareto_json_lists_every_point_and_the_front(capsys, lm, tiny, cache_dir):
     fill(lm, tiny, DiskCache(cache_dir))
-    args = ["--model", str(tiny["model"]), "--eval", str(tiny["eval"]), "--seqlen", str(SEQLEN)]
+    args = ["--model", str(tiny[session.MODEL]), "--eval", str(tiny[session.EVAL_TEXT]), "--seqlen", str(SEQLEN)]
     args += ["--max-tokens", str(TOKENS)]
-    evaluation = windows(lm, tiny["eval"])
+    evaluation = windows(lm, tiny[session.EVAL_TEXT])
     for axis in AXES:
         assert cli.main(["pareto", *args, "--axis", axis, "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
@@ -162,23 +143,15 @@ def test_cli_pareto_json_lists_every_point_and_the_front(capsys, lm, tiny, cache
 
 def test_pareto_page_shows_the_backend_points_and_a_pick_loads_the_mask(lm, tiny, cache_dir):
     made = fill(lm, tiny, DiskCache(cache_dir))
-    settings = {
-        session.MODEL: str(tiny["model"]),
-        session.EVAL_TEXT: str(tiny["eval"]),
-        session.CALIB_TEXT: str(tiny["calib"]),
-        session.SEQLEN: SEQLEN,
-        session.MAX_TOKENS: TOKENS,
-    }
-    at = open_page(PAGE, settings).run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    backend = pareto(lm, windows(lm, tiny["eval"]), "kv", DiskCache(cache_dir))
+    at = ok(open_page(PAGE, tiny).run())
+    backend = pareto(lm, windows(lm, tiny[session.EVAL_TEXT]), "kv", DiskCache(cache_dir))
     table = at.dataframe[0].value
     assert list(table["mask"]) == [p.label for p in backend.points]
     assert list(table["held-out perplexity"]) == [round(p.eval_perplexity, 3) for p in backend.points]
     assert list(table["KV B/token saved"]) == [p.budget.kv_bytes_per_token_saved for p in backend.points]
     assert [i for i, star in enumerate(table["front"]) if star] == sorted(backend.front)
     at.radio[0].set_value("params").run()
-    by_params = pareto(lm, windows(lm, tiny["eval"]), "params", DiskCache(cache_dir))
+    by_params = pareto(lm, windows(lm, tiny[session.EVAL_TEXT]), "params", DiskCache(cache_dir))
     assert [i for i, star in enumerate(at.dataframe[0].value["front"]) if star] == sorted(by_params.front)
     at.selectbox(key="pareto_pick").set_value([p.label for p in by_params.points].index("search kv:64")).run()
     assert at.session_state[session.MASK]["heads"] == made["search kv:64"].to_json()["heads"]

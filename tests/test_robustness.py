@@ -36,20 +36,12 @@ from analysis.export import export_model
 from analysis.loading import load_model
 from analysis.masks import MAX_MASK_BYTES, Mask, decode_mask, mask_warnings
 from analysis.memory import MEMORY_LIMIT_ENV
-from tests.conftest import TINY, random_windows
-from tests.helpers import save_checkpoint, word_text
+from tests.helpers import TINY, random_windows, word_text
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQLEN = 16
 LAYERS, HEADS = TINY["num_hidden_layers"], TINY["num_attention_heads"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("robust") / "tiny-llama"
-    save_checkpoint(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +80,15 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
 # --- 1. bad input: one line saying what is wrong and what to do; nothing lost -------------------------
 
 
-def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) -> tuple[list[str], str, str]:
+def _bad_input(case: str, tmp: Path, llama_dir: Path, text: Path, monkeypatch) -> tuple[list[str], str, str]:
     """argv of one bad request, a fragment saying what is wrong and one saying what to do."""
-    ev = ["eval", "--model", str(checkpoint), "--text", str(text), "--seqlen", str(SEQLEN)]
+    ev = ["eval", "--model", str(llama_dir), "--text", str(text), "--seqlen", str(SEQLEN)]
 
     def with_model(model: Path | str) -> list[str]:
         return ["eval", "--model", str(model), "--text", str(text), "--seqlen", str(SEQLEN)]
 
     def with_text(data: bytes) -> list[str]:
-        return ["eval", "--model", str(checkpoint), "--text", str(write(tmp / "text.txt", data)), "--seqlen", "16"]
+        return ["eval", "--model", str(llama_dir), "--text", str(write(tmp / "text.txt", data)), "--seqlen", "16"]
 
     def with_mask(content: bytes | str | dict) -> list[str]:
         return [*ev, "--mask", str(write(tmp / "mask.json", content))]
@@ -109,7 +101,7 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
         return with_model(tmp / "gpt2"), "model type 'gpt2' is not supported", "Pick a checkpoint of one of these"
     if case == "model-with-truncated-safetensors":
         broken = tmp / "truncated"
-        for f in checkpoint.iterdir():
+        for f in llama_dir.iterdir():
             write(broken / f.name, f.read_bytes())
         weights = broken / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -175,7 +167,7 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
     if case == "negative-seqlen":
         return [*ev[:-1], "-5"], "argument --seqlen: seqlen must be at least 1 tokens, got -5", "a window length"
     if case == "empty-alpha-grid":
-        harp = ["harp", "--model", str(checkpoint), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
+        harp = ["harp", "--model", str(llama_dir), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
         return [*harp, "--grid", "", "--out", str(tmp / "kept.json")], "argument --grid: the alpha grid", "e.g. 0,0.5,1"
     if case == "request-beyond-the-memory-limit":
         monkeypatch.setenv(MEMORY_LIMIT_ENV, "64KiB")
@@ -186,7 +178,7 @@ def _bad_input(case: str, tmp: Path, checkpoint: Path, text: Path, monkeypatch) 
         )
     if case == "incremental-evaluator-beyond-the-memory-limit":
         monkeypatch.setenv(MEMORY_LIMIT_ENV, "64KiB")
-        harp = ["harp", "--model", str(checkpoint), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
+        harp = ["harp", "--model", str(llama_dir), "--calib", str(text), "--seqlen", "16", "--layers", "1"]
         return [*harp, "--out", str(tmp / "kept.json")], "every layer's input", "arguments --max-tokens, --seqlen: "
     assert case == "unreadable-memory-limit"
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
@@ -222,16 +214,16 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_error_line_with_advice_and_loses_nothing(
-    capsys, tmp_path, monkeypatch, cache_dir, checkpoint, text_file, case
+    capsys, tmp_path, monkeypatch, cache_dir, llama_dir, text_file, case
 ):
     # A good run first, so there is a cache entry and an earlier output that must survive.
-    code, _, err = run_cli(capsys, ["eval", "--model", str(checkpoint), "--text", str(text_file), "--seqlen", "16"])
+    code, _, err = run_cli(capsys, ["eval", "--model", str(llama_dir), "--text", str(text_file), "--seqlen", "16"])
     assert code == 0, err
-    kept = Mask.unpruned(load_model(str(checkpoint)).shape, "tiny-llama")
+    kept = Mask.unpruned(load_model(str(llama_dir)).shape, "tiny-llama")
     kept.save(tmp_path / "bad" / "kept.json")
     before = snapshot(cache_dir, tmp_path / "bad" / "kept.json")
 
-    argv, what, todo = _bad_input(case, tmp_path / "bad", checkpoint, text_file, monkeypatch)
+    argv, what, todo = _bad_input(case, tmp_path / "bad", llama_dir, text_file, monkeypatch)
     code, out, err = run_cli(capsys, argv)
     assert code == 2
     assert out == ""
@@ -241,20 +233,20 @@ def test_bad_input_is_one_error_line_with_advice_and_loses_nothing(
     assert after == before  # no new, changed or removed file in the cache, the earlier output intact
 
 
-def _eval_with_mask(capsys, checkpoint: Path, text: Path, mask: Path) -> tuple[dict, list[str]]:
-    argv = ["eval", "--model", str(checkpoint), "--text", str(text), "--seqlen", "16", "--mask", str(mask), "--json"]
+def _eval_with_mask(capsys, llama_dir: Path, text: Path, mask: Path) -> tuple[dict, list[str]]:
+    argv = ["eval", "--model", str(llama_dir), "--text", str(text), "--seqlen", "16", "--mask", str(mask), "--json"]
     code, out, err = run_cli(capsys, argv)
     assert code == 0, err
     return json.loads(out), [line for line in err.splitlines() if line.startswith("warning: ")]  # not progress
 
 
-def test_a_mask_made_for_another_model_is_evaluated_with_a_warning(capsys, tmp_path, checkpoint, text_file):
+def test_a_mask_made_for_another_model_is_evaluated_with_a_warning(capsys, tmp_path, llama_dir, text_file):
     rows = [[1] * HEADS for _ in range(LAYERS)]
     rows[2][1] = 0
     plain = write(tmp_path / "plain.json", mask_obj(heads=rows))
     foreign = write(tmp_path / "foreign.json", mask_obj(heads=rows, model={"name": "other", "fingerprint": "f" * 16}))
-    expected, quiet = _eval_with_mask(capsys, checkpoint, text_file, plain)
-    result, warnings = _eval_with_mask(capsys, checkpoint, text_file, foreign)
+    expected, quiet = _eval_with_mask(capsys, llama_dir, text_file, plain)
+    result, warnings = _eval_with_mask(capsys, llama_dir, text_file, foreign)
     assert quiet == []
     assert result["perplexity"] == expected["perplexity"]
     [warning] = warnings
@@ -262,11 +254,11 @@ def test_a_mask_made_for_another_model_is_evaluated_with_a_warning(capsys, tmp_p
     assert result["model"]["fingerprint"] in warning
 
 
-def test_every_head_pruned_is_warned_and_perplexity_is_still_computed(capsys, tmp_path, checkpoint, text_file):
+def test_every_head_pruned_is_warned_and_perplexity_is_still_computed(capsys, tmp_path, llama_dir, text_file):
     mask = write(tmp_path / "none.json", mask_obj(heads=[[0] * HEADS] * LAYERS))
     unpruned = write(tmp_path / "unpruned.json", mask_obj())
-    result, [warning] = _eval_with_mask(capsys, checkpoint, text_file, mask)
-    reference, _ = _eval_with_mask(capsys, checkpoint, text_file, unpruned)
+    result, [warning] = _eval_with_mask(capsys, llama_dir, text_file, mask)
+    reference, _ = _eval_with_mask(capsys, llama_dir, text_file, unpruned)
     assert warning.startswith("warning: the mask removes the attention of every layer")
     assert math.isfinite(result["perplexity"]) and result["perplexity"] != reference["perplexity"]
     assert result["budget"]["kv_bytes_per_token"] == 0
@@ -290,8 +282,8 @@ def test_a_model_with_no_attention_left_gives_a_finite_perplexity_in_every_famil
     assert math.isfinite(ppl) and ppl != perplexity(tiny_arch, windows).perplexity
 
 
-def test_an_oversized_mask_upload_is_refused_before_it_is_parsed(checkpoint):
-    lm = load_model(str(checkpoint))
+def test_an_oversized_mask_upload_is_refused_before_it_is_parsed(llama_dir):
+    lm = load_model(str(llama_dir))
     data = json.dumps(mask_obj()).encode()
     assert decode_mask("upload.json", data, lm.shape, lm.name).is_unpruned
     with pytest.raises(HeadroomError, match=r"upload\.json is 1,048,577 bytes; a mask is at most 1,048,576 bytes"):
@@ -374,11 +366,11 @@ def _child(script: str, *args: str) -> subprocess.Popen:
     )
 
 
-def test_a_computation_killed_midway_leaves_no_entry_and_the_next_run_computes_it(tmp_path, cache_dir, checkpoint):
-    lm = load_model(str(checkpoint))
+def test_a_computation_killed_midway_leaves_no_entry_and_the_next_run_computes_it(tmp_path, cache_dir, llama_dir):
+    lm = load_model(str(llama_dir))
     windows = random_windows(n=4, length=SEQLEN)
     torch.save(windows.input_ids, tmp_path / "ids.pt")
-    child = _child(_KILLED_MIDWAY, str(checkpoint), str(tmp_path / "ids.pt"))
+    child = _child(_KILLED_MIDWAY, str(llama_dir), str(tmp_path / "ids.pt"))
     assert child.stdout.readline().startswith("batch 1 of")
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -430,22 +422,22 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_a_pickled_checkpoint_cannot_run_code(tmp_path, checkpoint):
+def test_a_pickled_checkpoint_cannot_run_code(tmp_path, llama_dir):
     directory = tmp_path / "pickled"
-    for f in checkpoint.iterdir():
+    for f in llama_dir.iterdir():
         if f.name != "model.safetensors":
             write(directory / f.name, f.read_bytes())
     marker = tmp_path / "pwned"
-    state = load_model(str(checkpoint)).model.state_dict()
+    state = load_model(str(llama_dir)).model.state_dict()
     torch.save({**state, "payload": _Payload(marker)}, directory / "pytorch_model.bin")
     with pytest.raises(HeadroomError, match="cannot load the weights or tokenizer"):
         load_model(str(directory), cache_root=tmp_path / "cache")
     assert not marker.exists()
 
 
-def test_a_model_directorys_own_code_does_not_run_without_the_flag(tmp_path, checkpoint):
+def test_a_model_directorys_own_code_does_not_run_without_the_flag(tmp_path, llama_dir):
     directory = tmp_path / "remote-code"
-    for f in checkpoint.iterdir():
+    for f in llama_dir.iterdir():
         write(directory / f.name, f.read_bytes())
     marker = tmp_path / "pwned"
     write(directory / "modeling_evil.py", f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
@@ -483,9 +475,8 @@ def test_cache_entries_stay_inside_the_cache_folder_whatever_the_key(tmp_path):
     cache = DiskCache(root)
     hostile = {"text": "../../../escaped", "mask": "/etc/passwd", "note": "..\\..\\x"}
     cache.put_json("perplexity", hostile, 1.0)
-    cache.put_tensors("perplexity", hostile, {"t": torch.ones(2)})
     assert cache.get_json("perplexity", hostile) == 1.0
-    assert [p.parent for p in root.rglob("*") if p.is_file()] == [root / "results" / "perplexity"] * 2
+    assert [p.parent for p in root.rglob("*") if p.is_file()] == [root / "results" / "perplexity"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
     for kind in ("../escaped", "/tmp/escaped", "a/b", ""):
         with pytest.raises(ValueError, match="must be a lowercase name"):
@@ -493,8 +484,8 @@ def test_cache_entries_stay_inside_the_cache_folder_whatever_the_key(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
-def test_an_export_writes_only_inside_its_folder_whatever_the_mask_says(tmp_path, cache_dir, checkpoint):
-    lm = load_model(str(checkpoint))
+def test_an_export_writes_only_inside_its_folder_whatever_the_mask_says(tmp_path, cache_dir, llama_dir):
+    lm = load_model(str(llama_dir))
     mask = Mask.unpruned(lm.shape, "../../escaped").with_head(1, 2, False)
     mask = replace(mask, note="/tmp/escaped ../../escaped")
     out = tmp_path / "exports" / "mine"
@@ -534,11 +525,11 @@ def test_the_default_model_at_default_settings_stays_under_3_gb(default_model, s
 # --- the app: an error message, and the page keeps working ---------------------------------------------
 
 
-def test_the_home_page_shows_each_bad_input_as_an_error_and_keeps_working(tmp_path, checkpoint, text_file):
+def test_the_home_page_shows_each_bad_input_as_an_error_and_keeps_working(tmp_path, llama_dir, text_file):
     latin = write(tmp_path / "latin.txt", "caf\xe9 w3".encode("latin-1"))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     for key, value in {
-        session.MODEL: str(checkpoint),
+        session.MODEL: str(llama_dir),
         session.EVAL_TEXT: str(text_file),
         session.SEQLEN: 16,
         session.MAX_TOKENS: 64,
@@ -547,8 +538,8 @@ def test_the_home_page_shows_each_bad_input_as_an_error_and_keeps_working(tmp_pa
     at.run()
     good = at.metric[0].value
     bad_inputs = [
-        ("text_input", session.MODEL, str(tmp_path / "nowhere"), str(checkpoint), "does not exist"),
-        ("text_input", session.MODEL, str(tmp_path), str(checkpoint), "has no config.json"),
+        ("text_input", session.MODEL, str(tmp_path / "nowhere"), str(llama_dir), "does not exist"),
+        ("text_input", session.MODEL, str(tmp_path), str(llama_dir), "has no config.json"),
         ("text_input", session.EVAL_TEXT, str(latin), str(text_file), "is not valid utf-8: byte 0xe9 at offset 3"),
         ("number_input", session.MAX_TOKENS, 8, 64, "max-tokens 8 is smaller than one window of 16"),
     ]

@@ -12,7 +12,7 @@ from analysis.evaluation import perplexity
 from analysis.importance import o_proj_input_stats
 from analysis.masks import Mask, budget
 from analysis.search import SearchResult, search
-from tests.conftest import random_windows, tiny_model
+from tests.helpers import random_windows, tiny_model
 
 SEQ = 24
 

@@ -10,7 +10,7 @@ from analysis.cache import DiskCache
 from analysis.loading import load_model
 from analysis.task_suite import run_suite
 from tests.char_model import pruned, save_char_model
-from tests.helpers import open_page
+from tests.helpers import ok, open_page
 from ui import session
 
 PAGE = "app_pages/8_Tasks.py"
@@ -22,12 +22,6 @@ def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("chars") / "tiny-chars"
     save_char_model(directory, max_positions=1100)  # passkey at 512 and 1k, long context at 1k
     return directory
-
-
-def ok(at):
-    assert not at.exception, at.exception
-    assert not at.error, [e.value for e in at.error]
-    return at
 
 
 def test_tasks_page_shows_unpruned_and_the_session_mask_as_the_backend_computes_them(tmp_path, cache_dir, model_dir):

@@ -51,23 +51,7 @@ def _config_class(family: str) -> type:
     )
 
 
-HeadroomLlamaConfig = _config_class("llama")
-HeadroomMistralConfig = _config_class("mistral")
-HeadroomQwen2Config = _config_class("qwen2")
-HeadroomGemma2Config = _config_class("gemma2")
-HeadroomGemma3TextConfig = _config_class("gemma3_text")
-HeadroomQwen3Config = _config_class("qwen3")
-HeadroomPhi3Config = _config_class("phi3")
-HeadroomOlmo2Config = _config_class("olmo2")
-HeadroomSmolLM3Config = _config_class("smollm3")
-CONFIGS = {
-    "llama": HeadroomLlamaConfig,
-    "mistral": HeadroomMistralConfig,
-    "qwen2": HeadroomQwen2Config,
-    "gemma2": HeadroomGemma2Config,
-    "gemma3_text": HeadroomGemma3TextConfig,
-    "qwen3": HeadroomQwen3Config,
-    "phi3": HeadroomPhi3Config,
-    "olmo2": HeadroomOlmo2Config,
-    "smollm3": HeadroomSmolLM3Config,
-}
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2", "smollm3")
+CONFIGS = {model_type: _config_class(model_type) for model_type in MODEL_TYPES}
+# ``auto_map`` in an export's config.json names a class of this module (``HeadroomLlamaConfig``, ...).
+globals().update({config.__name__: config for config in CONFIGS.values()})

@@ -25,7 +25,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .configuration_headroom import ATTENTION, CONFIGS, DROP_QK
+from .configuration_headroom import ATTENTION, CONFIGS, DROP_QK, MODEL_TYPES
 
 
 def kv_of_query(layer: dict[str, Any], group_size: int) -> list[int]:
@@ -186,12 +186,6 @@ def _causal_lm_class(family: str) -> type:
     )
 
 
-HeadroomLlamaForCausalLM = _causal_lm_class("llama")
-HeadroomMistralForCausalLM = _causal_lm_class("mistral")
-HeadroomQwen2ForCausalLM = _causal_lm_class("qwen2")
-HeadroomGemma2ForCausalLM = _causal_lm_class("gemma2")
-HeadroomGemma3ForCausalLM = _causal_lm_class("gemma3_text")
-HeadroomQwen3ForCausalLM = _causal_lm_class("qwen3")
-HeadroomPhi3ForCausalLM = _causal_lm_class("phi3")
-HeadroomOlmo2ForCausalLM = _causal_lm_class("olmo2")
-HeadroomSmolLM3ForCausalLM = _causal_lm_class("smollm3")
+CAUSAL_LMS = {model_type: _causal_lm_class(model_type) for model_type in MODEL_TYPES}
+# ``auto_map`` in an export's config.json names a class of this module (``HeadroomLlamaForCausalLM``, ...).
+globals().update({causal_lm.__name__: causal_lm for causal_lm in CAUSAL_LMS.values()})
