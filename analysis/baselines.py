@@ -1,7 +1,7 @@
 """Baselines at a matched budget: masks that save as much as a reference mask, chosen by classic scores.
 
 A comparison is only fair at the same cost, so every baseline is matched on one budget axis of
-:func:`analysis.masks.budget`: attention parameters removed, KV-cache bytes per token saved, or
+:func:`analysis.budget.budget`: attention parameters removed, KV-cache bytes per token saved, or
 attention FLOPs per token saved. Pruning walks from the least important structure upwards and stops
 at the first mask that saves at least the target; that mask therefore saves the target or slightly
 more, never less.
@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from analysis.architecture import Architecture, ModelShape
+from analysis.budget import Budget, budget
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.importance import (
@@ -26,7 +27,7 @@ from analysis.importance import (
     o_proj_input_stats,
     ranking_metrics,
 )
-from analysis.masks import Budget, Mask, budget
+from analysis.masks import Mask
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def prune_heads(
     every layer, for the smallest k that reaches it. Neither ever prunes every head of the model.
 
     On the ``kv`` axis a head saves KV cache only once every query head of its KV group is pruned
-    (grouped-query attention is counted exactly by ``masks.budget``), so the walk goes on past heads
+    (grouped-query attention is counted exactly by ``budget.budget``), so the walk goes on past heads
     that save nothing by themselves until whole groups are gone; the result is the cheapest prefix
     that reaches the target, which is what a matched budget means.
 

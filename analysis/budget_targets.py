@@ -1,6 +1,6 @@
 """Budget targets: what a mask must save at least, per axis (``{"kv": 12288, "params": 3981312}``).
 
-``masks.budget`` measures a mask exactly, per KV group; this module says whether that meets the
+``budget.budget`` measures a mask exactly, per KV group; this module says whether that meets the
 targets and how far a change goes toward them.
 """
 
@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from analysis.architecture import ModelShape
 from analysis.baselines import AXES, saved
+from analysis.budget import Budget, budget
 from analysis.errors import HeadroomError
-from analysis.masks import Budget, Mask, budget
+from analysis.masks import Mask
 
 
 def parse_targets(specs: Sequence[str]) -> dict[str, int]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from analysis.baselines import AXES, BASELINE_METRICS, matched_baselines
+from analysis.budget import Budget, budget
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
@@ -21,7 +22,8 @@ from analysis.evaluation import Progress, cached_perplexity
 from analysis.harp import DEFAULT_GRID, HarpResult, cached_harp
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.loading import LoadedModel
-from analysis.masks import Budget, Mask, budget, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.masks import Mask
 
 # Baseline scorers worth a disk-cache entry of their own: a backward pass per window, the same entry the
 # Importance page reads and writes, so that scoring heads there and comparing here run it once.

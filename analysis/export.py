@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from analysis.architecture import count_parameters
+from analysis.budget import Budget, budget
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
@@ -24,7 +25,7 @@ from analysis.evaluation import PerplexityResult, Progress, batches, cached_perp
 from analysis.export_folder import CARD_FILE, MASK_FILE, check_destination, write_folder
 from analysis.files import atomic_write_text
 from analysis.loading import LoadedModel
-from analysis.masks import Budget, Mask, budget
+from analysis.masks import Mask
 from analysis.model_card import model_card
 from analysis.pruned_model import (
     CHECK_TOKENS,

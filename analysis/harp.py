@@ -28,7 +28,8 @@ from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
 from analysis.loading import LoadedModel
-from analysis.masks import ALPHA_MAX, Mask, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.masks import ALPHA_MAX, Mask
 from analysis.norm_matching import closed_form_alpha, norm_matching_alpha, norm_targets
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))

@@ -21,13 +21,15 @@ from itertools import groupby
 from typing import Any
 
 from analysis.baselines import AXES, saved
+from analysis.budget import Budget, budget
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress, cached_perplexity
 from analysis.harp import top_layers
 from analysis.loading import LoadedModel
-from analysis.masks import Budget, Mask, budget, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.masks import Mask
 from analysis.search_moves import MOVE_KINDS
 
 COLLECTION = "collection"  # cache kind of the named masks, one entry per model

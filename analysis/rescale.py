@@ -18,7 +18,8 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
 from analysis.harp import DEFAULT_GRID, SearchStep, check_layers, greedy_alpha_search
 from analysis.loading import LoadedModel
-from analysis.masks import Mask, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.masks import Mask
 from analysis.norm_matching import norm_matching_alpha
 
 HEAD_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5)  # fewer heads shrink the branch: alphas near and above 1

@@ -1,7 +1,7 @@
 """Budgeted mask search: the mask of lowest calibration perplexity that saves at least a budget.
 
 A budget is one or more axes at once (``{"kv": 12288, "params": 3981312}``; see ``budget_targets``,
-and ``masks.budget``, exact per KV group). The search combines structural moves (``search_moves``),
+and ``budget.budget``, exact per KV group). The search combines structural moves (``search_moves``),
 each a change of one layer:
 
 - ``remove_attention``: the layer's attention branch is gone (alpha = 0; saves its KV, q/k/v/o);
@@ -45,6 +45,7 @@ from typing import Any
 
 from analysis.architecture import Architecture, ModelShape
 from analysis.baselines import flap_compensation, saved
+from analysis.budget import Budget, budget
 from analysis.budget_targets import check_targets, meets, progress_toward, savings
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
@@ -52,7 +53,8 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
 from analysis.importance import OProjStats, o_proj_input_stats
 from analysis.loading import LoadedModel
-from analysis.masks import Budget, Mask, budget, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.masks import Mask
 from analysis.norm_matching import closed_form_alpha, norm_targets
 from analysis.rescale import HEAD_GRID
 from analysis.search_moves import MOVE_KINDS, Move, all_moves, apply_move, check_move_kinds

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import streamlit as st
 
+from analysis.budget import budget
 from analysis.generation import greedy_continuation
 from analysis.importance import HEAD_METRICS
-from analysis.masks import MAX_MASK_BYTES, budget
+from analysis.mask_files import MAX_MASK_BYTES
 from ui import backend, collection, editor, live_panel, mask_edits, scaffold, session
 from ui.editor import MODES
 

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from analysis.baselines import AXES
-from analysis.masks import parse_mask
+from analysis.mask_files import parse_mask
 from analysis.pareto import Front, pareto
 from ui import backend, collection, plots, progress, scaffold, session
 

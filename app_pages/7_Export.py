@@ -12,9 +12,9 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.access import MAX_NAME_CHARS
+from analysis.budget import budget
 from analysis.export import KINDS, export_model
 from analysis.export_folder import CARD_FILE, MASK_FILE
-from analysis.masks import budget
 from analysis.model_card import export_command
 from ui import backend, progress, session
 

@@ -11,7 +11,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from analysis.lm_eval_tasks import length_label
-from analysis.masks import MAX_MASK_BYTES, Mask, decode_mask
+from analysis.mask_files import MAX_MASK_BYTES, decode_mask
+from analysis.masks import Mask
 from analysis.task_suite import BUILT_IN, TaskResult
 from ui import backend, plots, session
 

@@ -6,7 +6,8 @@ import os
 
 from analysis.harp import top_layers
 from analysis.loading import LoadedModel
-from analysis.masks import Mask, load_mask
+from analysis.mask_files import load_mask
+from analysis.masks import Mask
 
 # The alphas HARP searched on the default model (low -> high layer), README's "HARP and the baselines"
 HARP_ALPHAS = {

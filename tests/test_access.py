@@ -15,7 +15,8 @@ from analysis.access import DEMO_ENV, EXPORTS_ENV, MAX_NAME_CHARS, MODELS_ENV, A
 from analysis.errors import HeadroomError
 from analysis.export import export_model
 from analysis.export_folder import MASK_FILE
-from analysis.masks import Mask, load_mask
+from analysis.mask_files import load_mask
+from analysis.masks import Mask
 from tests.helpers import every_kind_of_pruning, tiny_lm, tree
 
 

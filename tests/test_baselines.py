@@ -17,10 +17,11 @@ from analysis.baselines import (
     remove_attention_layers,
     saved,
 )
+from analysis.budget import budget
 from analysis.errors import HeadroomError
 from analysis.importance import flap_wifv, o_proj_input_stats
 from analysis.intervention import apply_mask
-from analysis.masks import Mask, budget
+from analysis.masks import Mask
 from tests.helpers import random_windows, tiny_model
 
 # 4 layers x 6 query heads in 2 KV groups of 3 (heads 0-2 read KV head 0, heads 3-5 KV head 1).

@@ -22,7 +22,8 @@ from analysis.corpus import Windows, load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
-from analysis.masks import Mask, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.masks import Mask
 from tests.helpers import TINY, forbid, save_checkpoint, word_text, word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from analysis.corpus import load_text, make_windows
 from analysis.evaluation import perplexity
 from analysis.export_folder import MASK_FILE
 from analysis.loading import load_model
-from analysis.masks import Mask, load_mask
+from analysis.mask_files import load_mask
+from analysis.masks import Mask
 from tests.helpers import open_page, save_checkpoint, tree, word_text
 from ui import session
 

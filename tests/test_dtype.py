@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from analysis.budget import budget
 from analysis.cache import DiskCache, read_entry
 from analysis.cli.main import main
 from analysis.corpus import load_text, make_windows
@@ -26,7 +27,7 @@ from analysis.export_folder import CARD_FILE
 from analysis.harp import cached_chosen_harp, cached_harp
 from analysis.importance import cached_head_result
 from analysis.loading import load_model, pick_dtype
-from analysis.masks import Mask, budget
+from analysis.masks import Mask
 from analysis.pruned_model import max_logit_difference
 from analysis.rescale import cached_rescale
 from analysis.search import cached_search

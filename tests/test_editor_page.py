@@ -16,9 +16,12 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from analysis.budget import budget
 from analysis.cache import DiskCache
 from analysis.live import LivePerplexity
-from analysis.masks import Mask, budget, mask_to_query, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.mask_links import mask_to_query
+from analysis.masks import Mask
 from analysis.pareto import named_masks
 from analysis.rescale import rescale
 from tests.helpers import EDITOR, SEQLEN, button, ok, open_page, shown, tiny_app, toggle, windows

@@ -21,6 +21,7 @@ import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from analysis.architecture import Architecture
+from analysis.budget import budget
 from analysis.cache import DiskCache
 from analysis.cli.main import main
 from analysis.corpus import default_text, make_windows
@@ -31,7 +32,8 @@ from analysis.export_folder import CARD_FILE, MASK_FILE
 from analysis.harp import top_layers
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
-from analysis.masks import Mask, budget, load_mask
+from analysis.mask_files import load_mask
+from analysis.masks import Mask
 from analysis.pruned_model import layer_structure
 from tests.helpers import (
     FAMILY_TYPES,

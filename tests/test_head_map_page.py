@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
-from analysis.masks import parse_mask
+from analysis.mask_files import parse_mask
 from tests.helpers import ok, open_page, windows
 from ui import session
 

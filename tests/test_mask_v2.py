@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from analysis.architecture import Architecture, ModelShape
+from analysis.budget import budget
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, perplexity
 from analysis.intervention import apply_mask
-from analysis.masks import Mask, budget, load_mask, parse_mask
+from analysis.mask_files import load_mask, parse_mask
+from analysis.masks import Mask
 from tests.helpers import random_windows
 
 SHAPE = ModelShape(

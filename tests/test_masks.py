@@ -17,8 +17,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 
 from analysis.architecture import ModelShape
+from analysis.budget import budget
 from analysis.errors import HeadroomError
-from analysis.masks import Mask, budget, load_mask, mask_from_query, mask_to_query, parse_mask
+from analysis.mask_files import load_mask, parse_mask
+from analysis.mask_links import mask_from_query, mask_to_query
+from analysis.masks import Mask
 
 NAME = "SmolLM2-135M-Instruct"
 SMOL = ModelShape(

@@ -15,6 +15,7 @@ from streamlit.proto.Metric_pb2 import Metric
 from streamlit.testing.v1 import AppTest
 
 from analysis.baselines import matched_baselines
+from analysis.budget import budget
 from analysis.cache import DiskCache
 from analysis.comparison import cached_baselines, compare
 from analysis.drift import mask_drift, position_drift
@@ -24,7 +25,9 @@ from analysis.generation import greedy_continuation
 from analysis.harp import chosen_harp, harp
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, block_influence, cached_head_result
-from analysis.masks import Mask, budget, mask_from_query, mask_to_query, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.mask_links import mask_from_query, mask_to_query
+from analysis.masks import Mask
 from analysis.model_card import export_command
 from analysis.throughput import duration_text, measured_rate
 from tests.helpers import EDITOR, ROOT, SEQLEN, TOKENS, ok, open_page, shown, toggle, windows, word_text

@@ -11,12 +11,14 @@ import pytest
 
 import analysis.cli.main as cli
 from analysis.baselines import AXES, saved
+from analysis.budget import budget
 from analysis.cache import DiskCache
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.harp import cached_harp
 from analysis.loading import load_model
-from analysis.masks import Mask, budget, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.masks import Mask
 from analysis.pareto import collect, named_masks, pareto, pareto_front, save_named
 from analysis.search import cached_search
 from tests.helpers import SEQLEN, TOKENS, ok, open_page, save_checkpoint, windows

@@ -34,7 +34,8 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import cached_perplexity, perplexity
 from analysis.export import export_model
 from analysis.loading import load_model
-from analysis.masks import MAX_MASK_BYTES, Mask, decode_mask, mask_warnings
+from analysis.mask_files import MAX_MASK_BYTES, decode_mask, mask_warnings
+from analysis.masks import Mask
 from analysis.memory import MEMORY_LIMIT_ENV
 from tests.helpers import TINY, random_windows, word_text
 from ui import session

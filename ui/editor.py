@@ -10,9 +10,10 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
+from analysis.budget import Budget
 from analysis.importance import HEAD_METRICS, HeadScores, ranks, stored_head_result
 from analysis.loading import LoadedModel
-from analysis.masks import Budget, Mask
+from analysis.masks import Mask
 from ui import backend, plots, scaffold, session
 from ui.head_grids import grid_figure
 

@@ -12,7 +12,8 @@ import streamlit as st
 
 from analysis.errors import HeadroomError
 from analysis.loading import LoadedModel
-from analysis.masks import Mask, decode_mask, parse_mask
+from analysis.mask_files import decode_mask, parse_mask
+from analysis.masks import Mask
 from ui import backend, session
 from ui.editor import MODES, mode_of
 from ui.head_grids import selected_head

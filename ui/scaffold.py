@@ -16,7 +16,7 @@ import streamlit as st
 
 from analysis.errors import HeadroomError
 from analysis.loading import LoadedModel
-from analysis.masks import mask_warnings
+from analysis.mask_files import mask_warnings
 from ui import session
 from ui.backend import model
 

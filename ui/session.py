@@ -15,7 +15,9 @@ import streamlit as st
 
 from analysis.errors import HeadroomError
 from analysis.loading import DEFAULT_MODEL, LoadedModel
-from analysis.masks import QUERY_KEYS, Mask, mask_from_query, mask_to_query, parse_mask
+from analysis.mask_files import parse_mask
+from analysis.mask_links import QUERY_KEYS, mask_from_query, mask_to_query
+from analysis.masks import Mask
 
 MODEL = "model_spec"
 DTYPE = "dtype"  # the weights' dtype: auto (bfloat16 on a CUDA GPU, float32 on the CPU), float32, bfloat16, float16

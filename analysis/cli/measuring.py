@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
+from analysis.budget import budget
 from analysis.cli.command import Result, before_load, command, progress_bar, renders
 from analysis.cli.options import int_list, name_list, read_mask, read_windows, text_arguments
 from analysis.drift import cached_mask_drift
@@ -13,7 +14,7 @@ from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.lm_eval_tasks import write_lm_eval
 from analysis.loading import LoadedModel
-from analysis.masks import Mask, budget
+from analysis.masks import Mask
 from analysis.task_files import cached_user_task, load_task_file
 from analysis.task_suite import BUILT_IN, check_task_names, run_suite
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.baselines import AXES
+from analysis.budget import budget
 from analysis.budget_targets import parse_targets
 from analysis.cli.command import Result, before_load, command, progress_bar, renders
 from analysis.cli.options import float_list, int_list, name_list, read_mask, read_windows, text_arguments
@@ -20,7 +21,7 @@ from analysis.errors import HeadroomError
 from analysis.evaluation import cached_perplexity
 from analysis.harp import DEFAULT_GRID, cached_chosen_harp, cached_harp, top_layers
 from analysis.loading import LoadedModel
-from analysis.masks import Mask, budget
+from analysis.masks import Mask
 from analysis.pareto import pareto
 from analysis.rescale import cached_rescale
 from analysis.search import PROXY_WINDOWS, SHORTLIST, cached_search

@@ -8,7 +8,8 @@ import sys
 from analysis.corpus import Windows, load_text, make_windows
 from analysis.errors import HeadroomError
 from analysis.loading import LoadedModel
-from analysis.masks import Mask, load_mask, mask_warnings
+from analysis.mask_files import load_mask, mask_warnings
+from analysis.masks import Mask
 
 
 def text_arguments(
