@@ -16,17 +16,12 @@ from dataclasses import replace
 
 import torch
 
+from analysis.activation_metrics import OProjStats, attention_block_influence, o_proj_input_stats
 from analysis.architecture import Architecture, ModelShape
 from analysis.budget import Budget, budget
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
-from analysis.importance import (
-    HEAD_METRICS,
-    OProjStats,
-    attention_block_influence,
-    o_proj_input_stats,
-    ranking_metrics,
-)
+from analysis.importance import HEAD_METRICS, ranking_metrics
 from analysis.masks import Mask
 
 log = logging.getLogger(__name__)

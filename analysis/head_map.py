@@ -2,7 +2,7 @@
 
 Each head gets a feature vector: its attention-pattern statistics (``analysis.attention_patterns``:
 entropy, mean distance, sink share, previous-token share), how much it writes to the residual stream
-(``importance.output_norm``, on a log scale) and the chosen importance metrics. Features are
+(``activation_metrics.output_norm``, on a log scale) and the chosen importance metrics. Features are
 standardised (zero mean, unit variance over heads), then projected to 2-D twice, with PCA
 (scikit-learn) and UMAP (umap-learn, McInnes et al., 2018), and clustered with k-means on the
 standardised features. Everything that is random takes ``seed``, so a map is reproducible.
@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.activation_metrics import output_norm
 from analysis.attention_patterns import STATISTICS, cached_attention_stats
 from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import Progress
-from analysis.importance import CHEAP_METRICS, HEAD_METRICS, cached_head_result, output_norm
+from analysis.importance import CHEAP_METRICS, HEAD_METRICS, cached_head_result
 from analysis.loading import LoadedModel
 
 DEFAULT_METRICS = CHEAP_METRICS  # no more than a pass each

@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from analysis.activation_metrics import OProjStats, o_proj_input_stats
 from analysis.architecture import Architecture, ModelShape
 from analysis.baselines import flap_compensation, saved
 from analysis.budget import Budget, budget
@@ -51,7 +52,6 @@ from analysis.cache import DiskCache
 from analysis.corpus import Windows
 from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, Progress
-from analysis.importance import OProjStats, o_proj_input_stats
 from analysis.loading import LoadedModel
 from analysis.mask_files import parse_mask
 from analysis.masks import Mask

@@ -30,8 +30,9 @@ from pathlib import Path
 from analysis.cache import DiskCache
 from analysis.corpus import Windows, default_text, make_windows
 from analysis.evaluation import perplexity
-from analysis.importance import HEAD_METRICS, ablation, cached_head_result, integrated_gradients, lowest_heads
+from analysis.importance import HEAD_METRICS, cached_head_result, lowest_heads
 from analysis.loading import LoadedModel, load_model
+from analysis.loss_metrics import ablation, integrated_gradients
 from analysis.masks import Mask
 
 

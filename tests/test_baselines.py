@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from analysis.activation_metrics import flap_wifv, o_proj_input_stats
 from analysis.architecture import Architecture, ModelShape
 from analysis.baselines import (
     AXES,
@@ -19,7 +20,6 @@ from analysis.baselines import (
 )
 from analysis.budget import budget
 from analysis.errors import HeadroomError
-from analysis.importance import flap_wifv, o_proj_input_stats
 from analysis.intervention import apply_mask
 from analysis.masks import Mask
 from tests.helpers import random_windows, tiny_model

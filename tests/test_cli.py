@@ -587,7 +587,7 @@ def test_compare_matches_every_baseline_to_harp_on_the_chosen_axis(capsys, tmp_p
 
 
 def test_importance_prints_one_row_per_layer_and_null_outside_the_chosen_layers(capsys, checkpoint, text_file):
-    from analysis.importance import ablation
+    from analysis.loss_metrics import ablation
 
     args = ["--model", str(checkpoint), "--text", str(text_file), "--seqlen", str(SEQLEN), "--max-tokens", "160"]
     code = cli.main(["importance", *args, "--metric", "ablation", "--layers", "3,2", "--json"])

@@ -18,14 +18,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from analysis.activation_metrics import o_proj_input_stats, wanda_sp
 from analysis.corpus import Windows
 from analysis.drift import layer_drift
 from analysis.evaluation import IncrementalEvaluator, perplexity
 from analysis.export import export_model
 from analysis.harp import harp
-from analysis.importance import gradient, o_proj_input_stats, wanda_sp
 from analysis.intervention import apply_mask
 from analysis.loading import LoadedModel, load_model
+from analysis.loss_metrics import gradient
 from analysis.masks import Mask
 from analysis.search import search
 from analysis.task_scoring import target_logits

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import analysis.head_map as head_map
+from analysis.activation_metrics import magnitude, output_norm
 from analysis.architecture import Architecture
 from analysis.attention_patterns import attention_stats
 from analysis.cache import DiskCache
 from analysis.errors import HeadroomError
 from analysis.head_map import cached_head_map, head_features, project
-from analysis.importance import magnitude, output_norm
 from analysis.loading import LoadedModel
 from tests.helpers import forbid, random_windows, tiny_model
 

@@ -13,25 +13,26 @@ import torch.nn.functional as F
 from torch import nn
 
 import analysis.importance as importance
+from analysis.activation_metrics import (
+    attention_block_influence,
+    block_influence,
+    flap_wifv,
+    magnitude,
+    o_proj_input_stats,
+    wanda_sp,
+)
 from analysis.architecture import Architecture
 from analysis.head_map import DEFAULT_METRICS
 from analysis.importance import (
     CHEAP_METRICS,
     DESCRIPTIVE_METRICS,
     HEAD_METRICS,
-    attention_block_influence,
-    block_influence,
     cheapest_heads,
-    flap_wifv,
-    gradient,
-    gradient_normalized,
     lowest_heads,
-    magnitude,
-    o_proj_input_stats,
     ranking_metrics,
     ranks,
-    wanda_sp,
 )
+from analysis.loss_metrics import gradient, gradient_normalized
 from tests.helpers import forbid, random_windows, tiny_model
 
 HEADS = [(0, 0), (1, 4), (3, 5)]  # (layer, head) pairs checked by plain loops
@@ -270,7 +271,7 @@ def test_passes_from_other_threads_are_not_counted():
 
 def test_ablation_equals_an_independent_leave_one_out(tiny_arch):
     from analysis.evaluation import perplexity
-    from analysis.importance import ablation
+    from analysis.loss_metrics import ablation
     from analysis.masks import Mask
 
     windows = random_windows()
@@ -289,7 +290,7 @@ def test_gradient_equals_the_slope_of_the_loss_in_each_head_scale(tiny_arch):
 
     (A finite difference would not do: the models keep some float32 even in float64, e.g. in norms.)
     """
-    from analysis.importance import gradient
+    from analysis.loss_metrics import gradient
 
     windows = random_windows(n=3)
     scores = gradient(tiny_arch, windows)
@@ -324,7 +325,7 @@ def test_gradient_equals_the_slope_of_the_loss_in_each_head_scale(tiny_arch):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_integrated_gradients_equal_a_hand_path_integral_and_are_complete(family):
     """Independent check: the midpoint rule over 128 points of d(window loss)/d(gates) on the path t * 1."""
-    from analysis.importance import integrated_gradients
+    from analysis.loss_metrics import integrated_gradients
 
     tiny_arch = Architecture(tiny_model(family))
     windows = random_windows(n=2, length=12)
@@ -366,7 +367,7 @@ def test_integrated_gradients_equal_a_hand_path_integral_and_are_complete(family
 
 def test_integrated_gradients_are_refused_where_a_post_attention_norm_undoes_the_gates():
     from analysis.errors import HeadroomError
-    from analysis.importance import integrated_gradients
+    from analysis.loss_metrics import integrated_gradients
 
     with pytest.raises(HeadroomError, match="post-attention norm"):
         integrated_gradients(Architecture(tiny_model("gemma2")), random_windows(n=1, length=8))

@@ -14,6 +14,7 @@ import torch
 from streamlit.proto.Metric_pb2 import Metric
 from streamlit.testing.v1 import AppTest
 
+from analysis.activation_metrics import block_influence
 from analysis.baselines import matched_baselines
 from analysis.budget import budget
 from analysis.cache import DiskCache
@@ -24,7 +25,7 @@ from analysis.export_folder import MASK_FILE
 from analysis.generation import greedy_continuation
 from analysis.harp import chosen_harp, harp
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
-from analysis.importance import HEAD_METRICS, block_influence, cached_head_result
+from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.mask_files import parse_mask
 from analysis.mask_links import mask_from_query, mask_to_query
 from analysis.masks import Mask

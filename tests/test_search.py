@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from analysis.activation_metrics import o_proj_input_stats
 from analysis.architecture import Architecture
 from analysis.baselines import flap_compensation, saved
 from analysis.budget import budget
 from analysis.budget_targets import parse_targets
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
-from analysis.importance import o_proj_input_stats
 from analysis.masks import Mask
 from analysis.search import SearchResult, search
 from tests.helpers import random_windows, tiny_model

@@ -19,6 +19,7 @@ import streamlit as st
 
 from analysis import importance, live
 from analysis.access import Access
+from analysis.activation_metrics import attention_block_influence, block_influence
 from analysis.cache import DiskCache, default_root
 from analysis.comparison import SHARED_SCORES, Comparison, compare
 from analysis.corpus import Windows, decode_text, load_text, make_windows
@@ -27,7 +28,7 @@ from analysis.errors import HeadroomError
 from analysis.files import atomic_write_bytes
 from analysis.harp import HarpResult, cached_chosen_harp, cached_harp
 from analysis.head_map import HeadMap, cached_head_map
-from analysis.importance import HeadScores, attention_block_influence, block_influence, cached_head_result
+from analysis.importance import HeadScores, cached_head_result
 from analysis.live import LivePerplexity
 from analysis.loading import LoadedModel, load_model
 from analysis.masks import Mask
