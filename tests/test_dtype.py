@@ -204,6 +204,32 @@ def test_cli_refuses_an_unknown_dtype(capsys):
     assert "invalid choice: 'int8'" in capsys.readouterr().err
 
 
+def test_a_float32_checkpoint_is_cast_once_into_a_16_bit_copy_with_the_same_weights(llama_dir, tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    reference = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).state_dict()
+    first = load_model(str(llama_dir), cache_root=root, dtype="bfloat16")
+    (copy,) = (root / "models").glob("cast-*")
+    assert copy.name == f"cast-{first.fingerprint}-bfloat16"
+    assert stored_dtypes(next(copy.glob("*.safetensors"))) == {torch.bfloat16}
+    assert first.fingerprint == load_model(str(llama_dir), cache_root=root, dtype="float32").fingerprint
+    assert list((root / "models").glob("cast-*")) == [copy]  # float32 needs no copy
+    weights = first.model.state_dict()
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+
+    read: list[Path] = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def recording(path, *args, **kwargs):
+        read.append(Path(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    second = load_model(str(llama_dir), cache_root=root, dtype="bfloat16")
+    assert read == [copy]  # the float32 file is not read again
+    assert torch.equal(first.model(input_ids=IDS).logits, second.model(input_ids=IDS).logits)
+    assert (second.fingerprint, second.name, second.source) == (first.fingerprint, first.name, first.source)
+
+
 @pytest.mark.slow
 def test_the_converted_default_model_stays_float32_on_disk_and_loads_in_bfloat16(default_model, session_cache):
     lm = load_model("default", cache_root=session_cache, dtype="bfloat16")
