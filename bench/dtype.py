@@ -7,11 +7,9 @@ time for one head toggled at 3/4 depth and in the top layer (``--live-tokens``, 
 1,024; each toggle a different head), and the peak RSS. The relative perplexity difference to
 float32 is printed last. Every figure has the load average of the moment beside it.
 
-``--memory-limit-gb X`` runs each dtype's process in a memory cgroup of ``X`` GiB (cgroup v1 ``memory``
-or v2, as root): a run that needs more is killed, so a finished run proves the model works within
-``X``. RSS counts the clean file pages of a memory-mapped checkpoint, which the kernel drops under a
-limit, so the peaks of anonymous memory (``RssAnon``) and of file pages (``RssFile``) are printed too.
-Memory figures are GiB (2**30 bytes).
+RSS counts the clean file pages of a memory-mapped checkpoint (which the kernel can drop), so the
+peaks of anonymous memory (``RssAnon``) and of file pages (``RssFile``) are printed too. Memory
+figures are GiB (2**30 bytes).
 
 ``--standin-1b DIR``: the 1B-class target (load <= 30 s from the converted cache, RSS <= 6 GB in
 bfloat16, perplexity within 1 % of float32) on a stand-in: a random-weight model shaped like
@@ -22,7 +20,7 @@ random weights give an almost uniform next-token distribution, so its perplexity
 little: the default model's is the meaningful one.
 
     .venv/bin/python -m bench.dtype
-    .venv/bin/python -m bench.dtype --standin-1b /tmp/llama-1b-standin --tokens 512 [--memory-limit-gb 6]
+    .venv/bin/python -m bench.dtype --standin-1b /tmp/llama-1b-standin --tokens 512
 """
 
 from __future__ import annotations
@@ -85,26 +83,6 @@ class PeakMemory:
             for name, value in status_gb(*self.peak).items():
                 self.peak[name] = max(self.peak[name], value)
             time.sleep(0.02)
-
-
-def memory_cgroup(limit_gb: float) -> Path:
-    """A new memory cgroup limited to ``limit_gb`` GiB (v1 ``memory`` hierarchy, else v2); needs root."""
-    bytes_ = str(int(limit_gb * 2**30))
-    # (hierarchy, a file that shows it is a memory hierarchy, the limit's file)
-    hierarchies = (
-        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.limit_in_bytes"),
-        ("/sys/fs/cgroup", "cgroup.controllers", "memory.max"),
-    )
-    for root, probe, limit_file in hierarchies:
-        if Path(root, probe).is_file():
-            group = Path(root, f"headroom-bench-{os.getpid()}")
-            try:
-                group.mkdir()
-                (group / limit_file).write_text(bytes_)
-            except OSError as e:
-                sys.exit(f"cannot make a memory cgroup under {root} ({e}); run as root, or drop --memory-limit-gb")
-            return group
-    sys.exit("no cgroup memory controller found; drop --memory-limit-gb")
 
 
 def measure(spec: str, dtype: str, tokens: int, live_tokens: int, toggles: int, device: str) -> dict[str, Any]:
@@ -181,7 +159,6 @@ def main() -> None:
     parser.add_argument("--live-tokens", type=int, default=1024, help="tokens of the incremental evaluator")
     parser.add_argument("--toggles", type=int, default=3, help="toggles per layer (median)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--memory-limit-gb", type=float, help="run each dtype in a memory cgroup of this many GiB")
     parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -197,25 +174,16 @@ def main() -> None:
     start = time.perf_counter()
     model_fingerprint(spec)  # converts a GGUF or hashes a checkpoint once; the timed loads read the cache and memo
     print(f"fingerprint (first time: hash, later: memo): {time.perf_counter() - start:.1f} s ({load()})", flush=True)
-    group = memory_cgroup(args.memory_limit_gb) if args.memory_limit_gb else None
     results = {}
     for dtype in DTYPES:  # one process each, so that RSS is the dtype's own
         argv = [sys.executable, "-m", "bench.dtype", "--model", spec, "--child", dtype, "--device", args.device]
         argv += ["--tokens", str(args.tokens), "--live-tokens", str(args.live_tokens), "--toggles", str(args.toggles)]
 
-        def enter(procs: Path | None = group and group / "cgroup.procs") -> None:
-            if procs:
-                procs.write_text(str(os.getpid()))
-
-        done = subprocess.run(argv, capture_output=True, text=True, check=False, preexec_fn=enter)
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode:
-            killed = f" (killed: more than the {args.memory_limit_gb} GiB limit?)" if done.returncode < 0 else ""
-            sys.exit(f"{dtype} run failed{killed}:\n{done.stderr}")
+            sys.exit(f"{dtype} run failed:\n{done.stderr}")
         results[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
-    if group:
-        group.rmdir()
-    limit = f", each dtype in a {args.memory_limit_gb} GiB memory cgroup" if group else ""
-    print(f"{results['float32']['model']}, on {args.device}{limit}")
+    print(f"{results['float32']['model']}, on {args.device}")
     print(f"perplexity on {args.tokens} tokens of default-eval at seqlen 256; toggles on {args.live_tokens} tokens")
     print(f"{'':<22} " + "  ".join(f"{d:>12} {'':>{len(load()) + 2}}" for d in DTYPES))
     toggle_rows = sorted(k for k in results["float32"] if k.startswith("toggle_"))
