@@ -4,8 +4,8 @@ Starts ``streamlit run app.py`` on the caller's ``HEADROOM_CACHE`` (so the conve
 cached result are on disk) and opens each page in headless chromium through Playwright, each in a new
 browser context, i.e. a new Streamlit session with default choices. A page counts as *interactive*
 from the moment it stops changing: its script has run and finished, and neither the number of
-elements in the main area nor the number of drawn plotly figures changes for two seconds (the second
-is not counted), so a figure still being drawn in the browser counts against the page. Also
+elements in the main area nor the number of drawn plotly figures changes for two seconds (those two
+seconds are not counted), so a figure still being drawn in the browser counts against the page. Also
 printed: the figures drawn and the error boxes shown.
 
 Two passes: ``cold`` is the first visit of each page in a freshly started server (the first page
@@ -28,7 +28,6 @@ from bench.browser_latency import ARGS, CHROMIUM, SETTLE_S, load, serve
 
 PAGES = ("", "Importance", "HARP", "Norm_drift", "Mask_editor", "Head_map", "Pareto", "Export", "Tasks")
 QUIET_S = 2.0
-VERBOSE = False
 # What the page looks like now: the script's state, how many elements the main area has, how many
 # plotly charts it has and how many of them have drawn their SVG, how many error boxes; "interactive"
 # is the last change of it, once the script has finished and every chart is drawn.
@@ -48,7 +47,7 @@ STATE = """
 """
 
 
-def open_page(browser, url: str) -> dict[str, float]:
+def open_page(browser, url: str, verbose: bool = False) -> dict[str, float]:
     """Open ``url`` in a new session; seconds until the page stopped changing, with its figure count."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
@@ -63,7 +62,7 @@ def open_page(browser, url: str) -> dict[str, float]:
         drawn = bool(state) and state["figures"] >= state["charts"]
         if state != last:
             last, changed = state, now
-            if VERBOSE:
+            if verbose:
                 print(f"  {now - started:6.2f} s {state}", file=sys.stderr, flush=True)
         elif ran and drawn and state["script"] == "notRunning" and now - changed >= QUIET_S:
             break
@@ -84,8 +83,6 @@ def main() -> None:
     parser.add_argument("--fresh-server", action="store_true", help="a new server for every page of the cold pass")
     parser.add_argument("--verbose", action="store_true", help="every change of each page's state, on stderr")
     args = parser.parse_args()
-    global VERBOSE
-    VERBOSE = args.verbose
     pages = args.pages.split(",")
 
     from playwright.sync_api import sync_playwright
@@ -98,18 +95,18 @@ def main() -> None:
         if args.fresh_server:
             for name in pages:
                 with serve() as url:
-                    print(line(name, open_page(browser, f"{url}/{name}")), flush=True)
+                    print(line(name, open_page(browser, f"{url}/{name}", args.verbose)), flush=True)
         with serve() as url:
             if not args.fresh_server:
                 for name in pages:
-                    print(line(name, open_page(browser, f"{url}/{name}")), flush=True)
+                    print(line(name, open_page(browser, f"{url}/{name}", args.verbose)), flush=True)
             else:
                 open_page(browser, f"{url}/")  # the model in memory, as after any first visit
             print("warm: each page again, in a new session of the same server")
             print(header)
             worst = 0.0
             for name in pages:
-                t = open_page(browser, f"{url}/{name}")
+                t = open_page(browser, f"{url}/{name}", args.verbose)
                 worst = max(worst, t["interactive"])
                 print(line(name, t), flush=True)
             print(f"slowest warm page: {worst:.2f} s ({load()})")
