@@ -166,6 +166,7 @@ def cached_masks(lm: LoadedModel, evaluation: Windows, cache: DiskCache) -> Iter
         targets = " ".join(f"{axis}:{amount}" for axis, amount in parts["targets"].items())
         how = " compensated" if parts.get("compensate") else ""
         how += "" if len(parts["moves"]) == len(MOVE_KINDS) else f" ({', '.join(parts['moves'])})"
+        how += "" if "alpha_phase" in parts else ", whole alpha grid"  # cached by the search before `descend`
         yield "search", f"search {targets}{how}", mask(value["mask"])
     for _, value in held_out("rescale"):
         rescaled = mask(value["mask"])

@@ -26,9 +26,11 @@ calibration set under the current mask, commit the best fresh one. Scores are co
 layer first: a candidate differs from the current mask only at its layer, so the incremental
 evaluator reruns that layer, those above it and the head, never anything below.
 
-**Alpha phase.** Highest changed layer first, the layer's alpha grid (and its closed-form alpha)
-is tried on the whole calibration set and the best kept; a candidate that would miss the budget is
-never tried. So the result always meets the budget: the structure phase only stops once it is met,
+**Alpha phase.** Highest changed layer first, the layer's alpha grid (and its closed-form alpha) is
+walked downhill on the whole calibration set from the layer's alpha (``descend``: the nearest alpha
+on each side, then on along the better side while it improves), which ends where trying the whole
+grid would when the NLL is unimodal in alpha, in about half the evaluations; a candidate that would
+miss the budget is never tried. So the result always meets the budget: the structure phase only stops once it is met,
 and the alpha phase never leaves it.
 
 A beam would multiply the cost by its width; on the default model the lazy greedy with rescoring
@@ -62,6 +64,7 @@ from analysis.search_moves import MOVE_KINDS, Move, all_moves, apply_move, check
 DROP_QK_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)  # HARP's alphas on this model are mostly 0-0.4
 SHORTLIST = 4
 PROXY_WINDOWS = 2
+ALPHA_PHASE = "descend"  # how the alpha phase walks each layer's grid (in the cache key and the settings)
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def search(
     kinds = [k for k in MOVE_KINDS if k in kinds and (k != "prune_head" or head_moves)]
     settings = {"shortlist": shortlist, "proxy_windows": proxy_windows, "head_moves": head_moves, "moves": kinds}
     settings |= {"compensate": compensate}
-    settings |= {"drop_qk_grid": list(DROP_QK_GRID), "head_grid": list(HEAD_GRID)}
+    settings |= {"drop_qk_grid": list(DROP_QK_GRID), "head_grid": list(HEAD_GRID), "alpha_phase": ALPHA_PHASE}
     unpruned = Mask.unpruned(shape, model_name)
     moves = all_moves(shape, kinds)
     state: dict[str, Any] = {"mask": unpruned, "nll": math.nan, "best": None, "trace": [], "done": 0}
@@ -290,46 +293,80 @@ def _structure_phase(
         state["expected"] = state["done"] + round(left / share * shortlist) + changed * _ALPHA_OPTIONS
 
 
-_ALPHA_OPTIONS = len(HEAD_GRID) + 2  # the alpha phase's evaluations at a changed layer, about
+_ALPHA_OPTIONS = 4  # the alpha phase's evaluations at a changed layer, about (``descend``)
 
 
-def _layer_options(full: _Scorer, mask: Mask, layer: int) -> list[Mask]:
-    """The alternatives the alpha phase tries at a changed layer."""
-    if mask.alpha[layer] == 0.0 and layer not in mask.drop_qk:  # removed: back as drop-QK with a small alpha
-        return [mask.with_layer(layer, drop_qk=True, alpha=a) for a in DROP_QK_GRID if a > 0]
+def _layer_options(full: _Scorer, mask: Mask, layer: int) -> tuple[float, list[tuple[float, Mask]]]:
+    """The alphas the alpha phase may try at a changed layer, with their masks, and the layer's alpha now.
+
+    A removed layer may come back as drop-QK with a small alpha: its alpha now counts as 0.
+    """
+    alpha = mask.alpha[layer]
+    if alpha == 0.0 and layer not in mask.drop_qk:
+        return alpha, [(a, mask.with_layer(layer, drop_qk=True, alpha=a)) for a in DROP_QK_GRID if a > 0]
     if not any(mask.heads[layer]):
-        return []
+        return alpha, []
     closed = closed_form_alpha(full.evaluator, mask, layer, full.targets[layer])
     grid = DROP_QK_GRID if layer in mask.drop_qk else HEAD_GRID
-    return [mask.with_layer(layer, alpha=a) for a in sorted({*grid, closed})]
+    return alpha, [(a, mask.with_layer(layer, alpha=a)) for a in sorted({*grid, closed}) if a != alpha]
 
 
-def _without_bias(mask: Mask, layer: int) -> list[Mask]:
-    """The alpha phase's last option at a compensated layer: the same alpha, no bias."""
-    return [] if mask.bias_of(layer) is None else [mask.with_bias(layer, None)]
+def descend(
+    options: Sequence[tuple[float, Any]], start: float, start_value: float, value_of: Callable[[Any], float]
+) -> tuple[float, Any, int]:
+    """Walk downhill along ``options`` (``(alpha, item)``, sorted) from ``start``: (value, item, evaluations).
+
+    The nearest option on each side of ``start`` is tried; the walk goes on along the better side
+    (the lower alphas on a tie) while each next option is strictly better. On a value unimodal in
+    alpha it ends where trying every option would, after two evaluations more than the steps it
+    takes rather than one per option. The item is None when no option beats ``start``.
+    """
+    below = [o for o in options if o[0] < start][::-1]  # nearest first
+    above = [o for o in options if o[0] > start]
+    firsts = [(value_of(side[0][1]), side) for side in (below, above) if side]
+    evaluations = len(firsts)
+    best_value, best_item = start_value, None
+    if firsts:
+        value, side = min(firsts, key=lambda f: f[0])
+        for i, (_, item) in enumerate(side):
+            if i > 0:
+                value = value_of(item)
+                evaluations += 1
+            if not value < best_value:
+                break
+            best_value, best_item = value, item
+    return best_value, best_item, evaluations
 
 
 def _alpha_phase(
     full: _Scorer, targets: dict[str, int], seqlen: int, state: dict[str, Any], tick: Callable[[], None]
 ) -> None:
-    """Per changed layer, highest first: the alpha (or drop-QK alpha) of lowest NLL that keeps the budget."""
+    """Per changed layer, highest first: the alpha (or drop-QK alpha) of lowest NLL that keeps the budget.
+
+    The alphas are walked downhill from the layer's own (:func:`descend`), then a compensated layer
+    tries its best alpha without the bias.
+    """
     shape = full.evaluator.arch.shape
     mask, nll = state["mask"], state["nll"]
     changed = [i for i in range(shape.num_layers) if mask.layer(i) != Mask.unpruned(shape, "").layer(i)]
     state["expected"] = state["done"] + len(changed) * _ALPHA_OPTIONS
+
+    def value_of(candidate: Mask) -> float:
+        tick()
+        return full.nll(candidate)
+
     for layer in sorted(changed, reverse=True):
-        tried = 0
-        best = (nll, mask)
-        for step in (0, 1):  # the alphas, then (at a compensated layer) the best alpha without its bias
-            for candidate in _layer_options(full, mask, layer) if step == 0 else _without_bias(best[1], layer):
-                if candidate.layer(layer) == mask.layer(layer) or not meets(budget(candidate, shape, seqlen), targets):
-                    continue
-                value = full.nll(candidate)
-                tick()
-                tried += 1
-                if value < best[0]:  # strict: a tie keeps what is there
-                    best = (value, candidate)
-        nll, mask = best
+        alpha, options = _layer_options(full, mask, layer)
+        options = [(a, m) for a, m in options if meets(budget(m, shape, seqlen), targets)]
+        value, better, tried = descend(options, alpha, nll, value_of)
+        if better is not None:
+            nll, mask = value, better
+        if mask.bias_of(layer) is not None:
+            unbiased = mask.with_bias(layer, None)
+            value = value_of(unbiased)
+            tried += 1
+            if value < nll:  # strict: a tie keeps what is there
+                nll, mask = value, unbiased
         state["mask"], state["nll"], state["best"] = mask, nll, (nll, mask)
         b = budget(mask, shape, seqlen)
         change = f"alpha({layer})" + (" drop_qk" if layer in mask.drop_qk else "")
@@ -354,6 +391,7 @@ def cached_search(
     parts = {**lm.cache_key(), **calib.cache_key(), "targets": targets, "seqlen": seqlen}
     parts |= {"shortlist": shortlist, "proxy_windows": proxy_windows, "moves": [k for k in MOVE_KINDS if k in kinds]}
     parts |= {"compensate": True} if compensate else {}  # searches cached before the option keep their key
+    parts |= {"alpha_phase": ALPHA_PHASE}  # a search with the whole alpha grid per layer is not this one
     value = None if refresh else cache.get_json("search", parts)
     if value is None:
         result = search(lm.arch, lm.name, calib, targets, seqlen, shortlist, proxy_windows, progress, compensate, kinds)

@@ -78,6 +78,10 @@ def test_every_cached_mask_is_a_point_with_its_held_out_perplexity(lm, tiny, tmp
     assert not any("[3]" in p.label or p.label == "HARP top-1" for p in points)  # the eval-calibrated run is left out
     for label, mask in made.items():
         assert by_label[label].mask.cache_key() == mask.cache_key()
+    # a search cached before the alpha walk (no `alpha_phase` in its key) is a point of its own, so labelled
+    [(parts, value)] = cache.entries("search", lm.cache_key())
+    cache.put_json("search", {k: v for k, v in parts.items() if k != "alpha_phase"}, value)
+    assert "search kv:64, whole alpha grid" in {p.label for p in collect(lm, evaluation, cache)}
     for p in points:  # every number is the protocol perplexity and budget of the point's own mask
         assert p.eval_perplexity == pytest.approx(perplexity(lm.arch, evaluation, p.mask).perplexity, rel=1e-9)
         assert p.budget == budget(p.mask, lm.shape, SEQLEN)

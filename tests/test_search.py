@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from analysis.activation_metrics import o_proj_input_stats
@@ -12,7 +14,7 @@ from analysis.budget_targets import parse_targets
 from analysis.errors import HeadroomError
 from analysis.evaluation import perplexity
 from analysis.masks import Mask
-from analysis.search import SearchResult, search
+from analysis.search import SearchResult, descend, search
 from tests.helpers import random_windows, tiny_model
 
 SEQ = 24
@@ -78,7 +80,7 @@ def test_the_search_never_returns_a_mask_that_misses_its_budget(arch, targets):
     assert SearchResult.from_json(result.to_json(), result.mask) == result
 
 
-@pytest.mark.parametrize("stop_after", [1, 20, 60, 75])  # proxy scoring, structure phase, alpha phase
+@pytest.mark.parametrize("stop_after", [1, 20, 50, 65])  # proxy scoring, structure phase, alpha phase (of 70)
 def test_an_interrupted_search_still_meets_its_budget(arch, stop_after):
     windows = random_windows(n=3)
     targets = {"kv": 300, "params": 9000}
@@ -140,3 +142,32 @@ def test_impossible_or_malformed_budgets_are_refused(arch):
         with pytest.raises(HeadroomError):
             parse_targets(bad)
     assert parse_targets(["kv:12288", "params:3981312"]) == {"kv": 12288, "params": 3981312}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_alpha_walk_ends_where_trying_every_alpha_would_on_a_unimodal_value(seed):
+    rng = random.Random(seed)
+    alphas = sorted(rng.sample([round(0.1 * i, 1) for i in range(16)], rng.randint(1, 9)))
+    start = rng.choice([*alphas, 0.0, 1.0, 1.55])
+    centre, curve = rng.uniform(-0.2, 1.7), rng.uniform(0.5, 3.0)
+    f = lambda a: abs(a - centre) ** curve  # noqa: E731  unimodal in alpha
+    options = [(a, f"mask@{a}") for a in alphas if a != start]
+    seen = []
+    value, item, evaluations = descend(options, start, f(start), lambda m: seen.append(m) or f(float(m[5:])))
+    brute = min([(f(a), i, m) for i, (a, m) in enumerate(options)] + [(f(start), -1, None)])
+    if brute[2] is not None and brute[0] < f(start):
+        assert item == brute[2] and value == brute[0]
+    else:
+        assert item is None and value == f(start)
+    assert evaluations == len(seen) == len(set(seen)) <= len(options)
+    end = start if item is None else float(item[5:])
+    steps = sum(1 for a, _ in options if a != start and min(start, end) <= a <= max(start, end))  # walked past
+    assert evaluations <= steps + 2
+
+
+def test_the_alpha_walk_stops_at_a_local_minimum_and_never_returns_a_worse_point():
+    values = {0.8: 5.0, 0.9: 4.0, 1.1: 6.0, 1.2: 1.0}  # two valleys; the walk from 1.0 takes the nearer
+    options = [(a, a) for a in sorted(values)]
+    assert descend(options, 1.0, 4.5, values.__getitem__) == (4.0, 0.9, 3)
+    assert descend(options, 1.0, 3.0, values.__getitem__) == (3.0, None, 2)
+    assert descend([], 1.0, 3.0, values.__getitem__) == (3.0, None, 0)
