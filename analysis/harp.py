@@ -291,13 +291,27 @@ def cached_harp(
     """:func:`harp`, read from the disk cache when this model, calibration text, layers and grid were seen."""
     layers = check_layers(layers, lm.shape.num_layers)
     grid = check_grid(grid)
-    parts = {**lm.cache_key(), **calib.cache_key(), "layers": list(layers), "grid": list(grid)}
 
     def compute() -> dict[str, Any]:
         return harp(lm.arch, lm.name, calib, layers, grid, progress).to_json()
 
-    value = (cache or DiskCache()).json("harp", parts, compute, refresh)
+    value = (cache or DiskCache()).json("harp", _harp_parts(lm, calib, layers, grid), compute, refresh)
     return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
+
+
+def stored_harp(
+    lm: LoadedModel, calib: Windows, layers: Sequence[int], grid: Sequence[float], cache: DiskCache | None = None
+) -> HarpResult | None:
+    """What :func:`cached_harp` would answer from the disk cache, or None; never computes (a page shows a past run)."""
+    parts = _harp_parts(lm, calib, check_layers(layers, lm.shape.num_layers), check_grid(grid))
+    value = (cache or DiskCache()).get_json("harp", parts)
+    if value is None:
+        return None
+    return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
+
+
+def _harp_parts(lm: LoadedModel, calib: Windows, layers: Sequence[int], grid: Sequence[float]) -> dict[str, Any]:
+    return {**lm.cache_key(), **calib.cache_key(), "layers": list(layers), "grid": list(grid)}
 
 
 def cached_chosen_harp(

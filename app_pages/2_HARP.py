@@ -40,14 +40,23 @@ with st.form("harp"):
         )
 
 run = st.session_state.get(session.HARP_RUN)
-planned = run or backend.HarpRun(tuple(top_layers(num_layers, min(4, num_layers))), DEFAULT_GRID, 0)
+default = backend.HarpRun(
+    tuple(top_layers(num_layers, min(4, num_layers))), DEFAULT_GRID, int(session.choice(session.MAX_TOKENS))
+)
+planned = run or default
 what = f"choosing {planned.choose} layers" if planned.choose else f"{len(planned.layers)} layers"
 size = f"A search of {what} x {len(planned.grid)} alphas: "
 st.caption(size + backend.harp_job(lm).expected(planned.candidates(num_layers)))
-if run is None:
+result = backend.harp_result(lm, run) if run else backend.stored_harp_result(lm, default)
+if result is None:
     st.info("Choose the layers and the grid, then run HARP. A run seen before comes from the disk cache.")
     st.stop()
-result = backend.harp_result(lm, run)
+if run is None:
+    st.caption(
+        f"The form's default run (layers {list(default.layers)}, alpha grid 0 to 1 by 0.1), from the disk cache: "
+        "it was run before. Run HARP for another."
+    )
+    run = default
 if st.button("Send to the mask editor", type="primary"):
     session.change_mask(lm, result.mask)
     st.switch_page("app_pages/4_Mask_editor.py")

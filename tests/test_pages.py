@@ -23,7 +23,7 @@ from analysis.drift import mask_drift, position_drift
 from analysis.evaluation import perplexity
 from analysis.export_folder import MASK_FILE
 from analysis.generation import greedy_continuation
-from analysis.harp import chosen_harp, harp
+from analysis.harp import DEFAULT_GRID, cached_harp, chosen_harp, harp, top_layers
 from analysis.head_map import DEFAULT_CLUSTERS, DEFAULT_METRICS, cached_head_map
 from analysis.importance import HEAD_METRICS, cached_head_result
 from analysis.mask_files import parse_mask
@@ -240,6 +240,21 @@ def test_a_mask_chosen_on_other_weights_is_flagged_on_every_page(tiny, lm):
     assert any("fingerprint 0000000000000000" in w.value for w in at.sidebar.warning)
     at = ok(open_page(EDITOR, {**tiny, session.MASK: foreign.with_head(1, 2, True).to_json()}).run())
     assert any("fingerprint" in w.value for w in at.sidebar.warning)  # still foreign, though unpruned
+
+
+def test_harp_page_shows_its_default_run_from_the_disk_cache_without_a_click(tiny, lm, cache_dir):
+    at = ok(open_page("app_pages/2_HARP.py", tiny).run())
+    assert any("then run HARP" in i.value for i in at.info)  # nothing cached: nothing shown, nothing computed
+    assert not list(DiskCache().entries("harp", {}))
+    layers = top_layers(lm.shape.num_layers, min(4, lm.shape.num_layers))
+    calib = windows(lm, tiny[session.CALIB_TEXT])
+    cached_harp(lm, calib, layers, DEFAULT_GRID, DiskCache())  # the form's defaults, run elsewhere (CLI, a session)
+    at = ok(open_page("app_pages/2_HARP.py", tiny).run())
+    assert not at.info and any("from the disk cache" in c.value for c in at.caption)
+    expected = harp(lm.arch, lm.name, calib, layers, DEFAULT_GRID)
+    assert shown(at, "Calibration perplexity, HARP (searched alpha)") == f"{expected.calib_perplexity:.3f}"
+    ok(at.button[[b.label for b in at.button].index("Send to the mask editor")].click().run())
+    assert parse_mask(at.session_state[session.MASK], lm.shape, lm.name) == expected.mask
 
 
 def test_harp_page_chooses_layers_fits_its_log_axis_and_loads_any_compared_row_into_the_editor(tiny, lm):

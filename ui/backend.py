@@ -26,7 +26,7 @@ from analysis.corpus import Windows, decode_text, load_text, make_windows
 from analysis.drift import MaskDrift, PositionDrift, cached_mask_drift, position_drift
 from analysis.errors import HeadroomError
 from analysis.files import atomic_write_bytes
-from analysis.harp import HarpResult, cached_chosen_harp, cached_harp
+from analysis.harp import HarpResult, cached_chosen_harp, cached_harp, stored_harp
 from analysis.head_map import HeadMap, cached_head_map
 from analysis.importance import HeadScores, cached_head_result
 from analysis.live import LivePerplexity
@@ -254,6 +254,13 @@ def harp_result(lm: LoadedModel, run: HarpRun) -> HarpResult:
             return cached_chosen_harp(lm, calib, run.choose, None, run.grid, disk_cache(), bar)
     with progress_bar(f"HARP: searching alpha on layers {list(run.layers)}", harp_job(lm)) as bar:
         return cached_harp(lm, calib, run.layers, run.grid, disk_cache(), bar)
+
+
+def stored_harp_result(lm: LoadedModel, run: HarpRun) -> HarpResult | None:
+    """HARP for ``run`` if the disk cache holds it (a run on given layers), else None; never computes."""
+    if run.choose:
+        return None
+    return stored_harp(lm, windows(lm, CALIB_TEXT, run.calib_tokens), run.layers, run.grid, disk_cache())
 
 
 def comparison(lm: LoadedModel, run: HarpRun, axis: str) -> Comparison:
