@@ -30,8 +30,8 @@ evaluator reruns that layer, those above it and the head, never anything below.
 walked downhill on the whole calibration set from the layer's alpha (``descend``: the nearest alpha
 on each side, then on along the better side while it improves), which ends where trying the whole
 grid would when the NLL is unimodal in alpha, in about half the evaluations; a candidate that would
-miss the budget is never tried. So the result always meets the budget: the structure phase only stops once it is met,
-and the alpha phase never leaves it.
+miss the budget is never tried. So the result always meets the budget: the structure phase only
+stops once it is met, and the alpha phase never leaves it.
 
 A beam would multiply the cost by its width; on the default model the lazy greedy with rescoring
 already spends most of its time in the language-model head, so it is greedy only.
