@@ -296,7 +296,7 @@ def cached_harp(
         return harp(lm.arch, lm.name, calib, layers, grid, progress).to_json()
 
     value = (cache or DiskCache()).json("harp", _harp_parts(lm, calib, layers, grid), compute, refresh)
-    return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
+    return _stored_result(lm, value)
 
 
 def stored_harp(
@@ -305,8 +305,11 @@ def stored_harp(
     """What :func:`cached_harp` would answer from the disk cache, or None; never computes (a page shows a past run)."""
     parts = _harp_parts(lm, calib, check_layers(layers, lm.shape.num_layers), check_grid(grid))
     value = (cache or DiskCache()).get_json("harp", parts)
-    if value is None:
-        return None
+    return None if value is None else _stored_result(lm, value)
+
+
+def _stored_result(lm: LoadedModel, value: dict[str, Any]) -> HarpResult:
+    """A HARP result from its cache entry, its mask checked against ``lm``."""
     return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
 
 
@@ -334,4 +337,4 @@ def cached_chosen_harp(
         return chosen_harp(lm.arch, lm.name, calib, n, candidates, grid, progress).to_json()
 
     value = (cache or DiskCache()).json("harp_chosen", parts, compute, refresh)
-    return HarpResult.from_json(value, parse_mask(value["mask"], lm.shape, lm.name, lm.fingerprint))
+    return _stored_result(lm, value)

@@ -53,10 +53,9 @@ if result is None:
     st.stop()
 if run is None:
     st.caption(
-        f"The form's default run (layers {list(default.layers)}, alpha grid 0 to 1 by 0.1), from the disk cache: "
-        "it was run before. Run HARP for another."
+        f"The form's default run (layers {list(default.layers)}, alphas {min(DEFAULT_GRID)} to {max(DEFAULT_GRID)}), "
+        "from the disk cache: it was run before. Run HARP for another."
     )
-    run = default
 if st.button("Send to the mask editor", type="primary"):
     session.change_mask(lm, result.mask)
     st.switch_page("app_pages/4_Mask_editor.py")
@@ -87,9 +86,9 @@ right.caption(
 st.subheader("Matched-budget comparison on held-out text")
 axis = st.radio("Match the baselines on", AXES, format_func=plots.AXIS_LABELS.get, horizontal=True)
 st.caption("Comparison: " + backend.compare_job(lm).expected())
-if st.button("Compare with the baselines") or st.session_state.get("compared") == (run, axis):
-    st.session_state["compared"] = (run, axis)
-    comparison = backend.comparison(lm, run, axis)
+if st.button("Compare with the baselines") or st.session_state.get("compared") == (planned, axis):
+    st.session_state["compared"] = (planned, axis)
+    comparison = backend.comparison(lm, planned, axis)
     rows = sorted(comparison.rows, key=lambda r: r.eval_perplexity)
     st.plotly_chart(harp_view.matched_budget(rows, axis))
     st.caption(
