@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from analysis.budget_targets import parse_targets
 from analysis.corpus import default_text, make_windows
+from analysis.errors import HeadroomError
 from analysis.evaluation import IncrementalEvaluator, perplexity
 from analysis.loading import load_model
 from analysis.masks import Mask
@@ -45,7 +46,10 @@ def main() -> None:
     parser.add_argument("--moves", default=",".join(MOVE_KINDS), help="structural moves, comma-separated")
     args = parser.parse_args()
     kinds = args.moves.split(",")
-    check_move_kinds(kinds)
+    try:
+        check_move_kinds(kinds)
+    except HeadroomError as e:
+        parser.error(str(e))  # the usage line and the message, no traceback
 
     lm = load_model(args.model)
     calib = make_windows(lm.tokenizer, default_text("default-calib"), 256, args.max_tokens, lm.max_positions)
